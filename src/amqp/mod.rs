@@ -1,0 +1,81 @@
+//! RabbitMQ: connecting (with failover across cluster nodes) and confirm-mode channels.
+
+pub mod message;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use crate::config::redact_url;
+use crate::error::{Context, Result};
+
+/// The broker's nodes, tried in turn: after a failure the next attempt starts at the node after
+/// the one that failed, so a dead node does not hold the relay back.
+#[derive(Debug)]
+pub struct Broker {
+    urls: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Broker {
+    /// A broker reachable at any of `urls` (at least one).
+    pub fn new(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            urls: urls.into_iter().map(Into::into).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The nodes' URLs without passwords, for logs.
+    pub fn describe(&self) -> String {
+        self.urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Connects to the first node that answers, starting after the last one that failed.
+    pub async fn connect(&self, name: &str) -> Result<Connection> {
+        let mut last_error = None;
+        for _ in 0..self.urls.len().max(1) {
+            let index = self.next.load(Ordering::Relaxed) % self.urls.len().max(1);
+            let Some(url) = self.urls.get(index) else {
+                break;
+            };
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            match Connection::connect(url, properties)
+                .await
+                .context(format!("connecting to {}", redact_url(url)))
+            {
+                Ok(connection) => {
+                    tracing::info!(node = %redact_url(url), "rabbitmq: connected");
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| crate::Error::Config {
+            setting: "amqp_url",
+            value: String::new(),
+            reason: "expected at least one amqp:// URL".into(),
+        }))
+    }
+}
+
+/// Opens a channel with publisher confirms enabled.
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(channel)
+}

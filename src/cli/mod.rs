@@ -1,0 +1,81 @@
+//! The `postbox` command line: one file per subcommand.
+
+mod migrate;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::error::Error;
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code when the work failed (a database or broker error, say).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for a bad command line or bad configuration: fix the input, do not retry.
+pub const EXIT_USAGE: u8 = 2;
+
+/// postbox: a transactional outbox relay for Postgres and RabbitMQ.
+///
+/// Applications insert events into postbox.outbox in the same transaction as their business
+/// rows; `postbox run` publishes them to RabbitMQ with publisher confirms and marks them sent.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    /// TOML configuration file. Environment variables (DATABASE_URL, AMQP_URL, POSTBOX_...)
+    /// override it.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "POSTBOX_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: publish committed outbox rows to RabbitMQ until SIGINT/SIGTERM.
+    ///
+    /// Applies pending migrations first unless migrate_on_start is false. Waits (with backoff)
+    /// for Postgres and RabbitMQ if they are not reachable yet. Exits 0 after a graceful stop.
+    Run,
+    /// Create or upgrade the postbox schema in the database, then exit. Safe to run repeatedly.
+    Migrate,
+}
+
+impl Cli {
+    /// Runs the parsed command and returns the process exit code.
+    pub async fn execute(self) -> ExitCode {
+        let settings = match Settings::load(self.config.as_deref()) {
+            Ok(settings) => settings,
+            Err(error) => {
+                eprintln!("postbox: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let result = match self.command {
+            Command::Run => run::run(settings).await,
+            Command::Migrate => migrate::run(settings).await,
+        };
+        match result {
+            Ok(()) => ExitCode::from(EXIT_OK),
+            Err(error) => {
+                eprintln!("postbox: {error}");
+                ExitCode::from(match error {
+                    Error::Config { .. } | Error::ConfigLoad(_) => EXIT_USAGE,
+                    _ => EXIT_FAILURE,
+                })
+            }
+        }
+    }
+}

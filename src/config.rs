@@ -1,0 +1,233 @@
+//! Settings: built-in defaults, then a TOML file, then the environment.
+//!
+//! Environment variables: `DATABASE_URL` and `AMQP_URL` as most tools use them, and every
+//! setting as `POSTBOX_<SECTION>__<NAME>` (`POSTBOX_RELAY__BATCH_SIZE=1000`), which wins over both.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// All of postbox's settings. See README "Configuration" for each one's meaning and default.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Postgres connection URL of the database holding `postbox.outbox`.
+    pub database_url: String,
+    /// RabbitMQ URL, or several separated by commas (cluster nodes, tried in turn on failure).
+    pub amqp_url: String,
+    /// Apply pending migrations when `postbox run` starts.
+    pub migrate_on_start: bool,
+    /// The relay's tuning.
+    pub relay: RelaySettings,
+}
+
+/// How the relay claims, publishes and retries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    /// Rows claimed and published per batch.
+    pub batch_size: u32,
+    /// Batches that may be between claim and mark at once: while one batch waits for its
+    /// confirms and its mark, the next is claimed and published.
+    pub max_in_flight_batches: u32,
+    /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a batch may wait for its publisher confirms before its rows count as failed.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Failed attempts after which a row is marked dead.
+    pub max_attempts: u32,
+    /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_delay: Duration,
+    /// Upper bound of the retry backoff.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// On SIGTERM, how long in-flight batches may take to finish before they are released.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+const DEFAULTS: &str = r#"
+database_url = "postgres://postgres@127.0.0.1:5432/postgres"
+amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+migrate_on_start = true
+
+[relay]
+batch_size = 500
+max_in_flight_batches = 4
+poll_interval = "1s"
+confirm_timeout = "30s"
+max_attempts = 10
+retry_initial_delay = "1s"
+retry_max_delay = "5m"
+shutdown_timeout = "30s"
+"#;
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        for (var, key) in [("DATABASE_URL", "database_url"), ("AMQP_URL", "amqp_url")] {
+            if let Ok(value) = std::env::var(var) {
+                builder = builder.set_override(key, value)?;
+            }
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("POSTBOX")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value and names the first bad one: the setting, the value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        check_url(
+            "database_url",
+            &self.database_url,
+            &["postgres", "postgresql"],
+        )?;
+        for url in self.amqp_urls() {
+            check_url("amqp_url", url, &["amqp", "amqps"])?;
+        }
+        if self.amqp_urls().next().is_none() {
+            return Err(invalid(
+                "amqp_url",
+                "",
+                "at least one amqp:// or amqps:// URL",
+            ));
+        }
+        let relay = &self.relay;
+        if !(1..=10_000).contains(&relay.batch_size) {
+            return Err(invalid(
+                "relay.batch_size",
+                relay.batch_size,
+                "a whole number from 1 to 10000",
+            ));
+        }
+        if !(1..=64).contains(&relay.max_in_flight_batches) {
+            return Err(invalid(
+                "relay.max_in_flight_batches",
+                relay.max_in_flight_batches,
+                "a whole number from 1 to 64",
+            ));
+        }
+        if relay.max_attempts == 0 {
+            return Err(invalid("relay.max_attempts", 0, "at least 1"));
+        }
+        for (setting, value) in [
+            ("relay.poll_interval", relay.poll_interval),
+            ("relay.confirm_timeout", relay.confirm_timeout),
+            ("relay.retry_initial_delay", relay.retry_initial_delay),
+            ("relay.retry_max_delay", relay.retry_max_delay),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(
+                    setting,
+                    humantime::format_duration(value),
+                    "a duration above zero, such as \"500ms\" or \"2s\"",
+                ));
+            }
+        }
+        if relay.retry_max_delay < relay.retry_initial_delay {
+            return Err(invalid(
+                "relay.retry_max_delay",
+                humantime::format_duration(relay.retry_max_delay),
+                "at least relay.retry_initial_delay",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The RabbitMQ URLs, in the order they are tried.
+    pub fn amqp_urls(&self) -> impl Iterator<Item = &str> {
+        self.amqp_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
+}
+
+fn invalid(setting: &'static str, value: impl ToString, allowed: &str) -> Error {
+    Error::Config {
+        setting,
+        value: value.to_string(),
+        reason: format!("expected {allowed}"),
+    }
+}
+
+fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()> {
+    let expected = format!(
+        "a URL starting with {}",
+        schemes
+            .iter()
+            .map(|s| format!("{s}://"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    );
+    match url::Url::parse(value) {
+        Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => Ok(()),
+        _ => Err(invalid(setting, redact_url(value), &expected)),
+    }
+}
+
+/// Replaces the password in a URL with `***`, so URLs can be logged and shown in errors.
+/// Text that does not parse as a URL is returned with everything between `:` and `@` masked.
+pub fn redact_url(value: &str) -> String {
+    match url::Url::parse(value) {
+        Ok(mut url) if url.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one, which have none.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(url) => url.to_string(),
+        Err(_) => match (value.rfind('@'), value.find("://")) {
+            (Some(at), Some(scheme)) => match value[scheme + 3..at].find(':') {
+                Some(colon) => format!("{}:***{}", &value[..scheme + 3 + colon], &value[at..]),
+                None => value.to_string(),
+            },
+            _ => value.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://app:s3cr3t@db/app"),
+            "postgres://app:***@db/app"
+        );
+        assert!(!redact_url("postgres://app:pa ss@db:x/app").contains("pa ss"));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap();
+        settings.validate().unwrap();
+        assert_eq!(settings.relay.batch_size, 500);
+    }
+}

@@ -1,0 +1,33 @@
+//! # postbox
+//!
+//! A transactional outbox relay for Postgres and RabbitMQ.
+//!
+//! Applications write their business rows and the events about them in one Postgres
+//! transaction, into `postbox.outbox` ([`enqueue`] / [`enqueue_many`] from Rust, or a plain
+//! `INSERT` from any language). The relay ([`Relay`], `postbox run`) claims committed rows,
+//! publishes them to RabbitMQ with their stable message ids and publisher confirms, and marks
+//! them published.
+//!
+//! Module map:
+//! - [`outbox`]: the producer API: [`Message`], [`enqueue`], deterministic ids.
+//! - [`relay`]: the claim → publish → confirm → mark pipeline.
+//! - [`store`]: every SQL statement, one file per table, and [`migrate`].
+//! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
+//! - [`config`]: settings from defaults, a TOML file and the environment.
+//! - [`cli`]: the `postbox` command's subcommands.
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+mod error;
+pub mod outbox;
+pub mod reconnect;
+pub mod relay;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use error::{Error, Result};
+pub use outbox::{deterministic_id, enqueue, enqueue_many, Enqueued, Message, Payload};
+pub use relay::Relay;
+pub use store::migrate;

@@ -1,0 +1,147 @@
+//! The message builder producers fill in before enqueueing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::id::deterministic_id;
+use crate::error::{Error, Result};
+
+/// A message body: text is stored as written in `payload`, bytes in `payload_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// UTF-8 text: JSON, XML, CSV...
+    Text(String),
+    /// Anything else (protobuf, Avro, compressed data...).
+    Bytes(Vec<u8>),
+}
+
+/// One event to enqueue into `postbox.outbox`. Build with [`Message::json`], [`Message::text`]
+/// or [`Message::bytes`], then chain the optional parts.
+///
+/// ```
+/// # fn main() -> Result<(), postbox::Error> {
+/// use postbox::Message;
+/// let message = Message::json("orders", &serde_json::json!({"order_id": 42}))?
+///     .exchange("events")
+///     .partition_key("order-42")
+///     .deterministic_id(["order.created", "42"])
+///     .header("type", "order.created");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub(crate) message_id: Option<Uuid>,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) partition_key: Option<String>,
+    pub(crate) payload: Payload,
+    pub(crate) content_type: String,
+    pub(crate) headers: Map<String, Value>,
+    pub(crate) available_at: Option<DateTime<Utc>>,
+    pub(crate) delay: Option<Duration>,
+}
+
+impl Message {
+    fn new(routing_key: impl Into<String>, payload: Payload, content_type: &str) -> Self {
+        Self {
+            message_id: None,
+            exchange: String::new(),
+            routing_key: routing_key.into(),
+            partition_key: None,
+            payload,
+            content_type: content_type.to_string(),
+            headers: Map::new(),
+            available_at: None,
+            delay: None,
+        }
+    }
+
+    /// A message whose body is `value` serialized as JSON (`application/json`).
+    pub fn json<T: Serialize + ?Sized>(routing_key: impl Into<String>, value: &T) -> Result<Self> {
+        let body = serde_json::to_string(value).map_err(|e| {
+            Error::InvalidMessage(format!("payload does not serialize to JSON: {e}"))
+        })?;
+        Ok(Self::new(
+            routing_key,
+            Payload::Text(body),
+            "application/json",
+        ))
+    }
+
+    /// A message whose body is `text` as is (`text/plain` unless [`Message::content_type`] says otherwise).
+    pub fn text(routing_key: impl Into<String>, text: impl Into<String>) -> Self {
+        Self::new(routing_key, Payload::Text(text.into()), "text/plain")
+    }
+
+    /// A message whose body is `bytes` as is (`application/octet-stream` unless told otherwise).
+    pub fn bytes(routing_key: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        Self::new(
+            routing_key,
+            Payload::Bytes(bytes.into()),
+            "application/octet-stream",
+        )
+    }
+
+    /// The exchange to publish to; the default `""` routes by queue name.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// The ordering key: messages sharing it are published in the order they were enqueued.
+    pub fn partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// The AMQP content type.
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = content_type.into();
+        self
+    }
+
+    /// Adds an AMQP header (strings, numbers, booleans, arrays and objects are carried over).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// An explicit message id. Without one, Postgres assigns a random UUID.
+    pub fn message_id(mut self, id: Uuid) -> Self {
+        self.message_id = Some(id);
+        self
+    }
+
+    /// A message id derived from business key fields (see [`crate::deterministic_id`]), so that
+    /// enqueueing the same event again is a no-op.
+    pub fn deterministic_id<I, S>(self, fields: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.message_id(deterministic_id(fields))
+    }
+
+    /// Publish no earlier than `at`.
+    pub fn available_at(mut self, at: DateTime<Utc>) -> Self {
+        self.available_at = Some(at);
+        self.delay = None;
+        self
+    }
+
+    /// Publish no earlier than `delay` after the enqueueing transaction's start (database clock).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self.available_at = None;
+        self
+    }
+
+    /// The explicit message id, if one was set.
+    pub fn id(&self) -> Option<Uuid> {
+        self.message_id
+    }
+}

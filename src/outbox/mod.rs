@@ -1,0 +1,66 @@
+//! The producer side: put messages into `postbox.outbox` inside the caller's transaction.
+//!
+//! Plain SQL works just as well (see README "The SQL contract"); this API adds typed payloads,
+//! deterministic ids and one round trip for many messages.
+
+mod id;
+mod message;
+
+pub use id::{canonical_key, deterministic_id, NAMESPACE};
+pub use message::{Message, Payload};
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::store;
+
+/// What became of one enqueued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The message id, given or assigned.
+    pub message_id: Uuid,
+    /// The outbox position of the new row; `None` when a row with this message id already existed.
+    pub id: Option<i64>,
+}
+
+impl Enqueued {
+    /// Whether this call inserted the row (false: the message id was already in the outbox).
+    pub fn is_new(&self) -> bool {
+        self.id.is_some()
+    }
+}
+
+/// Enqueues one message. Pass the transaction that writes the business rows, so both commit or
+/// neither does.
+pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, message: &Message) -> Result<Enqueued> {
+    let mut results = enqueue_many(executor, std::slice::from_ref(message)).await?;
+    // enqueue_many returns exactly one result per message
+    Ok(results.remove(0))
+}
+
+/// Enqueues many messages in one statement, in order (their outbox ids ascend in slice order).
+/// A message whose id is already in the outbox is skipped and reported with `id: None`.
+pub async fn enqueue_many<'e, E: PgExecutor<'e>>(
+    executor: E,
+    messages: &[Message],
+) -> Result<Vec<Enqueued>> {
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Ids are chosen here rather than by the column default so that every message, new or
+    // duplicate, can be reported with its id.
+    let ids: Vec<Uuid> = messages
+        .iter()
+        .map(|m| m.message_id.unwrap_or_else(Uuid::now_v7))
+        .collect();
+    let mut inserted = store::outbox::insert_many(executor, &ids, messages).await?;
+    // remove(): when one call repeats a message id, only its first occurrence is the new row
+    Ok(ids
+        .into_iter()
+        .map(|message_id| Enqueued {
+            message_id,
+            id: inserted.remove(&message_id),
+        })
+        .collect())
+}

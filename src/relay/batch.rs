@@ -1,0 +1,45 @@
+//! What travels down the pipeline: a claimed batch, then its publishes, then its decisions.
+
+use std::time::Instant;
+
+use lapin::PublisherConfirm;
+use sqlx::{Postgres, Transaction};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::store::outbox::{ClaimedRow, Completion};
+
+/// Rows claimed in one transaction. The transaction holds their row locks until the completer
+/// commits it; dropping the batch rolls back and releases the rows untouched.
+pub(crate) struct Batch {
+    pub tx: Transaction<'static, Postgres>,
+    pub rows: Vec<ClaimedRow>,
+    pub claimed_at: Instant,
+    /// One of the `max_in_flight_batches` slots, given back when the batch is done.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// What publishing did with one row.
+pub(crate) enum Sent {
+    /// Handed to the broker; the confirm is still to come.
+    Confirm(PublisherConfirm),
+    /// The row itself is at fault (or the broker refused it): counts as a failed attempt.
+    Failed(String),
+    /// Not published because of the connection or shutdown: goes back without using an attempt.
+    Released,
+}
+
+/// A batch whose rows have all been handed to the broker (or not).
+pub(crate) struct Published {
+    pub batch: Batch,
+    pub sent: Vec<Sent>,
+    pub published_at: Instant,
+}
+
+/// A batch whose fate is decided; the completer writes it.
+pub(crate) struct Decided {
+    pub batch: Batch,
+    /// The rows to update; rows not listed are released as they are.
+    pub completions: Vec<(i64, Completion)>,
+    pub published_at: Instant,
+    pub confirmed_at: Instant,
+}

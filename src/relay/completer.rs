@@ -1,0 +1,86 @@
+//! Stage 4: write a batch's decisions in one statement and commit, releasing its rows.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+
+use super::batch::Decided;
+use super::Stats;
+use crate::error::{Context, Result};
+use crate::store::outbox::{self, Completion};
+
+/// Persists decisions on the transaction that claimed the batch: if that transaction is gone
+/// (connection lost, session killed), nothing is written and the rows are claimed again later.
+pub(crate) struct Completer {
+    pub wake: Arc<Notify>,
+    pub stats: Arc<Stats>,
+}
+
+impl Completer {
+    /// Completes batches until the confirmer is done. Not cancellable on purpose: a mark is one
+    /// short statement, and finishing it is what keeps duplicates down on shutdown.
+    pub async fn run(self, mut input: mpsc::Receiver<Decided>) {
+        while let Some(decided) = input.recv().await {
+            let rows = decided.batch.rows.len();
+            if let Err(error) = self.complete(decided).await {
+                tracing::warn!(
+                    %error,
+                    rows,
+                    "relay: could not mark a batch; its rows stay pending and will be published again"
+                );
+            }
+            // A finished batch frees a slot and may unblock keys held back behind it.
+            self.wake.notify_one();
+        }
+    }
+
+    async fn complete(&self, decided: Decided) -> Result<()> {
+        let Decided {
+            batch,
+            completions,
+            published_at,
+            confirmed_at,
+        } = decided;
+        let mut tx = batch.tx;
+        let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
+        for (_, completion) in &completions {
+            match completion {
+                Completion::Published => published += 1,
+                Completion::Retry { .. } => retried += 1,
+                Completion::Dead { .. } => dead += 1,
+            }
+        }
+        let released = (batch.rows.len() - completions.len()) as u64;
+        if completions.is_empty() {
+            tx.rollback().await.context("releasing a batch")?;
+        } else {
+            outbox::complete(&mut tx, &completions).await?;
+            tx.commit().await.context("committing a batch")?;
+        }
+        self.stats.record(published, retried, dead, released);
+        tracing::debug!(
+            rows = batch.rows.len(),
+            published,
+            retried,
+            dead,
+            released,
+            publish_ms = (published_at - batch.claimed_at).as_secs_f64() * 1e3,
+            confirm_ms = (confirmed_at - published_at).as_secs_f64() * 1e3,
+            mark_ms = confirmed_at.elapsed().as_secs_f64() * 1e3,
+            "relay: batch done"
+        );
+        for (id, completion) in &completions {
+            match completion {
+                Completion::Published => {}
+                Completion::Retry { error, retry_after } => {
+                    tracing::warn!(id, %error, retry_in = ?retry_after, "relay: publish failed; will retry")
+                }
+                Completion::Dead { error } => {
+                    tracing::error!(id, %error, "relay: publish failed for the last time; row marked dead")
+                }
+            }
+        }
+        drop(batch.permit);
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! Wakes the claimer when a transaction that wrote to the outbox commits (LISTEN/NOTIFY).
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Context;
+use crate::reconnect::until_ok;
+
+/// The channel the outbox trigger notifies; part of the SQL contract.
+pub const CHANNEL: &str = "postbox_outbox";
+
+/// Listens until `stop`; reconnects on its own. After every (re)connect it wakes the claimer
+/// once, since notifications sent while it was away are lost.
+pub(crate) async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let connect = || async {
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .context("connecting the notification listener")?;
+            listener
+                .listen(CHANNEL)
+                .await
+                .context("LISTEN postbox_outbox")?;
+            Ok(listener)
+        };
+        let Some(mut listener) = until_ok("postgres listener", &stop, connect).await else {
+            return;
+        };
+        wake.notify_one();
+        loop {
+            let received = tokio::select! {
+                _ = stop.cancelled() => return,
+                received = listener.try_recv() => received,
+            };
+            match received {
+                Ok(Some(_)) => wake.notify_one(),
+                Ok(None) => {
+                    tracing::warn!("postgres listener: connection lost; reconnected");
+                    wake.notify_one();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "postgres listener: failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The relay: a pipeline of four stages joined by bounded channels, data flowing one way.
+//!
+//! ```text
+//!  LISTEN/NOTIFY, poll ──wake──▶ claimer ──Batch──▶ publisher ──Published──▶ confirmer ──Decided──▶ completer
+//!                                  ▲                                                                │
+//!                                  └────────────── slot freed, keys unblocked (wake) ───────────────┘
+//! ```
+//!
+//! A batch is claimed with `FOR UPDATE SKIP LOCKED` inside a transaction that stays open until
+//! the completer commits its outcome, so the row locks *are* the claim: a crashed relay's
+//! connection drops and its rows are free again at once, and a relay whose session is gone
+//! cannot mark anything. Up to `max_in_flight_batches` batches are in flight, so the next batch
+//! is claimed and published while the previous one waits for confirms and its mark.
+
+mod batch;
+mod claimer;
+mod completer;
+mod confirmer;
+mod listener;
+mod publisher;
+mod retry;
+
+pub use listener::CHANNEL;
+pub use retry::RetryPolicy;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Broker;
+use crate::config::RelaySettings;
+use claimer::Claimer;
+use completer::Completer;
+use confirmer::Confirmer;
+use publisher::Publisher;
+
+/// Running totals of what the relay did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    batches: AtomicU64,
+    published: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    released: AtomicU64,
+}
+
+impl Stats {
+    fn record(&self, published: u64, retried: u64, dead: u64, released: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.published.fetch_add(published, Ordering::Relaxed);
+        self.retried.fetch_add(retried, Ordering::Relaxed);
+        self.dead.fetch_add(dead, Ordering::Relaxed);
+        self.released.fetch_add(released, Ordering::Relaxed);
+    }
+
+    /// Batches completed (marked or released).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Rows confirmed by the broker and marked published.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts that were scheduled for a retry.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    /// Rows marked dead.
+    pub fn dead(&self) -> u64 {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Rows given back unmarked (connection lost, shutdown), to be claimed again.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
+    }
+}
+
+/// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] it.
+pub struct Relay {
+    pool: PgPool,
+    broker: Broker,
+    settings: RelaySettings,
+    stats: Arc<Stats>,
+}
+
+impl Relay {
+    /// A relay over the outbox in `pool`'s database, publishing to `broker`. The pool needs
+    /// `max_in_flight_batches + 1` connections (each in-flight batch holds one).
+    pub fn new(pool: PgPool, broker: Broker, settings: RelaySettings) -> Self {
+        Self {
+            pool,
+            broker,
+            settings,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counters that stay readable while the relay runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops claiming and lets in-flight batches
+    /// finish for up to `shutdown_timeout`; batches still unfinished are rolled back, so their
+    /// rows go back to pending without using an attempt. Returns once every stage has stopped.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let settings = self.settings;
+        let in_flight = settings.max_in_flight_batches as usize;
+        let wake = Arc::new(Notify::new());
+        let hard_stop = CancellationToken::new();
+        let (claimed_tx, claimed_rx) = mpsc::channel(in_flight);
+        let (published_tx, published_rx) = mpsc::channel(in_flight);
+        let (decided_tx, decided_rx) = mpsc::channel(in_flight);
+
+        let listener = tokio::spawn(listener::listen(
+            self.pool.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        let claimer = Claimer {
+            pool: self.pool.clone(),
+            batch_size: settings.batch_size,
+            poll_interval: settings.poll_interval,
+            slots: Arc::new(Semaphore::new(in_flight)),
+            wake: wake.clone(),
+        };
+        let claimer = tokio::spawn(claimer.run(claimed_tx, shutdown.clone()));
+        let publisher = tokio::spawn(Publisher::new(self.broker).run(
+            claimed_rx,
+            published_tx,
+            hard_stop.clone(),
+        ));
+        let confirmer = Confirmer {
+            confirm_timeout: settings.confirm_timeout,
+            policy: RetryPolicy::from_settings(&settings),
+        };
+        let confirmer = tokio::spawn(confirmer.run(published_rx, decided_tx, hard_stop.clone()));
+        let mut completer = tokio::spawn(
+            Completer {
+                wake,
+                stats: self.stats.clone(),
+            }
+            .run(decided_rx),
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!("relay: stopping; finishing in-flight batches");
+        // The completer ends once everything upstream has drained.
+        if tokio::time::timeout(settings.shutdown_timeout, &mut completer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?settings.shutdown_timeout,
+                "relay: in-flight batches did not finish in time; releasing them"
+            );
+            hard_stop.cancel();
+            let _ = completer.await;
+        }
+        hard_stop.cancel();
+        for task in [listener, claimer, publisher, confirmer] {
+            let _ = task.await;
+        }
+        tracing::info!("relay: stopped");
+    }
+}

@@ -1,0 +1,135 @@
+//! Stage 2: publish every row of a batch, without waiting for confirms in between.
+
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Connection, ErrorKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{Batch, Published, Sent};
+use crate::amqp::{self, message::outgoing, Broker};
+use crate::reconnect::until_ok;
+
+/// Publishes batches in the order they were claimed, on one confirm-mode channel, so the
+/// broker sees each key's rows in id order.
+pub(crate) struct Publisher {
+    pub broker: Broker,
+    connection: Option<(Connection, Channel)>,
+}
+
+impl Publisher {
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            connection: None,
+        }
+    }
+
+    /// Publishes until the claimer is done (its channel closes) or `hard_stop` is cancelled.
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Batch>,
+        out: mpsc::Sender<Published>,
+        hard_stop: CancellationToken,
+    ) {
+        loop {
+            let batch = tokio::select! {
+                _ = hard_stop.cancelled() => break,
+                batch = input.recv() => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
+            let Some(channel) = self.channel(&hard_stop).await else {
+                break; // dropping the batch releases its rows
+            };
+            let published = publish_batch(&channel, batch).await;
+            if published
+                .sent
+                .iter()
+                .any(|s| !matches!(s, Sent::Confirm(_)))
+                && !channel.status().connected()
+            {
+                self.connection = None;
+            }
+            if out.send(published).await.is_err() {
+                break;
+            }
+        }
+        // Batches handed on still wait for their confirms on this connection: keep it open until
+        // the relay says the pipeline has drained (or gave up on it).
+        hard_stop.cancelled().await;
+        if let Some((connection, _)) = self.connection.take() {
+            let _ = connection.close(200, "postbox relay stopping".into()).await;
+        }
+    }
+
+    /// The open channel, reconnecting (with backoff, across nodes) when there is none.
+    async fn channel(&mut self, hard_stop: &CancellationToken) -> Option<Channel> {
+        if let Some((connection, channel)) = &self.connection {
+            if connection.status().connected() && channel.status().connected() {
+                return Some(channel.clone());
+            }
+            tracing::warn!("rabbitmq: connection lost; reconnecting");
+            self.connection = None;
+        }
+        let broker = &self.broker;
+        let pair = until_ok("rabbitmq", hard_stop, || async {
+            let connection = broker.connect("postbox relay").await?;
+            let channel = amqp::confirm_channel(&connection).await?;
+            Ok((connection, channel))
+        })
+        .await?;
+        let channel = pair.1.clone();
+        self.connection = Some(pair);
+        Some(channel)
+    }
+}
+
+/// Publishes each row (mandatory, persistent) and collects the pending confirms.
+async fn publish_batch(channel: &Channel, batch: Batch) -> Published {
+    let mut sent = Vec::with_capacity(batch.rows.len());
+    let mut broken = false;
+    for row in &batch.rows {
+        if broken {
+            sent.push(Sent::Released);
+            continue;
+        }
+        let message = match outgoing(row) {
+            Ok(message) => message,
+            Err(reason) => {
+                sent.push(Sent::Failed(format!("cannot be sent as AMQP: {reason}")));
+                continue;
+            }
+        };
+        let result = channel
+            .basic_publish(
+                message.exchange,
+                message.routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &row.payload,
+                message.properties,
+            )
+            .await;
+        match result {
+            Ok(confirm) => sent.push(Sent::Confirm(confirm)),
+            Err(error) => {
+                broken = true;
+                // A channel that was already down is the connection's fault, not the row's.
+                sent.push(match error.kind() {
+                    ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidConnectionState(..) => {
+                        Sent::Released
+                    }
+                    _ => Sent::Failed(format!("publish failed: {error}")),
+                });
+            }
+        }
+    }
+    Published {
+        batch,
+        sent,
+        published_at: std::time::Instant::now(),
+    }
+}

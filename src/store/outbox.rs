@@ -1,0 +1,261 @@
+//! SQL for `postbox.outbox`: insert, claim, complete and the idle probe.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::error::{Context, Result};
+use crate::outbox::{Message, Payload};
+
+const INSERT_MANY: &str = r#"
+insert into postbox.outbox
+    (message_id, exchange, routing_key, partition_key, payload, payload_bytes, content_type,
+     headers, available_at)
+select m.message_id, m.exchange, m.routing_key, m.partition_key, m.payload, m.payload_bytes,
+       m.content_type, m.headers::jsonb,
+       coalesce(m.available_at, now() + m.delay_ms * interval '1 millisecond', now())
+from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
+            $8::text[], $9::timestamptz[], $10::float8[])
+     with ordinality
+     as m(message_id, exchange, routing_key, partition_key, payload, payload_bytes, content_type,
+          headers, available_at, delay_ms, position)
+-- identity values are drawn in this order, so ids ascend in the caller's order
+order by m.position
+on conflict (message_id) do nothing
+returning id, message_id
+"#;
+
+/// Inserts `messages` (with the ids chosen for them) in one statement. Returns the outbox id of
+/// each row that was new, by message id; rows whose message id already existed are left alone.
+pub async fn insert_many<'e, E: PgExecutor<'e>>(
+    executor: E,
+    ids: &[Uuid],
+    messages: &[Message],
+) -> Result<HashMap<Uuid, i64>> {
+    let n = messages.len();
+    let mut exchange = Vec::with_capacity(n);
+    let mut routing_key = Vec::with_capacity(n);
+    let mut partition_key = Vec::with_capacity(n);
+    let mut text = Vec::with_capacity(n);
+    let mut bytes = Vec::with_capacity(n);
+    let mut content_type = Vec::with_capacity(n);
+    let mut headers = Vec::with_capacity(n);
+    let mut available_at = Vec::with_capacity(n);
+    let mut delay_ms = Vec::with_capacity(n);
+    for m in messages {
+        exchange.push(m.exchange.as_str());
+        routing_key.push(m.routing_key.as_str());
+        partition_key.push(m.partition_key.as_deref());
+        match &m.payload {
+            Payload::Text(t) => {
+                text.push(Some(t.as_str()));
+                bytes.push(None);
+            }
+            Payload::Bytes(b) => {
+                text.push(None);
+                bytes.push(Some(b.as_slice()));
+            }
+        }
+        content_type.push(m.content_type.as_str());
+        headers.push(serde_json::Value::Object(m.headers.clone()).to_string());
+        available_at.push(m.available_at);
+        delay_ms.push(m.delay.map(|d| d.as_secs_f64() * 1000.0));
+    }
+    let rows = sqlx::query(INSERT_MANY)
+        .bind(ids)
+        .bind(&exchange)
+        .bind(&routing_key)
+        .bind(&partition_key)
+        .bind(&text)
+        .bind(&bytes)
+        .bind(&content_type)
+        .bind(&headers)
+        .bind(&available_at)
+        .bind(&delay_ms)
+        .fetch_all(executor)
+        .await
+        .context(format!("inserting {n} message(s) into postbox.outbox"))?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("message_id")?, row.try_get("id")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .context("reading inserted outbox ids")
+}
+
+/// A pending row, locked by the claiming transaction until it is completed or released.
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    /// Outbox position.
+    pub id: i64,
+    /// Becomes the AMQP message id.
+    pub message_id: Uuid,
+    /// Target exchange (`""` is the default exchange).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Ordering key, if any.
+    pub partition_key: Option<String>,
+    /// The body, from `payload` or `payload_bytes`.
+    pub payload: Vec<u8>,
+    /// AMQP content type.
+    pub content_type: String,
+    /// The row's headers, a JSON object.
+    pub headers: serde_json::Value,
+    /// When the row was written.
+    pub created_at: DateTime<Utc>,
+    /// Failed attempts before this one.
+    pub attempts: i32,
+}
+
+// Candidates are the first due pending rows in id order that no other batch has locked. A key
+// may only be published by the batch that holds its earliest pending row: rows of a key whose
+// earlier row is in flight elsewhere (or waiting for a retry) are dropped from this batch, so a
+// key is never in flight twice and a failing row holds back only its own key.
+const CLAIM: &str = r#"
+with candidates as (
+    select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
+           content_type, headers, created_at, attempts
+    from postbox.outbox
+    where published_at is null and dead_at is null and available_at <= now()
+    order by id
+    limit $1
+    for update skip locked
+),
+heads as (
+    select partition_key, min(id) as first_id
+    from candidates
+    where partition_key is not null
+    group by partition_key
+),
+blocked_keys as (
+    select h.partition_key
+    from heads h
+    where exists (
+        select 1 from postbox.outbox p
+        where p.partition_key = h.partition_key
+          and p.id < h.first_id
+          and p.published_at is null and p.dead_at is null
+    )
+)
+select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
+       content_type, headers, created_at, attempts
+from candidates c
+where c.partition_key is null
+   or not exists (select 1 from blocked_keys b where b.partition_key = c.partition_key)
+order by id
+"#;
+
+/// Claims up to `limit` due rows on `tx`'s connection; they stay locked until it ends.
+pub async fn claim(tx: &mut PgConnection, limit: u32) -> Result<Vec<ClaimedRow>> {
+    let rows = sqlx::query(CLAIM)
+        .bind(i64::from(limit))
+        .fetch_all(tx)
+        .await
+        .context("claiming a batch from postbox.outbox")?;
+    rows.iter()
+        .map(|row| {
+            let text: Option<String> = row.try_get("payload")?;
+            let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
+            Ok(ClaimedRow {
+                id: row.try_get("id")?,
+                message_id: row.try_get("message_id")?,
+                exchange: row.try_get("exchange")?,
+                routing_key: row.try_get("routing_key")?,
+                partition_key: row.try_get("partition_key")?,
+                payload: text.map(String::into_bytes).or(bytes).unwrap_or_default(),
+                content_type: row.try_get("content_type")?,
+                headers: row.try_get("headers")?,
+                created_at: row.try_get("created_at")?,
+                attempts: row.try_get("attempts")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .context("reading claimed outbox rows")
+}
+
+/// The decision for one claimed row, as the completer writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// Confirmed by the broker.
+    Published,
+    /// Failed; try again after `retry_after`.
+    Retry {
+        /// Why the attempt failed.
+        error: String,
+        /// Backoff before the next attempt.
+        retry_after: Duration,
+    },
+    /// Failed for the last time.
+    Dead {
+        /// Why the last attempt failed.
+        error: String,
+    },
+}
+
+const COMPLETE: &str = r#"
+update postbox.outbox o
+set published_at = case when d.outcome = 'published' then now() end,
+    dead_at      = case when d.outcome = 'dead' then now() end,
+    attempts     = o.attempts + case when d.outcome = 'published' then 0 else 1 end,
+    last_error   = coalesce(d.error, o.last_error),
+    available_at = case when d.outcome = 'retry'
+                        then now() + d.retry_after_ms * interval '1 millisecond'
+                        else o.available_at end
+from unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])
+     as d(id, outcome, error, retry_after_ms)
+where o.id = d.id
+  and o.published_at is null and o.dead_at is null
+"#;
+
+/// Writes the outcomes of a batch in one statement, on the transaction that claimed it.
+/// Returns the number of rows updated.
+pub async fn complete(tx: &mut PgConnection, outcomes: &[(i64, Completion)]) -> Result<u64> {
+    let n = outcomes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut retry_after_ms = Vec::with_capacity(n);
+    for (id, completion) in outcomes {
+        ids.push(*id);
+        let (kind, error, after) = match completion {
+            Completion::Published => ("published", None, None),
+            Completion::Retry { error, retry_after } => (
+                "retry",
+                Some(error.as_str()),
+                Some(retry_after.as_secs_f64() * 1000.0),
+            ),
+            Completion::Dead { error } => ("dead", Some(error.as_str()), None),
+        };
+        kinds.push(kind);
+        errors.push(error);
+        retry_after_ms.push(after);
+    }
+    let result = sqlx::query(COMPLETE)
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&errors)
+        .bind(&retry_after_ms)
+        .execute(tx)
+        .await
+        .context(format!("marking {n} outbox row(s)"))?;
+    Ok(result.rows_affected())
+}
+
+const NEXT_DUE: &str = r#"
+select greatest(0, extract(epoch from min(available_at) - clock_timestamp()))::float8
+from postbox.outbox
+where published_at is null and dead_at is null
+"#;
+
+/// How long until the earliest pending row is due, by the database's clock (zero: due now;
+/// `None`: nothing pending). One cheap statement, so an idle relay's fallback poll costs the
+/// database next to nothing.
+pub async fn next_due<'e, E: PgExecutor<'e>>(executor: E) -> Result<Option<Duration>> {
+    let seconds: Option<f64> = sqlx::query_scalar(NEXT_DUE)
+        .fetch_one(executor)
+        .await
+        .context("probing postbox.outbox for due rows")?;
+    Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
