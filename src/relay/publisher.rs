@@ -55,8 +55,9 @@ impl Publisher {
                 break;
             }
         }
-        // Batches handed on still wait for their confirms on this connection: keep it open until
-        // the relay says the pipeline has drained (or gave up on it).
+        drop(out); // lets the confirmer finish once it has drained what it holds
+                   // Batches handed on still wait for their confirms on this connection: keep it open until
+                   // the relay says the pipeline has drained (or gave up on it).
         hard_stop.cancelled().await;
         if let Some((connection, _)) = self.connection.take() {
             let _ = connection.close(200, "postbox relay stopping".into()).await;

@@ -1,0 +1,337 @@
+//! Test support against the real Postgres and RabbitMQ: a fresh database per test, uniquely
+//! named queues that vanish with the test's connection, a relay runner, waiting with deadlines,
+//! and a TCP proxy that counts the statements a client sends.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+pub mod proxy;
+
+use std::future::Future;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use postbox::Settings;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Admin URL of the shared Postgres server (its `postgres` database).
+pub fn admin_database_url() -> String {
+    std::env::var("POSTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// URL of the shared RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("POSTBOX_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms; panics with `what` after `deadline`.
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// A new empty database.
+    pub async fn empty() -> Self {
+        let name = format!("postbox_test_{}", Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_database_url())
+            .await
+            .expect("test Postgres is reachable (is it running? see .ci/run)");
+        sqlx::query(AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let url = database_url_for(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("connect test database");
+        Self { name, url, pool }
+    }
+
+    /// A new database with the postbox schema applied.
+    pub async fn migrated() -> Self {
+        let db = Self::empty().await;
+        postbox::migrate(&db.pool).await.expect("migrate");
+        db
+    }
+
+    /// Counts rows of `postbox.outbox` matching `condition` (a SQL boolean expression).
+    pub async fn count(&self, condition: &str) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "select count(*) from postbox.outbox where {condition}"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .expect("count outbox rows")
+    }
+
+    /// Relay settings for this database with quick, test-friendly timings.
+    pub fn settings(&self) -> Settings {
+        settings_for(&self.url)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context; a short-lived thread with its own runtime does the
+        // cleanup without blocking the test's runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    if let Ok(admin) = PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&admin_database_url())
+                        .await
+                    {
+                        let _ = sqlx::query(AssertSqlSafe(format!(
+                            "drop database if exists {name} with (force)"
+                        )))
+                        .execute(&admin)
+                        .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// The admin URL with its database replaced by `name`.
+pub fn database_url_for(name: &str) -> String {
+    let mut url = url::Url::parse(&admin_database_url()).expect("admin URL parses");
+    url.set_path(name);
+    url.to_string()
+}
+
+/// Settings for a relay on `database_url` with quick test timings.
+pub fn settings_for(database_url: &str) -> Settings {
+    let defaults = Settings::load(None).expect("default settings load");
+    let mut settings = defaults;
+    settings.database_url = database_url.to_string();
+    settings.amqp_url = amqp_url();
+    settings.relay.poll_interval = Duration::from_millis(200);
+    settings.relay.retry_initial_delay = Duration::from_millis(100);
+    settings.relay.retry_max_delay = Duration::from_secs(1);
+    settings.relay.shutdown_timeout = Duration::from_secs(10);
+    settings
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub shutdown: CancellationToken,
+    pub stats: std::sync::Arc<postbox::relay::Stats>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl RunningRelay {
+    /// Starts a relay with `settings` (the schema must exist).
+    pub async fn start(settings: Settings) -> Self {
+        let connections = settings.relay.max_in_flight_batches + 1;
+        let pool = postbox::store::connect(&settings, connections)
+            .await
+            .expect("relay connects to Postgres");
+        let broker = postbox::amqp::Broker::new(settings.amqp_urls());
+        let relay = postbox::Relay::new(pool, broker, settings.relay.clone());
+        let stats = relay.stats();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(relay.run(shutdown.clone()));
+        Self {
+            shutdown,
+            stats,
+            handle,
+        }
+    }
+
+    /// Graceful stop; waits until every stage has ended.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("relay stops within 30s")
+            .expect("relay task did not panic");
+    }
+}
+
+/// One message as a consumer received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: Option<String>,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+    pub headers: FieldTable,
+    pub delivery_mode: Option<u8>,
+}
+
+impl Received {
+    /// A header's value, if present.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.headers.inner().get(name)
+    }
+
+    /// The `x-postbox-outbox-id` header.
+    pub fn outbox_id(&self) -> i64 {
+        match self.header("x-postbox-outbox-id") {
+            Some(AMQPValue::LongLongInt(id)) => *id,
+            other => panic!("x-postbox-outbox-id header missing or mistyped: {other:?}"),
+        }
+    }
+}
+
+/// A connection to the shared broker for declaring and consuming test queues. Queues are
+/// exclusive to this connection, so the broker deletes them when the test ends, even on panic.
+pub struct Rabbit {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Rabbit {
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("test RabbitMQ is reachable (is it running? see .ci/run)");
+        let channel = connection.create_channel().await.expect("open channel");
+        Self {
+            connection,
+            channel,
+        }
+    }
+
+    /// Declares a uniquely named queue and returns its name.
+    pub async fn queue(&self) -> String {
+        let name = format!("postbox-test-{}", Uuid::new_v4().simple());
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare test queue");
+        name
+    }
+
+    /// Starts consuming `queue` (auto-ack); received messages arrive on the returned channel.
+    pub async fn consume(&self, queue: &str) -> Inbox {
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                queue.into(),
+                format!("test-{}", Uuid::new_v4().simple()).as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume test queue");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let props = &delivery.properties;
+                let received = Received {
+                    message_id: props.message_id().as_ref().map(|s| s.to_string()),
+                    payload: delivery.data.clone(),
+                    content_type: props.content_type().as_ref().map(|s| s.to_string()),
+                    headers: props.headers().clone().unwrap_or_default(),
+                    delivery_mode: *props.delivery_mode(),
+                };
+                if tx.send(received).is_err() {
+                    break;
+                }
+            }
+        });
+        Inbox { rx }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+/// Messages received from one queue.
+pub struct Inbox {
+    rx: mpsc::UnboundedReceiver<Received>,
+}
+
+impl Inbox {
+    /// Receives until `n` messages have arrived; panics after `deadline` with how many came.
+    pub async fn take(&mut self, n: usize, deadline: Duration) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        let until = tokio::time::Instant::now() + deadline;
+        while out.len() < n {
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Ok(Some(received)) => out.push(received),
+                Ok(None) => panic!("consumer stopped after {} of {n} messages", out.len()),
+                Err(_) => panic!(
+                    "timed out after {deadline:?}: received {} of {n} messages",
+                    out.len()
+                ),
+            }
+        }
+        out
+    }
+
+    /// Whatever arrives within `window` (for asserting that nothing more comes).
+    pub async fn drain_for(&mut self, window: Duration) -> Vec<Received> {
+        let mut out = Vec::new();
+        let until = tokio::time::Instant::now() + window;
+        while let Ok(Some(received)) = tokio::time::timeout_at(until, self.rx.recv()).await {
+            out.push(received);
+        }
+        out
+    }
+}
+
+/// The `postbox` binary built for these tests, with a clean environment for its settings.
+pub fn postbox_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_postbox"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("POSTBOX_") || key == "DATABASE_URL" || key == "AMQP_URL" {
+            command.env_remove(key);
+        }
+    }
+    command.env("RUST_LOG", "postbox=info");
+    command
+}

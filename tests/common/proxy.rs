@@ -1,0 +1,118 @@
+//! A TCP proxy between a client and Postgres that counts the statements the client sends:
+//! simple-protocol `Query` ('Q') and extended-protocol `Execute` ('E') messages. It counts what
+//! actually crosses the wire, so a test can assert how many statements the relay sends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A running proxy; it lives as long as the test's runtime.
+pub struct PgProxy {
+    pub port: u16,
+    statements: Arc<AtomicU64>,
+}
+
+impl PgProxy {
+    /// Listens on a free loopback port and forwards every connection to `upstream` (host:port).
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let statements = Arc::new(AtomicU64::new(0));
+        let counter = statements.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
+                        pipe(client, server, counter).await;
+                    }
+                });
+            }
+        });
+        Self { port, statements }
+    }
+
+    /// Statements sent through the proxy so far.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::SeqCst)
+    }
+
+    /// `database_url` rewritten to go through the proxy (TLS off, so messages can be read).
+    pub fn url_for(&self, database_url: &str) -> String {
+        let mut url = url::Url::parse(database_url).expect("database URL parses");
+        url.set_port(Some(self.port)).expect("URL takes a port");
+        url.query_pairs_mut().append_pair("sslmode", "disable");
+        url.to_string()
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async move {
+        let mut parser = Parser::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            counter.fetch_add(parser.feed(&buf[..n]), Ordering::SeqCst);
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async move {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// Splits the client's byte stream into protocol messages. The startup phase has untyped
+/// messages (length first); after the StartupMessage every message is a type byte + length.
+#[derive(Default)]
+struct Parser {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+impl Parser {
+    /// Feeds bytes; returns how many statements they completed.
+    fn feed(&mut self, bytes: &[u8]) -> u64 {
+        self.pending.extend_from_slice(bytes);
+        let mut count = 0;
+        loop {
+            let header = if self.started { 5 } else { 8 };
+            if self.pending.len() < header {
+                break;
+            }
+            let offset = usize::from(self.started);
+            let len_bytes: [u8; 4] = self.pending[offset..offset + 4]
+                .try_into()
+                .expect("slice of 4");
+            let total = offset + u32::from_be_bytes(len_bytes) as usize;
+            if self.pending.len() < total {
+                break;
+            }
+            if self.started {
+                if matches!(self.pending[0], b'Q' | b'E') {
+                    count += 1;
+                }
+            } else {
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().expect("slice of 4"));
+                self.started = code != SSL_REQUEST && code != GSSENC_REQUEST;
+            }
+            self.pending.drain(..total);
+        }
+        count
+    }
+}

@@ -1,0 +1,167 @@
+//! The producer API and the SQL contract: ids, idempotent enqueue, ordering, constraints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use postbox::{deterministic_id, enqueue, enqueue_many, Message};
+
+#[test]
+fn deterministic_ids_match_the_documented_test_vector() {
+    // Computed independently with Python's uuid.uuid5 over the documented netstring encoding.
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["order.created", "42"],
+            "b2735dd2-fda0-583d-ae9b-325e47073520",
+        ),
+        (
+            &["payment.captured", "tenant-7", "ß€"],
+            "e4e34580-9b02-5319-a363-533b708285a0",
+        ),
+        (&[], "2e278ee3-cdce-58bb-863b-19fae23cef74"),
+    ];
+    for (fields, expected) in cases {
+        assert_eq!(
+            deterministic_id(fields.iter()).to_string(),
+            expected,
+            "{fields:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_retried_enqueue_with_a_deterministic_id_is_a_no_op() {
+    let db = TestDb::migrated().await;
+    let message = Message::json("orders", &serde_json::json!({"order_id": 42}))
+        .expect("json")
+        .deterministic_id(["order.created", "42"]);
+    let first = enqueue(&db.pool, &message).await.expect("enqueue");
+    let again = enqueue(&db.pool, &message).await.expect("enqueue again");
+    assert!(first.is_new());
+    assert!(!again.is_new());
+    assert_eq!(first.message_id, again.message_id);
+    assert_eq!(
+        first.message_id.to_string(),
+        "b2735dd2-fda0-583d-ae9b-325e47073520"
+    );
+    assert_eq!(db.count("true").await, 1);
+}
+
+#[tokio::test]
+async fn enqueue_many_is_one_statement_in_order_and_reports_duplicates() {
+    let db = TestDb::migrated().await;
+    let existing = Message::text("q", "old").deterministic_id(["dup"]);
+    enqueue(&db.pool, &existing).await.expect("enqueue");
+    let messages = vec![
+        Message::text("q", "a").partition_key("k"),
+        Message::text("q", "dup again").deterministic_id(["dup"]),
+        Message::bytes("q", vec![1, 2, 3]).exchange("amq.direct"),
+        Message::text("q", "c").deterministic_id(["twice"]),
+        Message::text("q", "c again").deterministic_id(["twice"]),
+    ];
+    let results = enqueue_many(&db.pool, &messages)
+        .await
+        .expect("enqueue_many");
+    let new: Vec<bool> = results.iter().map(|r| r.is_new()).collect();
+    assert_eq!(new, [true, false, true, true, false]);
+    let ids: Vec<i64> = results.iter().filter_map(|r| r.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids ascend in slice order: {ids:?}"
+    );
+    let stored: Vec<(Option<String>, Option<Vec<u8>>, String)> =
+        sqlx::query_as("select payload, payload_bytes, exchange from postbox.outbox order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+    assert_eq!(stored[1], (Some("a".into()), None, String::new()));
+    assert_eq!(stored[2], (None, Some(vec![1, 2, 3]), "amq.direct".into()));
+    assert_eq!(stored.len(), 4);
+}
+
+#[tokio::test]
+async fn delayed_messages_wait_for_their_time() {
+    let db = TestDb::migrated().await;
+    let later = enqueue(
+        &db.pool,
+        &Message::text("q", "later").delay(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("enqueue");
+    let delay: f64 = sqlx::query_scalar(
+        "select extract(epoch from available_at - created_at)::float8 from postbox.outbox where id = $1",
+    )
+    .bind(later.id)
+    .fetch_one(&db.pool)
+    .await
+    .expect("row");
+    assert!((3599.0..=3601.0).contains(&delay), "{delay}");
+}
+
+#[tokio::test]
+async fn nonsense_rows_are_rejected_by_named_constraints() {
+    let db = TestDb::migrated().await;
+    let cases = [
+        ("insert into postbox.outbox (routing_key, payload) values ('', 'x')",
+         "outbox_routing_key_required_for_default_exchange"),
+        ("insert into postbox.outbox (routing_key) values ('q')", "outbox_exactly_one_payload"),
+        ("insert into postbox.outbox (routing_key, payload, payload_bytes) values ('q', 'x', '\\x00')",
+         "outbox_exactly_one_payload"),
+        ("insert into postbox.outbox (routing_key, payload, attempts) values ('q', 'x', -1)",
+         "outbox_attempts_not_negative"),
+        ("insert into postbox.outbox (routing_key, payload, headers) values ('q', 'x', '[1]')",
+         "outbox_headers_is_object"),
+        ("insert into postbox.outbox (routing_key, payload) values (repeat('r', 256), 'x')",
+         "outbox_routing_key_max_255_bytes"),
+    ];
+    for (sql, constraint) in cases {
+        let error = sqlx::query(sql).execute(&db.pool).await.expect_err(sql);
+        let db_error = error.as_database_error().expect("a database error");
+        assert_eq!(db_error.constraint(), Some(constraint), "{sql}");
+    }
+    // A routing key may be empty when an exchange is named (fanout exchanges ignore it).
+    sqlx::query("insert into postbox.outbox (exchange, routing_key, payload) values ('amq.fanout', '', 'x')")
+        .execute(&db.pool)
+        .await
+        .expect("empty routing key with a named exchange");
+}
+
+#[tokio::test]
+async fn one_notification_per_transaction_whatever_the_row_count() {
+    let db = TestDb::migrated().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url)
+        .await
+        .expect("listener");
+    listener
+        .listen(postbox::relay::CHANNEL)
+        .await
+        .expect("listen");
+    let mut tx = db.pool.begin().await.expect("begin");
+    for _ in 0..3 {
+        let messages: Vec<Message> = (0..10).map(|n| Message::text("q", n.to_string())).collect();
+        enqueue_many(&mut *tx, &messages).await.expect("enqueue");
+    }
+    sqlx::query("insert into postbox.outbox (routing_key, payload) select 'q', g::text from generate_series(1, 10) g")
+        .execute(&mut *tx)
+        .await
+        .expect("sql insert");
+    tx.commit().await.expect("commit");
+    // a second transaction, so we know when the first one's notifications have all arrived
+    enqueue(&db.pool, &Message::text("q", "marker"))
+        .await
+        .expect("enqueue");
+    let mut notifications = 0;
+    while notifications < 2 {
+        tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("notification within 10s")
+            .expect("listener");
+        notifications += 1;
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(
+        extra.is_err(),
+        "two transactions gave more than two notifications"
+    );
+}

@@ -1,0 +1,330 @@
+//! End to end: rows committed to postbox.outbox arrive in RabbitMQ, once, intact.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{proxy::PgProxy, wait_until, Rabbit, RunningRelay, TestDb};
+use lapin::types::AMQPValue;
+use postbox::{enqueue, Message};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn events_from_concurrent_writers_all_arrive_once_intact() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 250;
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let pool = db.pool.clone();
+        let queue = queue.clone();
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..PER_WRITER {
+                let mut tx = pool.begin().await.expect("begin");
+                let message = Message::json(&queue, &serde_json::json!({"writer": writer, "n": n}))
+                    .expect("json")
+                    .partition_key(format!("writer-{writer}"))
+                    .header("type", "test.event")
+                    .header("n", n as i64);
+                let enqueued = enqueue(&mut *tx, &message).await.expect("enqueue");
+                tx.commit().await.expect("commit");
+                ids.push(enqueued.message_id.to_string());
+            }
+            ids
+        }));
+    }
+    let mut committed = HashSet::new();
+    for writer in writers {
+        committed.extend(writer.await.expect("writer task"));
+    }
+
+    let received = inbox.take(WRITERS * PER_WRITER, DEADLINE).await;
+    let mut seen = HashMap::new();
+    for message in &received {
+        *seen
+            .entry(message.message_id.clone().expect("message id set"))
+            .or_insert(0) += 1;
+        assert_eq!(message.content_type.as_deref(), Some("application/json"));
+        assert_eq!(message.delivery_mode, Some(2), "persistent");
+        assert_eq!(
+            message.header("type"),
+            Some(&AMQPValue::LongString("test.event".into()))
+        );
+        assert!(message.header("x-postbox-created-at").is_some());
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("json body");
+        assert_eq!(
+            message.header("n"),
+            Some(&AMQPValue::LongLongInt(body["n"].as_i64().expect("n")))
+        );
+        assert_eq!(
+            message.header("x-postbox-partition-key"),
+            Some(&AMQPValue::LongString(
+                format!("writer-{}", body["writer"]).as_str().into()
+            ))
+        );
+    }
+    assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), committed);
+    assert!(seen.values().all(|&n| n == 1), "each message arrives once");
+    // each writer's events arrive in the order it committed them
+    let mut last_n: HashMap<i64, i64> = HashMap::new();
+    for message in &received {
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("json");
+        let (writer, n) = (
+            body["writer"].as_i64().expect("w"),
+            body["n"].as_i64().expect("n"),
+        );
+        assert!(
+            last_n.insert(writer, n).is_none_or(|prev| prev < n),
+            "writer {writer} out of order"
+        );
+    }
+    wait_until("all rows marked published", DEADLINE, || async {
+        (db.count("published_at is null").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        db.count("published_at is not null").await,
+        (WRITERS * PER_WRITER) as i64
+    );
+    relay.stop().await;
+    assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
+}
+
+#[tokio::test]
+async fn rolled_back_transactions_publish_nothing() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    enqueue(&mut *tx, &Message::text(&queue, "rolled back"))
+        .await
+        .expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    let mut tx = db.pool.begin().await.expect("begin");
+    enqueue(&mut *tx, &Message::text(&queue, "committed"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, b"committed");
+    relay.stop().await;
+    assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
+    assert_eq!(db.count("true").await, 1);
+}
+
+#[tokio::test]
+async fn plain_sql_insert_is_published_byte_for_byte() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+
+    // A JSON literal with escapes that bytea's input syntax would mangle or reject.
+    let json = r#"{"id":1,"path":"C:\\dir","quote":"say \"hi\"","emoji":"✓"}"#;
+    let sql = format!(
+        "insert into postbox.outbox (routing_key, payload) values ('{queue}', '{json}') returning message_id"
+    );
+    let message_id: uuid::Uuid = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&db.pool)
+        .await
+        .expect("insert");
+
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, json.as_bytes());
+    assert_eq!(received[0].message_id, Some(message_id.to_string()));
+    assert_eq!(
+        received[0].content_type.as_deref(),
+        Some("application/json")
+    );
+    serde_json::from_slice::<serde_json::Value>(&received[0].payload).expect("still valid JSON");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn binary_payloads_arrive_unchanged() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+    let bytes: Vec<u8> = (0..=255u8).chain([0, 0xff, 0]).collect();
+    enqueue(&db.pool, &Message::bytes(&queue, bytes.clone()))
+        .await
+        .expect("enqueue");
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, bytes);
+    assert_eq!(
+        received[0].content_type.as_deref(),
+        Some("application/octet-stream")
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn lower_id_committed_after_a_higher_id_was_published_still_goes_out() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+
+    let mut slow = db.pool.begin().await.expect("begin");
+    let first = enqueue(&mut *slow, &Message::text(&queue, "slow"))
+        .await
+        .expect("enqueue");
+    let second = enqueue(&db.pool, &Message::text(&queue, "fast"))
+        .await
+        .expect("enqueue");
+    assert!(
+        first.id < second.id,
+        "the slow transaction took the lower id"
+    );
+
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, b"fast");
+    wait_until("the higher id to be marked published", DEADLINE, || async {
+        (db.count(&format!(
+            "id = {} and published_at is not null",
+            second.id.unwrap_or(0)
+        ))
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    slow.commit().await.expect("commit");
+
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, b"slow");
+    assert_eq!(received[0].outbox_id(), first.id.expect("new row"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let mut settings = db.settings();
+    // Far beyond the deadline below: only LISTEN/NOTIFY can deliver in time.
+    settings.relay.poll_interval = Duration::from_secs(600);
+    let relay = RunningRelay::start(settings).await;
+    // The first message may ride the relay's startup claim; the later ones find it idle.
+    enqueue(&db.pool, &Message::text(&queue, "warm up"))
+        .await
+        .expect("enqueue");
+    inbox.take(1, Duration::from_secs(20)).await;
+    for n in 0..3 {
+        enqueue(&db.pool, &Message::text(&queue, format!("wake {n}")))
+            .await
+            .expect("enqueue");
+        let received = inbox.take(1, Duration::from_secs(20)).await;
+        assert_eq!(received[0].payload, format!("wake {n}").as_bytes());
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+
+    let missing = format!("{queue}-missing");
+    let bad = enqueue(&db.pool, &Message::text(&missing, "nowhere"))
+        .await
+        .expect("enqueue");
+    enqueue(&db.pool, &Message::text(&queue, "fine"))
+        .await
+        .expect("enqueue");
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(received[0].payload, b"fine");
+
+    let bad_id = bad.id.expect("new row");
+    let (attempts, error): (i32, Option<String>) =
+        wait_until("the failure recorded", DEADLINE, || async {
+            let row: (i32, Option<String>, bool) = sqlx::query_as(
+            "select attempts, last_error, published_at is null from postbox.outbox where id = $1",
+        )
+        .bind(bad_id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+            (row.0 >= 1 && row.2).then_some((row.0, row.1))
+        })
+        .await;
+    assert!(attempts >= 1);
+    let error = error.expect("last_error set");
+    assert!(
+        error.contains("NO_ROUTE") && error.contains(&missing),
+        "{error}"
+    );
+    relay.stop().await;
+}
+
+/// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
+/// and returns the statements it sent.
+async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64) {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let rows = batches * batch_size as usize;
+    let messages: Vec<Message> = (0..rows)
+        .map(|n| Message::text(&queue, n.to_string()))
+        .collect();
+    postbox::enqueue_many(&db.pool, &messages)
+        .await
+        .expect("backlog");
+
+    let upstream = url::Url::parse(&db.url).expect("url");
+    let proxy = PgProxy::start(format!(
+        "{}:{}",
+        upstream.host_str().unwrap_or("127.0.0.1"),
+        upstream.port().unwrap_or(5432)
+    ))
+    .await;
+    let mut settings = common::settings_for(&proxy.url_for(&db.url));
+    settings.relay.batch_size = batch_size;
+    settings.relay.max_in_flight_batches = 1;
+    settings.relay.poll_interval = Duration::from_secs(600);
+    let relay = RunningRelay::start(settings).await;
+    inbox.take(rows, DEADLINE).await;
+    wait_until("every batch marked", DEADLINE, || async {
+        (relay.stats.published() == rows as u64).then_some(())
+    })
+    .await;
+    let batches_done = relay.stats.batches();
+    relay.stop().await;
+    (proxy.statements(), batches_done)
+}
+
+#[tokio::test]
+async fn statements_per_batch_do_not_grow_with_batch_size() {
+    let (small, small_batches) = statements_for(5, 10).await;
+    let (large, large_batches) = statements_for(5, 1000).await;
+    println!("statements: {small} for 5 batches of 10 rows, {large} for 5 batches of 1000 rows");
+    assert_eq!((small_batches, large_batches), (5, 5));
+    // Per batch: BEGIN, claim, mark, COMMIT. Around them a constant few: LISTEN, and the empty
+    // claims (BEGIN, claim, ROLLBACK) of a relay going idle; nothing that depends on row count.
+    for total in [small, large] {
+        assert!((5 * 4..=5 * 4 + 10).contains(&total), "{total} statements");
+    }
+    assert!(small.abs_diff(large) <= 6, "{small} vs {large}");
+}
