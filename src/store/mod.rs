@@ -39,13 +39,21 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
             "idle_in_transaction_session_timeout",
             idle_timeout_ms.as_str(),
         )]);
-    sqlx::postgres::PgPoolOptions::new()
+    // One direct connection first: the pool would retry until its acquire timeout and then
+    // report only "timed out", where this says what actually failed (refused, auth, no such db).
+    let what = format!(
+        "connecting to {}",
+        crate::config::redact_url(&settings.database_url)
+    );
+    sqlx::Connection::close(
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .context(what.clone())?,
+    )
+    .await
+    .context(what)?;
+    Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .context(format!(
-            "connecting to {}",
-            crate::config::redact_url(&settings.database_url)
-        ))
+        .connect_lazy_with(options))
 }

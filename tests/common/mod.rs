@@ -313,6 +313,34 @@ impl Inbox {
         out
     }
 
+    /// Receives until every id in `expected` has arrived at least once; returns everything
+    /// received, duplicates included. Panics after `deadline` with how many are missing.
+    pub async fn until_all(
+        &mut self,
+        expected: &std::collections::HashSet<String>,
+        deadline: Duration,
+    ) -> Vec<Received> {
+        let mut out = Vec::new();
+        let mut missing = expected.clone();
+        let until = tokio::time::Instant::now() + deadline;
+        while !missing.is_empty() {
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Ok(Some(received)) => {
+                    if let Some(id) = &received.message_id {
+                        missing.remove(id);
+                    }
+                    out.push(received);
+                }
+                _ => panic!(
+                    "after {deadline:?}: {} of {} messages never arrived",
+                    missing.len(),
+                    expected.len()
+                ),
+            }
+        }
+        out
+    }
+
     /// Whatever arrives within `window` (for asserting that nothing more comes).
     pub async fn drain_for(&mut self, window: Duration) -> Vec<Received> {
         let mut out = Vec::new();

@@ -1,0 +1,204 @@
+//! The `postbox` binary: migrate, bad configuration, unreachable services, SIGTERM.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::{amqp_url, postbox_command, wait_until, Rabbit, TestDb};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn sigterm(child: &Child) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+}
+
+/// Waits for the child to exit (deadline) and returns its exit code and stderr.
+async fn finish(mut child: Child, deadline: Duration) -> (Option<i32>, String) {
+    let status = wait_until("postbox to exit", deadline, || {
+        let status = child.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr).expect("read stderr");
+    }
+    (status.code(), stderr)
+}
+
+#[tokio::test]
+async fn migrate_twice_is_harmless() {
+    let db = TestDb::empty().await;
+    for _ in 0..2 {
+        let output = postbox_command()
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .expect("run postbox migrate");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let applied: i64 = sqlx::query_scalar("select count(*) from postbox._migrations_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .expect("migrations table");
+    assert_eq!(applied, 1);
+    assert_eq!(db.count("true").await, 0);
+}
+
+#[test]
+fn bad_configuration_names_the_setting_and_exits_2() {
+    let cases = [
+        ("POSTBOX_RELAY__BATCH_SIZE", "0", "relay.batch_size"),
+        ("POSTBOX_RELAY__POLL_INTERVAL", "soon", "poll_interval"),
+        ("AMQP_URL", "http://guest:hunter2@127.0.0.1", "amqp_url"),
+        (
+            "DATABASE_URL",
+            "mysql://root:hunter2@127.0.0.1/app",
+            "database_url",
+        ),
+    ];
+    for (var, value, setting) in cases {
+        let output = postbox_command()
+            .arg("run")
+            .env(var, value)
+            .output()
+            .expect("run postbox");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert!(stderr.contains(setting), "{var}={value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+    }
+    let output = postbox_command()
+        .args(["--config", "/nonexistent/postbox.toml", "migrate"])
+        .output()
+        .expect("run postbox");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/postbox.toml"));
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_retried_and_named_without_the_password() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = postbox_command()
+        .arg("run")
+        .env(
+            "DATABASE_URL",
+            format!("postgres://app:hunter2@127.0.0.1:{port}/app"),
+        )
+        .env("AMQP_URL", amqp_url())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn postbox run");
+    // Still running after several attempts: read stderr until two failures are logged. The
+    // reader keeps draining until the process exits, so the pipe never closes under it.
+    let mut child = child;
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (chunks_tx, chunks) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let _ = chunks_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let mut seen = String::new();
+    wait_until(
+        "two logged connection failures",
+        Duration::from_secs(30),
+        || {
+            seen.extend(chunks.try_iter());
+            let done = seen.matches("postgres: failed").count() >= 2;
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "postbox exited instead of retrying: {seen}"
+    );
+    assert!(seen.matches("postgres: failed").count() >= 2, "{seen}");
+    assert!(
+        seen.contains(&format!("127.0.0.1:{port}")),
+        "names the server: {seen}"
+    );
+    assert!(!seen.contains("hunter2"), "password leaked: {seen}");
+    sigterm(&child);
+    let (code, _) = finish(child, Duration::from_secs(30)).await;
+    reader.join().expect("reader");
+    assert_eq!(code, Some(0), "{seen}");
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_loses_nothing() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    const ROWS: usize = 20_000;
+    let messages: Vec<postbox::Message> = (0..ROWS)
+        .map(|n| postbox::Message::text(&queue, n.to_string()))
+        .collect();
+    let enqueued = postbox::enqueue_many(&db.pool, &messages)
+        .await
+        .expect("backlog");
+    let committed: HashSet<String> = enqueued.iter().map(|e| e.message_id.to_string()).collect();
+
+    let spawn = || {
+        postbox_command()
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", amqp_url())
+            .env("POSTBOX_RELAY__BATCH_SIZE", "200")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn postbox run")
+    };
+    let first = spawn();
+    wait_until(
+        "the relay to be mid-stream",
+        Duration::from_secs(60),
+        || async { (db.count("published_at is not null").await > 0).then_some(()) },
+    )
+    .await;
+    sigterm(&first);
+    let (code, stderr) = finish(first, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let published_by_first = db.count("published_at is not null").await;
+    println!("first relay published {published_by_first} of {ROWS} before SIGTERM");
+    assert!(
+        db.count("published_at is null").await > 0,
+        "the relay finished everything before the signal; the test did not stop it mid-stream"
+    );
+
+    // Whatever the first relay marked has arrived; a second relay delivers the rest.
+    let second = spawn();
+    let received = inbox.until_all(&committed, Duration::from_secs(120)).await;
+    let ids: HashSet<String> = received
+        .iter()
+        .filter_map(|r| r.message_id.clone())
+        .collect();
+    assert!(ids.is_subset(&committed), "only committed messages arrived");
+    println!(
+        "delivered {} distinct, {} duplicates",
+        ids.len(),
+        received.len() - ids.len()
+    );
+    wait_until("every row marked", Duration::from_secs(60), || async {
+        (db.count("published_at is null").await == 0).then_some(())
+    })
+    .await;
+    sigterm(&second);
+    let (code, stderr) = finish(second, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+}
