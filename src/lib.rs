@@ -15,8 +15,10 @@
 //! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
 //! - [`config`]: settings from defaults, a TOML file and the environment.
 //! - [`cli`]: the `postbox` command's subcommands.
+//! - [`bench`]: `postbox bench`, the relay measured against the broker's ceiling.
 
 pub mod amqp;
+pub mod bench;
 pub mod cli;
 pub mod config;
 mod error;

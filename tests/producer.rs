@@ -165,3 +165,69 @@ async fn one_notification_per_transaction_whatever_the_row_count() {
         "two transactions gave more than two notifications"
     );
 }
+
+/// A key's rows are claimed only as a contiguous run: a row of the key locked by another batch
+/// (or waiting for a retry) holds back every later row of that key, and nothing else.
+#[tokio::test]
+async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
+    let db = TestDb::migrated().await;
+    let messages: Vec<Message> = ["k", "k", "k", "other", "k"]
+        .iter()
+        .enumerate()
+        .map(|(n, key)| Message::text("q", n.to_string()).partition_key(*key))
+        .collect();
+    let ids: Vec<i64> = enqueue_many(&db.pool, &messages)
+        .await
+        .expect("enqueue")
+        .iter()
+        .map(|e| e.id.expect("new"))
+        .collect();
+
+    // Another batch holds the key's second row.
+    let mut other = db.pool.begin().await.expect("begin");
+    sqlx::query("select id from postbox.outbox where id = $1 for update")
+        .bind(ids[1])
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        claimed,
+        [ids[0], ids[3]],
+        "the key stops at its row held elsewhere"
+    );
+    tx.rollback().await.expect("rollback");
+
+    // Once the first row is published, the held row still blocks the rest of the key.
+    sqlx::query("update postbox.outbox set published_at = now() where id = $1")
+        .bind(ids[0])
+        .execute(&db.pool)
+        .await
+        .expect("publish first");
+    let mut tx = db.pool.begin().await.expect("begin");
+    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(claimed, [ids[3]]);
+    tx.rollback().await.expect("rollback");
+    other.rollback().await.expect("release");
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(claimed, [ids[1], ids[2], ids[3], ids[4]]);
+}

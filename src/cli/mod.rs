@@ -1,5 +1,6 @@
 //! The `postbox` command line: one file per subcommand.
 
+mod bench;
 mod migrate;
 mod run;
 
@@ -51,6 +52,11 @@ pub enum Command {
     Run,
     /// Create or upgrade the postbox schema in the database, then exit. Safe to run repeatedly.
     Migrate,
+    /// Measure the relay against RabbitMQ's own ceiling on this machine, in one run.
+    ///
+    /// Creates (and afterwards drops) a database `postbox_bench_*` on the configured Postgres
+    /// server and `postbox-bench-*` queues on the broker. Prints a markdown table.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
@@ -66,6 +72,7 @@ impl Cli {
         let result = match self.command {
             Command::Run => run::run(settings).await,
             Command::Migrate => migrate::run(settings).await,
+            Command::Bench(args) => bench::run(settings, args).await,
         };
         match result {
             Ok(()) => ExitCode::from(EXIT_OK),

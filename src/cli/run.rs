@@ -23,7 +23,7 @@ pub(super) async fn run(settings: Settings) -> Result<()> {
         poll_interval = ?relay_settings.poll_interval,
         "postbox relay starting"
     );
-    let connections = relay_settings.max_in_flight_batches + 1;
+    let connections = Relay::connections_needed(relay_settings);
     let Some(pool) = until_ok("postgres", &shutdown, || {
         store::connect(&settings, connections)
     })

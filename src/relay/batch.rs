@@ -14,7 +14,8 @@ pub(crate) struct Batch {
     pub tx: Transaction<'static, Postgres>,
     pub rows: Vec<ClaimedRow>,
     pub claimed_at: Instant,
-    /// One of the `max_in_flight_batches` slots, given back when the batch is done.
+    /// One of the open-batch slots (each holds a database connection), given back once the
+    /// batch is marked.
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -33,6 +34,9 @@ pub(crate) struct Published {
     pub batch: Batch,
     pub sent: Vec<Sent>,
     pub published_at: Instant,
+    /// One of the `max_in_flight_batches` broker-window slots, given back as soon as the
+    /// batch's confirms are in: marking it does not hold up the next publish.
+    pub window: OwnedSemaphorePermit,
 }
 
 /// A batch whose fate is decided; the completer writes it.

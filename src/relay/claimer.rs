@@ -21,6 +21,7 @@ pub(crate) struct Claimer {
     pub slots: Arc<Semaphore>,
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
     pub wake: Arc<Notify>,
+    pub stats: Arc<super::Stats>,
 }
 
 /// What one claim found.
@@ -97,8 +98,15 @@ impl Claimer {
 
     /// One claim: begin a transaction and lock up to `batch_size` due rows in it.
     pub async fn claim_once(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<Claimed> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
+        self.stats.record_claim();
+        tracing::trace!(
+            rows = rows.len(),
+            claim_ms = started.elapsed().as_secs_f64() * 1e3,
+            "relay: claimed"
+        );
         if rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
             return Ok(Claimed::Nothing);

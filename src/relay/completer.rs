@@ -17,21 +17,39 @@ pub(crate) struct Completer {
 }
 
 impl Completer {
-    /// Completes batches until the confirmer is done. Not cancellable on purpose: a mark is one
+    /// Completes batches until the confirmer is done. Batches are marked concurrently, each on
+    /// its own transaction: they never share a row or a partition key (the claim sees to that),
+    /// so the order of their commits does not matter. Not cancellable on purpose: a mark is one
     /// short statement, and finishing it is what keeps duplicates down on shutdown.
     pub async fn run(self, mut input: mpsc::Receiver<Decided>) {
-        while let Some(decided) = input.recv().await {
-            let rows = decided.batch.rows.len();
-            if let Err(error) = self.complete(decided).await {
-                tracing::warn!(
-                    %error,
-                    rows,
-                    "relay: could not mark a batch; its rows stay pending and will be published again"
-                );
+        let this = Arc::new(self);
+        let mut marking = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                decided = input.recv() => match decided {
+                    Some(decided) => {
+                        let this = this.clone();
+                        marking.spawn(async move { this.complete_logged(decided).await });
+                    }
+                    None => break,
+                },
+                Some(_) = marking.join_next(), if !marking.is_empty() => {}
             }
-            // A finished batch frees a slot and may unblock keys held back behind it.
-            self.wake.notify_one();
         }
+        while marking.join_next().await.is_some() {}
+    }
+
+    async fn complete_logged(&self, decided: Decided) {
+        let rows = decided.batch.rows.len();
+        if let Err(error) = self.complete(decided).await {
+            tracing::warn!(
+                %error,
+                rows,
+                "relay: could not mark a batch; its rows stay pending and will be published again"
+            );
+        }
+        // A finished batch frees a slot and may unblock keys held back behind it.
+        self.wake.notify_one();
     }
 
     async fn complete(&self, decided: Decided) -> Result<()> {

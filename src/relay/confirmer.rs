@@ -48,6 +48,7 @@ impl Confirmer {
             batch,
             sent,
             published_at,
+            window,
         } = published;
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let mut completions = Vec::with_capacity(sent.len());
@@ -72,7 +73,10 @@ impl Confirmer {
                         }
                         // The connection went away: whether the broker has the message is
                         // unknown, so it is published again, with the same message id.
-                        Ok(Err(_)) => continue,
+                        Ok(Err(error)) => {
+                            tracing::warn!(id = row.id, %error, "relay: confirm lost with the connection; the row will be published again");
+                            continue;
+                        }
                         Err(_) => format!(
                             "no publisher confirm within {}",
                             humantime::format_duration(self.confirm_timeout)
@@ -82,6 +86,7 @@ impl Confirmer {
             };
             completions.push((row.id, self.policy.after_failure(row.attempts, failure)));
         }
+        drop(window); // confirms are in: the next batch may go to the broker
         Decided {
             batch,
             completions,

@@ -40,6 +40,7 @@ use publisher::Publisher;
 /// Running totals of what the relay did, readable while it runs.
 #[derive(Debug, Default)]
 pub struct Stats {
+    claims: AtomicU64,
     batches: AtomicU64,
     published: AtomicU64,
     retried: AtomicU64,
@@ -54,6 +55,15 @@ impl Stats {
         self.retried.fetch_add(retried, Ordering::Relaxed);
         self.dead.fetch_add(dead, Ordering::Relaxed);
         self.released.fetch_add(released, Ordering::Relaxed);
+    }
+
+    fn record_claim(&self) {
+        self.claims.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Claim statements run, including those that found nothing to claim.
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::Relaxed)
     }
 
     /// Batches completed (marked or released).
@@ -92,7 +102,7 @@ pub struct Relay {
 
 impl Relay {
     /// A relay over the outbox in `pool`'s database, publishing to `broker`. The pool needs
-    /// `max_in_flight_batches + 1` connections (each in-flight batch holds one).
+    /// [`Relay::connections_needed`] connections (each open batch holds one).
     pub fn new(pool: PgPool, broker: Broker, settings: RelaySettings) -> Self {
         Self {
             pool,
@@ -100,6 +110,13 @@ impl Relay {
             settings,
             stats: Arc::default(),
         }
+    }
+
+    /// Database connections a relay with `settings` uses: up to two open batches per broker
+    /// window slot (one being published or confirmed, one claimed and waiting, or being marked),
+    /// plus one for the idle poll.
+    pub fn connections_needed(settings: &RelaySettings) -> u32 {
+        2 * settings.max_in_flight_batches + 1
     }
 
     /// Counters that stay readable while the relay runs.
@@ -115,9 +132,9 @@ impl Relay {
         let in_flight = settings.max_in_flight_batches as usize;
         let wake = Arc::new(Notify::new());
         let hard_stop = CancellationToken::new();
-        let (claimed_tx, claimed_rx) = mpsc::channel(in_flight);
+        let (claimed_tx, claimed_rx) = mpsc::channel(2 * in_flight);
         let (published_tx, published_rx) = mpsc::channel(in_flight);
-        let (decided_tx, decided_rx) = mpsc::channel(in_flight);
+        let (decided_tx, decided_rx) = mpsc::channel(2 * in_flight);
 
         let listener = tokio::spawn(listener::listen(
             self.pool.clone(),
@@ -128,11 +145,15 @@ impl Relay {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
-            slots: Arc::new(Semaphore::new(in_flight)),
+            // Claimed batches waiting for the broker window are locked already, so the next
+            // publish never waits for a claim; marked batches free their slot.
+            slots: Arc::new(Semaphore::new(2 * in_flight)),
             wake: wake.clone(),
+            stats: self.stats.clone(),
         };
         let claimer = tokio::spawn(claimer.run(claimed_tx, shutdown.clone()));
-        let publisher = tokio::spawn(Publisher::new(self.broker).run(
+        let window = Arc::new(Semaphore::new(in_flight));
+        let publisher = tokio::spawn(Publisher::new(self.broker, window).run(
             claimed_rx,
             published_tx,
             hard_stop.clone(),

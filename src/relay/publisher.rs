@@ -2,7 +2,9 @@
 
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection, ErrorKind};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Published, Sent};
@@ -13,13 +15,16 @@ use crate::reconnect::until_ok;
 /// broker sees each key's rows in id order.
 pub(crate) struct Publisher {
     pub broker: Broker,
+    /// Batches published whose confirms are not all in yet: the broker-side window.
+    pub window: Arc<Semaphore>,
     connection: Option<(Connection, Channel)>,
 }
 
 impl Publisher {
-    pub fn new(broker: Broker) -> Self {
+    pub fn new(broker: Broker, window: Arc<Semaphore>) -> Self {
         Self {
             broker,
+            window,
             connection: None,
         }
     }
@@ -39,10 +44,17 @@ impl Publisher {
                     None => break,
                 },
             };
-            let Some(channel) = self.channel(&hard_stop).await else {
-                break; // dropping the batch releases its rows
+            let window = tokio::select! {
+                _ = hard_stop.cancelled() => break, // dropping the batch releases its rows
+                permit = self.window.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
             };
-            let published = publish_batch(&channel, batch).await;
+            let Some(channel) = self.channel(&hard_stop).await else {
+                break;
+            };
+            let published = publish_batch(&channel, batch, window).await;
             if published
                 .sent
                 .iter()
@@ -87,7 +99,7 @@ impl Publisher {
 }
 
 /// Publishes each row (mandatory, persistent) and collects the pending confirms.
-async fn publish_batch(channel: &Channel, batch: Batch) -> Published {
+async fn publish_batch(channel: &Channel, batch: Batch, window: OwnedSemaphorePermit) -> Published {
     let mut sent = Vec::with_capacity(batch.rows.len());
     let mut broken = false;
     for row in &batch.rows {
@@ -118,6 +130,7 @@ async fn publish_batch(channel: &Channel, batch: Batch) -> Published {
             Ok(confirm) => sent.push(Sent::Confirm(confirm)),
             Err(error) => {
                 broken = true;
+                tracing::warn!(id = row.id, %error, "relay: publish failed; the rest of the batch goes back to pending");
                 // A channel that was already down is the connection's fault, not the row's.
                 sent.push(match error.kind() {
                     ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidConnectionState(..) => {
@@ -132,5 +145,6 @@ async fn publish_batch(channel: &Channel, batch: Batch) -> Published {
         batch,
         sent,
         published_at: std::time::Instant::now(),
+        window,
     }
 }

@@ -109,10 +109,12 @@ pub struct ClaimedRow {
     pub attempts: i32,
 }
 
-// Candidates are the first due pending rows in id order that no other batch has locked. A key
-// may only be published by the batch that holds its earliest pending row: rows of a key whose
-// earlier row is in flight elsewhere (or waiting for a retry) are dropped from this batch, so a
-// key is never in flight twice and a failing row holds back only its own key.
+// Candidates are the first due pending rows in id order that no other batch has locked. Of a
+// partition key, only the rows before its first pending row *outside* this batch are kept (that
+// row is in flight in another batch, locked there, or waiting for a retry): so a key's rows go
+// out as a contiguous run in id order, a key is never in flight in two batches, and a failing
+// row holds back only its own key. Candidates dropped here stay locked until this transaction
+// ends, which is harmless: their key is blocked anyway.
 const CLAIM: &str = r#"
 with candidates as (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
@@ -123,28 +125,26 @@ with candidates as (
     limit $1
     for update skip locked
 ),
-heads as (
-    select partition_key, min(id) as first_id
-    from candidates
-    where partition_key is not null
-    group by partition_key
+keys as (
+    select distinct partition_key from candidates where partition_key is not null
 ),
-blocked_keys as (
-    select h.partition_key
-    from heads h
-    where exists (
-        select 1 from postbox.outbox p
-        where p.partition_key = h.partition_key
-          and p.id < h.first_id
-          and p.published_at is null and p.dead_at is null
-    )
+limits as (
+    select k.partition_key,
+           (select p.id
+            from postbox.outbox p
+            where p.partition_key = k.partition_key
+              and p.published_at is null and p.dead_at is null
+              and p.id not in (select id from candidates)
+            order by p.id
+            limit 1) as first_outside
+    from keys k
 )
-select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
-       content_type, headers, created_at, attempts
+select c.id, c.message_id, c.exchange, c.routing_key, c.partition_key, c.payload,
+       c.payload_bytes, c.content_type, c.headers, c.created_at, c.attempts
 from candidates c
-where c.partition_key is null
-   or not exists (select 1 from blocked_keys b where b.partition_key = c.partition_key)
-order by id
+left join limits l on l.partition_key = c.partition_key
+where c.partition_key is null or l.first_outside is null or c.id < l.first_outside
+order by c.id
 "#;
 
 /// Claims up to `limit` due rows on `tx`'s connection; they stay locked until it ends.
@@ -206,6 +206,8 @@ set published_at = case when d.outcome = 'published' then now() end,
 from unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])
      as d(id, outcome, error, retry_after_ms)
 where o.id = d.id
+  -- lets the planner fetch the batch by primary key instead of hashing the whole table
+  and o.id = any($1)
   and o.published_at is null and o.dead_at is null
 "#;
 

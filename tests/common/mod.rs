@@ -164,7 +164,9 @@ pub struct RunningRelay {
 impl RunningRelay {
     /// Starts a relay with `settings` (the schema must exist).
     pub async fn start(settings: Settings) -> Self {
-        let connections = settings.relay.max_in_flight_batches + 1;
+        // The relay's warnings show up in a failing test's output.
+        postbox::telemetry::init();
+        let connections = postbox::Relay::connections_needed(&settings.relay);
         let pool = postbox::store::connect(&settings, connections)
             .await
             .expect("relay connects to Postgres");

@@ -1,0 +1,294 @@
+//! The cases: broker ceiling, backlog drain, idle latency.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+
+use super::{quantile, summarize, BenchOptions, CaseResult, Env, Report};
+use crate::config::Settings;
+use crate::error::{Context, Error, Result};
+use crate::relay::Relay;
+
+pub(super) async fn run_all(
+    env: &Env,
+    settings: &Settings,
+    options: &BenchOptions,
+) -> Result<Report> {
+    let mut report = Report {
+        options: format!(
+            "{} messages of {} bytes, batch {}, {} in flight, {} repetition(s)",
+            options.messages,
+            options.payload_size,
+            options.batch_size,
+            options.in_flight,
+            options.repetitions
+        ),
+        cases: Vec::new(),
+    };
+    for queue_type in &options.queue_types {
+        let mut ceiling = Vec::new();
+        let mut drain_rates = Vec::new();
+        for rep in 0..options.repetitions {
+            // Interleaved, so that a noisy moment hurts both sides alike.
+            let c = ceiling_once(env, queue_type, options).await?;
+            progress(&format!("ceiling {queue_type} #{}: {c:.0} msgs/s", rep + 1));
+            ceiling.push(c);
+            let d = drain_once(env, settings, queue_type, options).await?;
+            progress(&format!("drain {queue_type} #{}: {d:.0} rows/s", rep + 1));
+            drain_rates.push(d);
+        }
+        let (c_med, c_min, c_max) = summarize(&mut ceiling);
+        let (d_med, d_min, d_max) = summarize(&mut drain_rates);
+        report.cases.push(CaseResult {
+            case: "ceiling".into(),
+            queue_type: queue_type.clone(),
+            value: c_med,
+            min: c_min,
+            max: c_max,
+            unit: "msgs/s".into(),
+            ratio_to_ceiling: Some(1.0),
+            note: "raw persistent publishes, pipelined confirms, no Postgres".into(),
+        });
+        report.cases.push(CaseResult {
+            case: "backlog drain".into(),
+            queue_type: queue_type.clone(),
+            value: d_med,
+            min: d_min,
+            max: d_max,
+            unit: "rows/s".into(),
+            ratio_to_ceiling: (c_med > 0.0).then(|| d_med / c_med),
+            note: "claim → publish → confirm → mark, rows committed first".into(),
+        });
+    }
+    let queue_type = options
+        .queue_types
+        .first()
+        .map(String::as_str)
+        .unwrap_or("classic");
+    let mut latencies = idle_latency(env, settings, queue_type, options).await?;
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p50 = ms(quantile(&latencies, 0.5));
+    progress(&format!("idle latency {queue_type}: p50 {p50:.2} ms"));
+    report.cases.push(CaseResult {
+        case: "idle latency".into(),
+        queue_type: queue_type.into(),
+        value: p50,
+        min: latencies.first().copied().map(ms).unwrap_or(0.0),
+        max: latencies.last().copied().map(ms).unwrap_or(0.0),
+        unit: "ms p50".into(),
+        ratio_to_ceiling: None,
+        note: format!(
+            "insert+commit → arrival at a consumer, {} single events; p99 {:.2} ms",
+            latencies.len(),
+            ms(quantile(&latencies, 0.99))
+        ),
+    });
+    Ok(report)
+}
+
+fn progress(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+/// Raw publishing: the same client library, persistent messages, a window of
+/// `batch_size × in_flight` unconfirmed messages.
+async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Result<f64> {
+    let queue = env.queue(queue_type).await?;
+    let payload = vec![b'x'; options.payload_size];
+    let mut window: VecDeque<Vec<lapin::PublisherConfirm>> = VecDeque::new();
+    let start = Instant::now();
+    let mut sent = 0u32;
+    while sent < options.messages {
+        let n = options.batch_size.min(options.messages - sent);
+        let mut batch = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let confirm = env
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &payload,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_message_id(uuid::Uuid::now_v7().to_string().into()),
+                )
+                .await
+                .context("bench publish")?;
+            batch.push(confirm);
+        }
+        sent += n;
+        window.push_back(batch);
+        if window.len() >= options.in_flight as usize {
+            await_confirms(window.pop_front()).await?;
+        }
+    }
+    while let Some(batch) = window.pop_front() {
+        await_confirms(Some(batch)).await?;
+    }
+    let rate = f64::from(options.messages) / start.elapsed().as_secs_f64();
+    env.delete_queue(&queue).await;
+    Ok(rate)
+}
+
+async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<()> {
+    for confirm in batch.unwrap_or_default() {
+        let confirmation = confirm.await.context("bench confirm")?;
+        if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+            return Err(Error::InvalidMessage(format!(
+                "bench publish not acked: {confirmation:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Settings {
+    let mut s = settings.clone();
+    s.database_url = env.db_url.clone();
+    s.relay.batch_size = options.batch_size;
+    s.relay.max_in_flight_batches = options.in_flight;
+    s
+}
+
+struct BenchRelay {
+    shutdown: CancellationToken,
+    stats: std::sync::Arc<crate::relay::Stats>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+async fn start_relay(settings: &Settings) -> Result<BenchRelay> {
+    let pool = crate::store::connect(
+        settings,
+        crate::relay::Relay::connections_needed(&settings.relay),
+    )
+    .await?;
+    let relay = Relay::new(
+        pool,
+        crate::amqp::Broker::new(settings.amqp_urls()),
+        settings.relay.clone(),
+    );
+    let stats = relay.stats();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(relay.run(shutdown.clone()));
+    Ok(BenchRelay {
+        shutdown,
+        stats,
+        handle,
+    })
+}
+
+impl BenchRelay {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+/// Rows committed first, then the relay started: rows/s from start to the last mark.
+async fn drain_once(
+    env: &Env,
+    settings: &Settings,
+    queue_type: &str,
+    options: &BenchOptions,
+) -> Result<f64> {
+    let queue = env.queue(queue_type).await?;
+    sqlx::query(
+        "insert into postbox.outbox (routing_key, payload)
+         select $1, repeat('x', $2) from generate_series(1, $3)",
+    )
+    .bind(&queue)
+    .bind(options.payload_size as i32)
+    .bind(options.messages as i32)
+    .execute(&env.pool)
+    .await
+    .context("filling the backlog")?;
+    sqlx::query("vacuum analyze postbox.outbox")
+        .execute(&env.pool)
+        .await
+        .context("vacuum before drain")?;
+    let settings = relay_settings(settings, env, options);
+    let start = Instant::now();
+    let relay = start_relay(&settings).await?;
+    let target = u64::from(options.messages);
+    let deadline = start + Duration::from_secs(600);
+    while relay.stats.published() < target {
+        if Instant::now() > deadline {
+            relay.stop().await;
+            return Err(Error::Timeout {
+                what: "backlog drain",
+                after: Duration::from_secs(600),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = target as f64 / start.elapsed().as_secs_f64();
+    relay.stop().await;
+    sqlx::query("delete from postbox.outbox")
+        .execute(&env.pool)
+        .await
+        .context("clearing the outbox")?;
+    env.delete_queue(&queue).await;
+    Ok(rate)
+}
+
+/// Single events into an idle relay: time from the insert to arrival at a consumer.
+async fn idle_latency(
+    env: &Env,
+    settings: &Settings,
+    queue_type: &str,
+    options: &BenchOptions,
+) -> Result<Vec<Duration>> {
+    let queue = env.queue(queue_type).await?;
+    let channel = env
+        .connection
+        .create_channel()
+        .await
+        .context("opening a consumer channel")?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "postbox-bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming the latency queue")?;
+    let relay = start_relay(&relay_settings(settings, env, options)).await?;
+    let mut samples = Vec::new();
+    for _ in 0..options.latency_samples {
+        // Let the relay finish its after-batch claim and go idle, as a quiet system would be.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let start = Instant::now();
+        sqlx::query("insert into postbox.outbox (routing_key, payload) values ($1, '{}')")
+            .bind(&queue)
+            .execute(&env.pool)
+            .await
+            .context("inserting a latency probe")?;
+        match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+            Ok(Some(Ok(_))) => samples.push(start.elapsed()),
+            _ => {
+                relay.stop().await;
+                return Err(Error::Timeout {
+                    what: "a latency probe to arrive",
+                    after: Duration::from_secs(10),
+                });
+            }
+        }
+    }
+    relay.stop().await;
+    env.delete_queue(&queue).await;
+    Ok(samples)
+}

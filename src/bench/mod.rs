@@ -1,0 +1,172 @@
+//! `postbox bench`: the relay measured against the broker's own ceiling, side by side in one run.
+//!
+//! Every case runs against the configured Postgres and RabbitMQ in a database and queues of its
+//! own, created at the start and dropped at the end. Figures are reported with their ratio to
+//! the ceiling measured in the same run, because absolute numbers move from machine to machine.
+
+mod cases;
+mod report;
+
+use std::time::Duration;
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::amqp::Broker;
+use crate::config::Settings;
+use crate::error::{Context, Result};
+pub use report::{CaseResult, Report};
+
+/// What to measure and how big.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Messages per throughput case.
+    pub messages: u32,
+    /// Payload size in bytes.
+    pub payload_size: usize,
+    /// Relay batch size (and the ceiling's publish window per batch).
+    pub batch_size: u32,
+    /// Relay batches in flight (and the ceiling's window, in batches).
+    pub in_flight: u32,
+    /// Queue types to run: "classic", "quorum".
+    pub queue_types: Vec<String>,
+    /// Runs per case; the median is reported with the min–max range.
+    pub repetitions: u32,
+    /// Single events sent to an idle relay for the latency case.
+    pub latency_samples: u32,
+}
+
+/// Runs every case and returns the report.
+pub async fn run(settings: &Settings, options: &BenchOptions) -> Result<Report> {
+    let env = Env::create(settings).await?;
+    let result = cases::run_all(&env, settings, options).await;
+    env.drop_all().await;
+    result
+}
+
+/// The benchmark's own database and broker connection.
+pub(crate) struct Env {
+    pub db_name: String,
+    pub db_url: String,
+    admin_url: String,
+    pub pool: PgPool,
+    pub connection: Connection,
+    pub channel: Channel,
+    queues: std::sync::Mutex<Vec<String>>,
+}
+
+impl Env {
+    async fn create(settings: &Settings) -> Result<Self> {
+        let db_name = format!("postbox_bench_{}", Uuid::new_v4().simple());
+        let admin_url = settings.database_url.clone();
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to create the bench database")?;
+        sqlx::query(AssertSqlSafe(format!("create database {db_name}")))
+            .execute(&mut admin)
+            .await
+            .context("creating the bench database")?;
+        admin.close().await.context("closing admin connection")?;
+        let mut url = url::Url::parse(&admin_url).map_err(|e| crate::Error::Config {
+            setting: "database_url",
+            value: crate::config::redact_url(&admin_url),
+            reason: e.to_string(),
+        })?;
+        url.set_path(&db_name);
+        let db_url = url.to_string();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db_url)
+            .await
+            .context("connecting to the bench database")?;
+        crate::migrate(&pool).await?;
+        let connection = Broker::new(settings.amqp_urls())
+            .connect("postbox bench")
+            .await?;
+        let channel = crate::amqp::confirm_channel(&connection).await?;
+        Ok(Self {
+            db_name,
+            db_url,
+            admin_url,
+            pool,
+            connection,
+            channel,
+            queues: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Declares a fresh durable queue of `queue_type` and returns its name.
+    pub async fn queue(&self, queue_type: &str) -> Result<String> {
+        let name = format!("postbox-bench-{queue_type}-{}", Uuid::new_v4().simple());
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.into()),
+        );
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .context(format!("declaring {queue_type} queue {name}"))?;
+        if let Ok(mut queues) = self.queues.lock() {
+            queues.push(name.clone());
+        }
+        Ok(name)
+    }
+
+    /// Deletes a queue now (its messages would otherwise slow the next case down).
+    pub async fn delete_queue(&self, name: &str) {
+        let _ = self
+            .channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
+    }
+
+    async fn drop_all(self) {
+        let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        for queue in queues {
+            self.delete_queue(&queue).await;
+        }
+        let _ = self.connection.close(200, "bench done".into()).await;
+        self.pool.close().await;
+        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "drop database if exists {} with (force)",
+                self.db_name
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+/// Median, min and max of `samples` (sorted in place).
+pub(crate) fn summarize(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    match samples {
+        [] => (0.0, 0.0, 0.0),
+        _ => (
+            samples[samples.len() / 2],
+            samples[0],
+            samples[samples.len() - 1],
+        ),
+    }
+}
+
+/// The `q`-quantile of sorted `samples`.
+pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}

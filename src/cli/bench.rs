@@ -1,0 +1,72 @@
+//! `postbox bench`: measure the relay against the broker's ceiling on this machine.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::bench::{self, BenchOptions};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+
+/// Options of `postbox bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages per throughput case.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u32,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub payload_size: usize,
+    /// Relay batch size (also the ceiling's publish window per batch).
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: u32,
+    /// Batches in flight (also the ceiling's window, in batches).
+    #[arg(long, default_value_t = 4)]
+    pub in_flight: u32,
+    /// Queue type: classic, quorum or both.
+    #[arg(long, default_value = "both", value_parser = ["classic", "quorum", "both"])]
+    pub queue_type: String,
+    /// Runs per throughput case; the median and min–max are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: u32,
+    /// A few seconds' smoke run: 2,000 messages, one repetition, classic queue only.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
+    let mut options = BenchOptions {
+        messages: args.messages,
+        payload_size: args.payload_size,
+        batch_size: args.batch_size,
+        in_flight: args.in_flight,
+        queue_types: match args.queue_type.as_str() {
+            "both" => vec!["classic".into(), "quorum".into()],
+            other => vec![other.to_string()],
+        },
+        repetitions: args.repetitions.max(1),
+        latency_samples: 50,
+    };
+    if args.quick {
+        options.messages = 2_000;
+        options.repetitions = 1;
+        options.queue_types = vec!["classic".into()];
+        options.latency_samples = 5;
+    }
+    let mut check = settings.clone();
+    check.relay.batch_size = options.batch_size;
+    check.relay.max_in_flight_batches = options.in_flight;
+    check.validate()?;
+    let report = bench::run(&settings, &options).await?;
+    println!("{}", report.markdown());
+    if let Some(path) = args.json {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::InvalidMessage(format!("report to JSON: {e}")))?;
+        std::fs::write(&path, json)
+            .map_err(|e| Error::InvalidMessage(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
