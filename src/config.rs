@@ -28,8 +28,9 @@ pub struct Settings {
 pub struct RelaySettings {
     /// Rows claimed and published per batch.
     pub batch_size: u32,
-    /// Batches that may be between claim and mark at once: while one batch waits for its
-    /// confirms and its mark, the next is claimed and published.
+    /// Batches published and still awaiting their confirms (the broker window). Up to twice as
+    /// many are open in Postgres, so the next batches are claimed while earlier ones are
+    /// confirmed and marked.
     pub max_in_flight_batches: u32,
     /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
     #[serde(with = "humantime_serde")]
