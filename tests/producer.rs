@@ -191,19 +191,12 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
         .await
         .expect("lock");
 
-    let mut tx = db.pool.begin().await.expect("begin");
-    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let claimed = claim_ids(&db).await;
     assert_eq!(
         claimed,
         [ids[0], ids[3]],
         "the key stops at its row held elsewhere"
     );
-    tx.rollback().await.expect("rollback");
 
     // Once the first row is published, the held row still blocks the rest of the key.
     sqlx::query("update postbox.outbox set published_at = now() where id = $1")
@@ -211,23 +204,20 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
         .execute(&db.pool)
         .await
         .expect("publish first");
-    let mut tx = db.pool.begin().await.expect("begin");
-    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let claimed = claim_ids(&db).await;
     assert_eq!(claimed, [ids[3]]);
-    tx.rollback().await.expect("rollback");
     other.rollback().await.expect("release");
 
-    let mut tx = db.pool.begin().await.expect("begin");
-    let claimed: Vec<i64> = postbox::store::outbox::claim(&mut tx, 100)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let claimed = claim_ids(&db).await;
     assert_eq!(claimed, [ids[1], ids[2], ids[3], ids[4]]);
+}
+
+/// Runs one claim in its own transaction and rolls it back; returns the claimed ids.
+async fn claim_ids(db: &TestDb) -> Vec<i64> {
+    let mut tx = db.pool.begin().await.expect("begin");
+    let rows = postbox::store::outbox::claim(&mut tx, 100)
+        .await
+        .expect("claim");
+    tx.rollback().await.expect("rollback");
+    rows.iter().map(|r| r.id).collect()
 }

@@ -5,7 +5,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{proxy::PgProxy, wait_until, Rabbit, RunningRelay, TestDb};
+use common::{proxy::PgProxy, wait_until, Harness, Rabbit, RunningRelay, TestDb};
 use lapin::types::AMQPValue;
 use postbox::{enqueue, Message};
 
@@ -13,11 +13,13 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn events_from_concurrent_writers_all_arrive_once_intact() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
 
     const WRITERS: usize = 8;
     const PER_WRITER: usize = 250;
@@ -107,11 +109,13 @@ async fn events_from_concurrent_writers_all_arrive_once_intact() {
 
 #[tokio::test]
 async fn rolled_back_transactions_publish_nothing() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
 
     let mut tx = db.pool.begin().await.expect("begin");
     enqueue(&mut *tx, &Message::text(&queue, "rolled back"))
@@ -133,11 +137,13 @@ async fn rolled_back_transactions_publish_nothing() {
 
 #[tokio::test]
 async fn plain_sql_insert_is_published_byte_for_byte() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
 
     // A JSON literal with escapes that bytea's input syntax would mangle or reject.
     let json = r#"{"id":1,"path":"C:\\dir","quote":"say \"hi\"","emoji":"✓"}"#;
@@ -162,11 +168,13 @@ async fn plain_sql_insert_is_published_byte_for_byte() {
 
 #[tokio::test]
 async fn binary_payloads_arrive_unchanged() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
     let bytes: Vec<u8> = (0..=255u8).chain([0, 0xff, 0]).collect();
     enqueue(&db.pool, &Message::bytes(&queue, bytes.clone()))
         .await
@@ -182,11 +190,13 @@ async fn binary_payloads_arrive_unchanged() {
 
 #[tokio::test]
 async fn lower_id_committed_after_a_higher_id_was_published_still_goes_out() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
 
     let mut slow = db.pool.begin().await.expect("begin");
     let first = enqueue(&mut *slow, &Message::text(&queue, "slow"))
@@ -247,11 +257,13 @@ async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
 
 #[tokio::test]
 async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    let Harness {
+        db,
+        _rabbit,
+        queue,
+        mut inbox,
+        relay,
+    } = Harness::start().await;
 
     let missing = format!("{queue}-missing");
     let bad = enqueue(&db.pool, &Message::text(&missing, "nowhere"))

@@ -192,6 +192,33 @@ impl RunningRelay {
     }
 }
 
+/// The usual test setup: a migrated database, a queue with a consumer, and a relay.
+pub struct Harness {
+    pub db: TestDb,
+    /// Keeps the test's exclusive queue alive.
+    pub _rabbit: Rabbit,
+    pub queue: String,
+    pub inbox: Inbox,
+    pub relay: RunningRelay,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let db = TestDb::migrated().await;
+        let rabbit = Rabbit::connect().await;
+        let queue = rabbit.queue().await;
+        let inbox = rabbit.consume(&queue).await;
+        let relay = RunningRelay::start(db.settings()).await;
+        Self {
+            db,
+            _rabbit: rabbit,
+            queue,
+            inbox,
+            relay,
+        }
+    }
+}
+
 /// One message as a consumer received it.
 #[derive(Debug, Clone)]
 pub struct Received {
