@@ -34,7 +34,7 @@ pub(crate) enum Claimed {
 
 impl Claimer {
     /// Claims until `stop` is cancelled, then returns; the publisher sees the channel close.
-    pub async fn run(self, out: mpsc::Sender<Batch>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, out: mpsc::Sender<Batch>, stop: CancellationToken) {
         let mut idle = false;
         let mut next_poll = Instant::now() + self.poll_interval;
         let mut errors = connection_backoff();

@@ -37,6 +37,9 @@ use completer::Completer;
 use confirmer::Confirmer;
 use publisher::Publisher;
 
+/// Claims in progress at once.
+const CLAIMERS: usize = 2;
+
 /// Running totals of what the relay did, readable while it runs.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -151,7 +154,14 @@ impl Relay {
             wake: wake.clone(),
             stats: self.stats.clone(),
         };
-        let claimer = tokio::spawn(claimer.run(claimed_tx, shutdown.clone()));
+        // Two claims run at once so the publisher never waits for one: they take disjoint rows
+        // (SKIP LOCKED), and a key's rows never span two batches, so the order in which their
+        // batches reach the publisher does not matter.
+        let claimer = Arc::new(claimer);
+        let claimers: Vec<_> = (0..CLAIMERS)
+            .map(|_| tokio::spawn(claimer.clone().run(claimed_tx.clone(), shutdown.clone())))
+            .collect();
+        drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));
         let publisher = tokio::spawn(Publisher::new(self.broker, window).run(
             claimed_rx,
@@ -186,7 +196,7 @@ impl Relay {
             let _ = completer.await;
         }
         hard_stop.cancel();
-        for task in [listener, claimer, publisher, confirmer] {
+        for task in claimers.into_iter().chain([listener, publisher, confirmer]) {
             let _ = task.await;
         }
         tracing::info!("relay: stopped");

@@ -37,6 +37,7 @@ impl Publisher {
         hard_stop: CancellationToken,
     ) {
         loop {
+            let waiting_since = std::time::Instant::now();
             let batch = tokio::select! {
                 _ = hard_stop.cancelled() => break,
                 batch = input.recv() => match batch {
@@ -44,6 +45,7 @@ impl Publisher {
                     None => break,
                 },
             };
+            let got_batch = std::time::Instant::now();
             let window = tokio::select! {
                 _ = hard_stop.cancelled() => break, // dropping the batch releases its rows
                 permit = self.window.clone().acquire_owned() => match permit {
@@ -54,7 +56,14 @@ impl Publisher {
             let Some(channel) = self.channel(&hard_stop).await else {
                 break;
             };
+            let got_window = std::time::Instant::now();
             let published = publish_batch(&channel, batch, window).await;
+            tracing::trace!(
+                wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
+                wait_window_ms = (got_window - got_batch).as_secs_f64() * 1e3,
+                publish_ms = got_window.elapsed().as_secs_f64() * 1e3,
+                "relay: published"
+            );
             if published
                 .sent
                 .iter()
