@@ -48,6 +48,20 @@ pub enum Error {
     #[error("invalid message: {0}")]
     InvalidMessage(String),
 
+    /// Reading or writing a local file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What postbox was doing, with the file's path.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The broker did not accept a message the benchmark published.
+    #[error("rabbitmq did not confirm a benchmark message: {0}")]
+    Unconfirmed(String),
+
     /// The operation did not finish in time.
     #[error("{what} did not finish within {after:?}")]
     Timeout {

@@ -9,5 +9,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed or full stderr must not take the relay down: drop the line, keep relaying.
+        .log_internal_errors(false)
         .try_init();
 }

@@ -202,3 +202,48 @@ async fn sigterm_mid_stream_loses_nothing() {
     let (code, stderr) = finish(second, Duration::from_secs(60)).await;
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_closed_or_full_stderr_does_not_crash_the_relay() {
+    // A "database" that hangs up on every connection, counting the attempts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    // /dev/full fails every write: each log line the relay tries to write is lost.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut child = postbox_command()
+        .arg("run")
+        .env(
+            "DATABASE_URL",
+            format!("postgres://app@127.0.0.1:{port}/app"),
+        )
+        .env("AMQP_URL", amqp_url())
+        .stderr(Stdio::from(full))
+        .spawn()
+        .expect("spawn postbox run");
+    // Three attempts means it logged (into the void) at least two failures and carried on.
+    wait_until("three connection attempts", Duration::from_secs(30), || {
+        let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "postbox exited"
+    );
+    sigterm(&child);
+    let (code, _) = finish(child, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+}

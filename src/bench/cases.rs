@@ -7,12 +7,11 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use tokio_util::sync::CancellationToken;
 
 use super::{quantile, summarize, BenchOptions, CaseResult, Env, Report};
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayHandle};
 
 pub(super) async fn run_all(
     env: &Env,
@@ -93,7 +92,8 @@ pub(super) async fn run_all(
 }
 
 fn progress(line: &str) {
-    eprintln!("bench: {line}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "bench: {line}");
 }
 
 /// Raw publishing: the same client library, persistent messages, a window of
@@ -144,9 +144,7 @@ async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<(
     for confirm in batch.unwrap_or_default() {
         let confirmation = confirm.await.context("bench confirm")?;
         if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
-            return Err(Error::InvalidMessage(format!(
-                "bench publish not acked: {confirmation:?}"
-            )));
+            return Err(Error::Unconfirmed(format!("{confirmation:?}")));
         }
     }
     Ok(())
@@ -160,38 +158,8 @@ fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Set
     s
 }
 
-struct BenchRelay {
-    shutdown: CancellationToken,
-    stats: std::sync::Arc<crate::relay::Stats>,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-async fn start_relay(settings: &Settings) -> Result<BenchRelay> {
-    let pool = crate::store::connect(
-        settings,
-        crate::relay::Relay::connections_needed(&settings.relay),
-    )
-    .await?;
-    let relay = Relay::new(
-        pool,
-        crate::amqp::Broker::new(settings.amqp_urls()),
-        settings.relay.clone(),
-    );
-    let stats = relay.stats();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(relay.run(shutdown.clone()));
-    Ok(BenchRelay {
-        shutdown,
-        stats,
-        handle,
-    })
-}
-
-impl BenchRelay {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.handle.await;
-    }
+async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
+    Ok(Relay::connect(settings).await?.spawn())
 }
 
 /// Rows committed first, then the relay started: rows/s from start to the last mark.
@@ -221,9 +189,9 @@ async fn drain_once(
     let relay = start_relay(&settings).await?;
     let target = u64::from(options.messages);
     let deadline = start + Duration::from_secs(600);
-    while relay.stats.published() < target {
+    while relay.stats().published() < target {
         if Instant::now() > deadline {
-            relay.stop().await;
+            let _ = relay.stop().await;
             return Err(Error::Timeout {
                 what: "backlog drain",
                 after: Duration::from_secs(600),
@@ -232,7 +200,7 @@ async fn drain_once(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = target as f64 / start.elapsed().as_secs_f64();
-    relay.stop().await;
+    let _ = relay.stop().await;
     sqlx::query("delete from postbox.outbox")
         .execute(&env.pool)
         .await
@@ -280,7 +248,7 @@ async fn idle_latency(
         match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
             Ok(Some(Ok(_))) => samples.push(start.elapsed()),
             _ => {
-                relay.stop().await;
+                let _ = relay.stop().await;
                 return Err(Error::Timeout {
                     what: "a latency probe to arrive",
                     after: Duration::from_secs(10),
@@ -288,7 +256,7 @@ async fn idle_latency(
             }
         }
     }
-    relay.stop().await;
+    let _ = relay.stop().await;
     env.delete_queue(&queue).await;
     Ok(samples)
 }

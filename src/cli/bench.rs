@@ -61,12 +61,18 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
     check.relay.max_in_flight_batches = options.in_flight;
     check.validate()?;
     let report = bench::run(&settings, &options).await?;
-    println!("{}", report.markdown());
+    {
+        use std::io::Write;
+        // A closed stdout (`postbox bench | head`) is the reader's choice, not an error.
+        let _ = writeln!(std::io::stdout(), "{}", report.markdown());
+    }
     if let Some(path) = args.json {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidMessage(format!("report to JSON: {e}")))?;
-        std::fs::write(&path, json)
-            .map_err(|e| Error::InvalidMessage(format!("writing {}: {e}", path.display())))?;
+        // The report is plain numbers and strings: serializing it cannot fail.
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::fs::write(&path, json).map_err(|source| Error::Io {
+            context: format!("writing the bench report to {}", path.display()),
+            source,
+        })?;
     }
     Ok(())
 }

@@ -59,13 +59,19 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Prints a fatal error for the user; never panics, even when stderr is closed.
+fn report(error: &Error) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "postbox: {error}");
+}
+
 impl Cli {
     /// Runs the parsed command and returns the process exit code.
     pub async fn execute(self) -> ExitCode {
         let settings = match Settings::load(self.config.as_deref()) {
             Ok(settings) => settings,
             Err(error) => {
-                eprintln!("postbox: {error}");
+                report(&error);
                 return ExitCode::from(EXIT_USAGE);
             }
         };
@@ -77,7 +83,7 @@ impl Cli {
         match result {
             Ok(()) => ExitCode::from(EXIT_OK),
             Err(error) => {
-                eprintln!("postbox: {error}");
+                report(&error);
                 ExitCode::from(match error {
                     Error::Config { .. } | Error::ConfigLoad(_) => EXIT_USAGE,
                     _ => EXIT_FAILURE,

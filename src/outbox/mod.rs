@@ -12,7 +12,7 @@ pub use message::{Message, Payload};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store;
 
 /// What became of one enqueued message.
@@ -34,9 +34,12 @@ impl Enqueued {
 /// Enqueues one message. Pass the transaction that writes the business rows, so both commit or
 /// neither does.
 pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, message: &Message) -> Result<Enqueued> {
-    let mut results = enqueue_many(executor, std::slice::from_ref(message)).await?;
+    let results = enqueue_many(executor, std::slice::from_ref(message)).await?;
     // enqueue_many returns exactly one result per message
-    Ok(results.remove(0))
+    results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::InvalidMessage("enqueue returned no result".into()))
 }
 
 /// Enqueues many messages in one statement, in order (their outbox ids ascend in slice order).

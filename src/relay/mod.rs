@@ -95,6 +95,27 @@ impl Stats {
     }
 }
 
+/// A relay running on its own task (from [`Relay::spawn`]).
+pub struct RelayHandle {
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// The running relay's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Graceful stop (as on SIGTERM); returns once every stage has ended. An error means the
+    /// relay's task panicked.
+    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        self.shutdown.cancel();
+        self.task.await
+    }
+}
+
 /// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] it.
 pub struct Relay {
     pool: PgPool,
@@ -120,6 +141,30 @@ impl Relay {
     /// plus one for the idle poll.
     pub fn connections_needed(settings: &RelaySettings) -> u32 {
         2 * settings.max_in_flight_batches + 1
+    }
+
+    /// Connects to the database in `settings` (Postgres must be reachable; the broker is
+    /// connected on first publish) and builds a relay from its settings.
+    pub async fn connect(settings: &crate::Settings) -> crate::Result<Self> {
+        let pool =
+            crate::store::connect(settings, Self::connections_needed(&settings.relay)).await?;
+        Ok(Self::new(
+            pool,
+            Broker::new(settings.amqp_urls()),
+            settings.relay.clone(),
+        ))
+    }
+
+    /// Runs the relay on its own task; stop it with [`RelayHandle::stop`].
+    pub fn spawn(self) -> RelayHandle {
+        let stats = self.stats();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.run(shutdown.clone()));
+        RelayHandle {
+            shutdown,
+            stats,
+            task,
+        }
     }
 
     /// Counters that stay readable while the relay runs.

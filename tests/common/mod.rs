@@ -18,7 +18,6 @@ use postbox::Settings;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Admin URL of the shared Postgres server (its `postgres` database).
@@ -156,9 +155,8 @@ pub fn settings_for(database_url: &str) -> Settings {
 
 /// A relay running in this process.
 pub struct RunningRelay {
-    pub shutdown: CancellationToken,
+    handle: postbox::relay::RelayHandle,
     pub stats: std::sync::Arc<postbox::relay::Stats>,
-    handle: tokio::task::JoinHandle<()>,
 }
 
 impl RunningRelay {
@@ -166,26 +164,17 @@ impl RunningRelay {
     pub async fn start(settings: Settings) -> Self {
         // The relay's warnings show up in a failing test's output.
         postbox::telemetry::init();
-        let connections = postbox::Relay::connections_needed(&settings.relay);
-        let pool = postbox::store::connect(&settings, connections)
+        let handle = postbox::Relay::connect(&settings)
             .await
-            .expect("relay connects to Postgres");
-        let broker = postbox::amqp::Broker::new(settings.amqp_urls());
-        let relay = postbox::Relay::new(pool, broker, settings.relay.clone());
-        let stats = relay.stats();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(relay.run(shutdown.clone()));
-        Self {
-            shutdown,
-            stats,
-            handle,
-        }
+            .expect("relay connects to Postgres")
+            .spawn();
+        let stats = handle.stats();
+        Self { handle, stats }
     }
 
     /// Graceful stop; waits until every stage has ended.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        tokio::time::timeout(Duration::from_secs(30), self.handle.stop())
             .await
             .expect("relay stops within 30s")
             .expect("relay task did not panic");
