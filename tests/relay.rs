@@ -13,13 +13,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn events_from_concurrent_writers_all_arrive_once_intact() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
 
     const WRITERS: usize = 8;
     const PER_WRITER: usize = 250;
@@ -103,19 +98,14 @@ async fn events_from_concurrent_writers_all_arrive_once_intact() {
         db.count("published_at is not null").await,
         (WRITERS * PER_WRITER) as i64
     );
-    relay.stop().await;
+    h.relay.stop().await;
     assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
 }
 
 #[tokio::test]
 async fn rolled_back_transactions_publish_nothing() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
 
     let mut tx = db.pool.begin().await.expect("begin");
     enqueue(&mut *tx, &Message::text(&queue, "rolled back"))
@@ -130,20 +120,15 @@ async fn rolled_back_transactions_publish_nothing() {
 
     let received = inbox.take(1, DEADLINE).await;
     assert_eq!(received[0].payload, b"committed");
-    relay.stop().await;
+    h.relay.stop().await;
     assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
     assert_eq!(db.count("true").await, 1);
 }
 
 #[tokio::test]
 async fn plain_sql_insert_is_published_byte_for_byte() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
 
     // A JSON literal with escapes that bytea's input syntax would mangle or reject.
     let json = r#"{"id":1,"path":"C:\\dir","quote":"say \"hi\"","emoji":"✓"}"#;
@@ -163,18 +148,13 @@ async fn plain_sql_insert_is_published_byte_for_byte() {
         Some("application/json")
     );
     serde_json::from_slice::<serde_json::Value>(&received[0].payload).expect("still valid JSON");
-    relay.stop().await;
+    h.relay.stop().await;
 }
 
 #[tokio::test]
 async fn binary_payloads_arrive_unchanged() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
     let bytes: Vec<u8> = (0..=255u8).chain([0, 0xff, 0]).collect();
     enqueue(&db.pool, &Message::bytes(&queue, bytes.clone()))
         .await
@@ -185,18 +165,13 @@ async fn binary_payloads_arrive_unchanged() {
         received[0].content_type.as_deref(),
         Some("application/octet-stream")
     );
-    relay.stop().await;
+    h.relay.stop().await;
 }
 
 #[tokio::test]
 async fn lower_id_committed_after_a_higher_id_was_published_still_goes_out() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
 
     let mut slow = db.pool.begin().await.expect("begin");
     let first = enqueue(&mut *slow, &Message::text(&queue, "slow"))
@@ -227,7 +202,7 @@ async fn lower_id_committed_after_a_higher_id_was_published_still_goes_out() {
     let received = inbox.take(1, DEADLINE).await;
     assert_eq!(received[0].payload, b"slow");
     assert_eq!(received[0].outbox_id(), first.id.expect("new row"));
-    relay.stop().await;
+    h.relay.stop().await;
 }
 
 #[tokio::test]
@@ -257,13 +232,8 @@ async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
 
 #[tokio::test]
 async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others() {
-    let Harness {
-        db,
-        _rabbit,
-        queue,
-        mut inbox,
-        relay,
-    } = Harness::start().await;
+    let mut h = Harness::start().await;
+    let (db, queue, inbox) = (&h.db, h.queue.clone(), &mut h.inbox);
 
     let missing = format!("{queue}-missing");
     let bad = enqueue(&db.pool, &Message::text(&missing, "nowhere"))
@@ -294,7 +264,7 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others
         error.contains("NO_ROUTE") && error.contains(&missing),
         "{error}"
     );
-    relay.stop().await;
+    h.relay.stop().await;
 }
 
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
