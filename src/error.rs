@@ -58,8 +58,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The broker did not accept a message the benchmark published.
-    #[error("rabbitmq did not confirm a benchmark message: {0}")]
+    /// The broker did not accept a message postbox published itself (a dead letter, a benchmark
+    /// message): nacked, returned as unroutable, or not confirmed.
+    #[error("rabbitmq did not accept a message: {0}")]
     Unconfirmed(String),
 
     /// The operation did not finish in time.

@@ -10,6 +10,7 @@
 //!
 //! Module map:
 //! - [`outbox`]: the producer API: [`Message`], [`enqueue`], deterministic ids.
+//! - [`inbox`]: the consumer library: effectively-once handlers over an inbox table.
 //! - [`relay`]: the claim → publish → confirm → mark pipeline.
 //! - [`store`]: every SQL statement, one file per table, and [`migrate`].
 //! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod inbox;
 pub mod outbox;
 pub mod reconnect;
 pub mod relay;
@@ -32,4 +34,4 @@ pub use config::Settings;
 pub use error::{Error, Result};
 pub use outbox::{deterministic_id, enqueue, enqueue_many, Enqueued, Message, Payload};
 pub use relay::Relay;
-pub use store::migrate;
+pub use store::{migrate, migrate_parts, Part};

@@ -50,6 +50,62 @@ async fn migrate_twice_is_harmless() {
         .expect("migrations table");
     assert_eq!(applied, 1);
     assert_eq!(db.count("true").await, 0);
+    let inbox: i64 = sqlx::query_scalar("select count(*) from postbox.inbox")
+        .fetch_one(&db.pool)
+        .await
+        .expect("inbox table");
+    assert_eq!(inbox, 0);
+}
+
+#[tokio::test]
+async fn a_subscriber_database_gets_the_inbox_alone() {
+    let db = TestDb::empty().await;
+    let migrate = |part: &str| {
+        let output = postbox_command()
+            .args(["migrate", "--part", part])
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .expect("run postbox migrate");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let tables = || async {
+        sqlx::query_scalar::<_, String>(
+            "select table_name::text from information_schema.tables \
+             where table_schema = 'postbox' order by 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("list tables")
+    };
+    migrate("inbox");
+    assert_eq!(
+        tables().await,
+        ["_migrations_inbox", "inbox", "inbox_versions"]
+    );
+    // The outbox added later does not disturb the inbox's history.
+    migrate("outbox");
+    migrate("inbox");
+    assert_eq!(
+        tables().await,
+        [
+            "_migrations_inbox",
+            "_migrations_outbox",
+            "inbox",
+            "inbox_versions",
+            "outbox"
+        ]
+    );
+    let output = postbox_command()
+        .args(["migrate", "--part", "everything"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run postbox migrate");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("outbox, inbox"));
 }
 
 #[test]

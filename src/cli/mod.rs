@@ -51,7 +51,11 @@ pub enum Command {
     /// for Postgres and RabbitMQ if they are not reachable yet. Exits 0 after a graceful stop.
     Run,
     /// Create or upgrade the postbox schema in the database, then exit. Safe to run repeatedly.
-    Migrate,
+    ///
+    /// Applies the outbox part (postbox.outbox) and the inbox part (postbox.inbox,
+    /// postbox.inbox_versions); each keeps its own history, so `--part inbox` prepares a
+    /// subscriber's database on its own.
+    Migrate(migrate::MigrateArgs),
     /// Measure the relay against RabbitMQ's own ceiling on this machine, in one run.
     ///
     /// Creates (and afterwards drops) a database `postbox_bench_*` on the configured Postgres
@@ -77,7 +81,7 @@ impl Cli {
         };
         let result = match self.command {
             Command::Run => run::run(settings).await,
-            Command::Migrate => migrate::run(settings).await,
+            Command::Migrate(args) => migrate::run(settings, args).await,
             Command::Bench(args) => bench::run(settings, args).await,
         };
         match result {

@@ -1,6 +1,7 @@
 //! All of postbox's SQL, one file per table. Other modules call these named functions and never
 //! write SQL of their own.
 
+pub mod inbox;
 pub mod outbox;
 
 use sqlx::migrate::Migrator;
@@ -8,19 +9,50 @@ use sqlx::PgPool;
 
 use crate::error::Result;
 
-/// The outbox schema's migrations, tracked in `postbox._migrations_outbox` so that other parts
-/// (the consumer inbox) can be migrated on their own in another database.
-fn outbox_migrator() -> Migrator {
-    let mut migrator = sqlx::migrate!("./migrations/outbox");
-    migrator.create_schema("postbox");
-    migrator.dangerous_set_table_name("postbox._migrations_outbox");
-    migrator
+/// The independently migrated parts of postbox's schema. Each has its own migrations folder
+/// and its own history table (`postbox._migrations_<part>`), so a subscriber's database can
+/// carry the inbox alone and a producer's the outbox alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// `postbox.outbox`: what producers and the relay need.
+    Outbox,
+    /// `postbox.inbox` and `postbox.inbox_versions`: what consumers need.
+    Inbox,
 }
 
-/// Applies the migrations that are not yet applied. Running it again is a no-op; concurrent
-/// runs are serialized by an advisory lock.
+impl Part {
+    /// Every part, in the order `postbox migrate` applies them.
+    pub const ALL: [Part; 2] = [Part::Outbox, Part::Inbox];
+
+    fn migrator(self) -> Migrator {
+        let (mut migrator, table) = match self {
+            Part::Outbox => (
+                sqlx::migrate!("./migrations/outbox"),
+                "postbox._migrations_outbox",
+            ),
+            Part::Inbox => (
+                sqlx::migrate!("./migrations/inbox"),
+                "postbox._migrations_inbox",
+            ),
+        };
+        migrator.create_schema("postbox");
+        migrator.dangerous_set_table_name(table);
+        migrator
+    }
+}
+
+/// Applies every part's migrations that are not yet applied. Running it again is a no-op;
+/// concurrent runs are serialized by an advisory lock.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    outbox_migrator().run(pool).await?;
+    migrate_parts(pool, &Part::ALL).await
+}
+
+/// Applies the pending migrations of `parts` only (a subscriber's database needs just
+/// [`Part::Inbox`]).
+pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
+    for part in parts {
+        part.migrator().run(pool).await?;
+    }
     Ok(())
 }
 

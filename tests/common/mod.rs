@@ -269,6 +269,23 @@ impl Rabbit {
         name
     }
 
+    /// Declares a uniquely named queue other connections can consume (a consumer under test
+    /// has its own connection). The broker deletes it once unused for 30 s.
+    pub async fn shared_queue(&self) -> String {
+        let name = format!("postbox-test-{}", Uuid::new_v4().simple());
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(30_000));
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .expect("declare shared test queue");
+        name
+    }
+
     /// Starts consuming `queue` (auto-ack); received messages arrive on the returned channel.
     pub async fn consume(&self, queue: &str) -> Inbox {
         let mut consumer = self
@@ -305,6 +322,154 @@ impl Rabbit {
 
     pub fn connection(&self) -> &Connection {
         &self.connection
+    }
+
+    /// Publishes `payload` to `queue` through the default exchange, as postbox's relay would:
+    /// persistent, with `message_id` (if any) and `headers`.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        message_id: Option<Uuid>,
+        headers: FieldTable,
+        payload: &[u8],
+    ) {
+        let mut properties = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.to_string().into());
+        }
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+            .await
+            .expect("publish test message");
+    }
+
+    /// Messages ready in `queue` (not delivered to a consumer).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists")
+            .message_count()
+    }
+}
+
+/// Headers postbox's relay sets: the outbox position and, if given, the partition key.
+pub fn relay_headers(outbox_id: i64, partition_key: Option<&str>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-postbox-outbox-id".into(),
+        AMQPValue::LongLongInt(outbox_id),
+    );
+    if let Some(key) = partition_key {
+        headers.insert(
+            "x-postbox-partition-key".into(),
+            AMQPValue::LongString(key.into()),
+        );
+    }
+    headers
+}
+
+/// The consumer side: a database with the inbox schema only, a queue to consume, and an
+/// exclusive queue the consumer's dead letters are routed to, read by `dead_letters`.
+pub struct Subscriber {
+    pub db: TestDb,
+    pub rabbit: Rabbit,
+    pub queue: String,
+    pub dead_letter_queue: String,
+    pub dead_letters: Inbox,
+}
+
+impl Subscriber {
+    pub async fn start() -> Self {
+        let db = TestDb::empty().await;
+        postbox::migrate_parts(&db.pool, &[postbox::Part::Inbox])
+            .await
+            .expect("migrate inbox");
+        let rabbit = Rabbit::connect().await;
+        let queue = rabbit.shared_queue().await;
+        let dead_letter_queue = rabbit.queue().await;
+        let dead_letters = rabbit.consume(&dead_letter_queue).await;
+        Self {
+            db,
+            rabbit,
+            queue,
+            dead_letter_queue,
+            dead_letters,
+        }
+    }
+
+    /// Quick retries, dead letters to the test's own queue.
+    pub fn options(&self) -> postbox::inbox::ConsumerOptions {
+        postbox::inbox::ConsumerOptions {
+            retry_initial_delay: Duration::from_millis(10),
+            retry_max_delay: Duration::from_millis(50),
+            dead_letter: postbox::inbox::DeadLetter::Exchange {
+                exchange: String::new(),
+                routing_key: self.dead_letter_queue.clone(),
+            },
+            shutdown_timeout: Duration::from_secs(10),
+            ..postbox::inbox::ConsumerOptions::default()
+        }
+    }
+
+    /// Starts a consumer named `name` of the test's queue, connecting to the broker at
+    /// `amqp_url`.
+    pub fn consumer_at<H: postbox::inbox::Handler>(
+        &self,
+        amqp_url: &str,
+        name: &str,
+        handler: H,
+        options: postbox::inbox::ConsumerOptions,
+    ) -> postbox::inbox::ConsumerHandle {
+        postbox::telemetry::init();
+        postbox::inbox::Consumer::new(
+            self.db.pool.clone(),
+            postbox::amqp::Broker::new([amqp_url]),
+            self.queue.clone(),
+            name,
+            handler,
+        )
+        .options(options)
+        .spawn()
+        .expect("valid consumer options")
+    }
+
+    /// Starts a consumer named `name` of the test's queue.
+    pub fn consumer<H: postbox::inbox::Handler>(
+        &self,
+        name: &str,
+        handler: H,
+        options: postbox::inbox::ConsumerOptions,
+    ) -> postbox::inbox::ConsumerHandle {
+        self.consumer_at(&amqp_url(), name, handler, options)
+    }
+
+    /// `(outcome, duplicates, attempts)` of a message in the inbox.
+    pub async fn inbox_row(&self, consumer: &str, message_id: Uuid) -> (Option<String>, i32, i32) {
+        sqlx::query_as(
+            "select outcome, duplicates, attempts from postbox.inbox \
+             where consumer = $1 and message_id = $2",
+        )
+        .bind(consumer)
+        .bind(message_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("inbox row exists")
     }
 }
 

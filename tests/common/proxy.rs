@@ -1,38 +1,73 @@
-//! A TCP proxy between a client and Postgres that counts the statements the client sends:
-//! simple-protocol `Query` ('Q') and extended-protocol `Execute` ('E') messages. It counts what
-//! actually crosses the wire, so a test can assert how many statements the relay sends.
+//! A TCP proxy between a client and a real service, for fault injection without touching the
+//! shared server: `cut()` drops every open connection (as a crash or a network partition
+//! would). In front of Postgres it also counts the statements the client sends:
+//! simple-protocol `Query` ('Q') and extended-protocol `Execute` ('E') messages, what actually
+//! crosses the wire, so a test can assert how many statements the relay sends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 /// A running proxy; it lives as long as the test's runtime.
-pub struct PgProxy {
+pub struct Proxy {
     pub port: u16,
     statements: Arc<AtomicU64>,
+    /// Cancelled by `cut()`; connections accepted afterwards get a fresh token.
+    generation: Arc<Mutex<CancellationToken>>,
 }
 
-impl PgProxy {
-    /// Listens on a free loopback port and forwards every connection to `upstream` (host:port).
+/// The Postgres flavour: same proxy, statements counted.
+pub type PgProxy = Proxy;
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards every connection to Postgres at
+    /// `upstream` (host:port), counting statements.
     pub async fn start(upstream: String) -> Self {
+        Self::listen(upstream, true).await
+    }
+
+    /// A plain TCP proxy to `upstream` (RabbitMQ, say).
+    pub async fn tcp(upstream: &str) -> Self {
+        Self::listen(upstream.to_string(), false).await
+    }
+
+    async fn listen(upstream: String, count_statements: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let statements = Arc::new(AtomicU64::new(0));
+        let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let counter = statements.clone();
+        let current = generation.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                let counter = counter.clone();
+                let counter = count_statements.then(|| counter.clone());
+                let cut = current.lock().expect("proxy lock").clone();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
-                        pipe(client, server, counter).await;
+                        tokio::select! {
+                            _ = cut.cancelled() => {}
+                            _ = pipe(client, server, counter) => {}
+                        }
                     }
                 });
             }
         });
-        Self { port, statements }
+        Self {
+            port,
+            statements,
+            generation,
+        }
+    }
+
+    /// Drops every connection open now; new connections are accepted as before.
+    pub fn cut(&self) {
+        let mut current = self.generation.lock().expect("proxy lock");
+        current.cancel();
+        *current = CancellationToken::new();
     }
 
     /// Statements sent through the proxy so far.
@@ -47,9 +82,16 @@ impl PgProxy {
         url.query_pairs_mut().append_pair("sslmode", "disable");
         url.to_string()
     }
+
+    /// `url` (an amqp:// URL, say) rewritten to go through the proxy.
+    pub fn redirect(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).expect("URL parses");
+        url.set_port(Some(self.port)).expect("URL takes a port");
+        url.to_string()
+    }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
+async fn pipe(client: TcpStream, server: TcpStream, counter: Option<Arc<AtomicU64>>) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upstream = async move {
@@ -60,7 +102,9 @@ async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            counter.fetch_add(parser.feed(&buf[..n]), Ordering::SeqCst);
+            if let Some(counter) = &counter {
+                counter.fetch_add(parser.feed(&buf[..n]), Ordering::SeqCst);
+            }
             if server_write.write_all(&buf[..n]).await.is_err() {
                 break;
             }

@@ -1,0 +1,355 @@
+//! The consumer's lifecycle: connect, consume, hand deliveries to workers by partition key,
+//! reconnect after a connection loss, and stop gracefully.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letter::DeadLetters;
+use super::worker::{Counter, Job, Malformed, Shared, Worker};
+use super::{ConsumerOptions, Handler, Incoming};
+use crate::amqp::message::HEADER_PARTITION_KEY;
+use crate::amqp::Broker;
+use crate::error::{Context, Result};
+use crate::reconnect::until_ok;
+
+/// Running totals of what a consumer did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    stale: AtomicU64,
+    dead_lettered: AtomicU64,
+    discarded: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl ConsumerStats {
+    pub(crate) fn record(&self, counter: Counter) {
+        let field = match counter {
+            Counter::Applied => &self.applied,
+            Counter::Duplicates => &self.duplicates,
+            Counter::Stale => &self.stale,
+            Counter::DeadLettered => &self.dead_lettered,
+            Counter::Discarded => &self.discarded,
+            Counter::Failures => &self.failures,
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages whose handler ran and committed.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries of already-decided messages, acked without running the handler.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Messages skipped because a newer version of their key was applied first.
+    pub fn stale(&self) -> u64 {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    /// Messages sent to the dead-letter destination.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    /// Malformed messages dropped by policy.
+    pub fn discarded(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
+    }
+
+    /// Failed handler runs that were retried or led to a dead letter.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// An effectively-once consumer of one queue. See the [module docs](super).
+pub struct Consumer<H> {
+    pool: PgPool,
+    broker: Broker,
+    queue: String,
+    name: String,
+    handler: H,
+    options: ConsumerOptions,
+    stats: Arc<ConsumerStats>,
+}
+
+/// A consumer running on its own task (from [`Consumer::spawn`]).
+pub struct ConsumerHandle {
+    shutdown: CancellationToken,
+    stats: Arc<ConsumerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConsumerHandle {
+    /// The running consumer's counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Graceful stop: no new deliveries are started, running handlers finish (up to
+    /// `shutdown_timeout`). An error means the consumer's task panicked.
+    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        self.shutdown.cancel();
+        self.task.await
+    }
+}
+
+impl<H: Handler> Consumer<H> {
+    /// A consumer of `queue` named `name` (the inbox key: instances of one service share a
+    /// name; each independent subscriber has its own), writing through `pool`, whose database
+    /// must have the inbox schema (`postbox migrate --part inbox`).
+    pub fn new(
+        pool: PgPool,
+        broker: Broker,
+        queue: impl Into<String>,
+        name: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        Self {
+            pool,
+            broker,
+            queue: queue.into(),
+            name: name.into(),
+            handler,
+            options: ConsumerOptions::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Replaces the default options.
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Counters that stay readable while the consumer runs.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Checks the options, then runs the consumer on its own task.
+    pub fn spawn(self) -> Result<ConsumerHandle> {
+        self.options.validate(&self.queue, &self.name)?;
+        let stats = self.stats();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(error) = self.run(token).await {
+                tracing::error!(%error, "consumer stopped");
+            }
+        });
+        Ok(ConsumerHandle {
+            shutdown,
+            stats,
+            task,
+        })
+    }
+
+    /// Consumes until `shutdown` is cancelled, reconnecting (with backoff) whenever the broker
+    /// connection or the consumer's channel is lost. Fails at once only on invalid options.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.options.validate(&self.queue, &self.name)?;
+        let Consumer {
+            pool,
+            broker,
+            queue,
+            name,
+            handler,
+            options,
+            stats,
+        } = self;
+        let shared = Arc::new(Shared {
+            pool,
+            queue,
+            name,
+            handler,
+            options,
+            stats,
+        });
+        let connection_name = format!("postbox consumer {}", shared.name);
+        loop {
+            let session = until_ok("consumer: rabbitmq", &shutdown, || {
+                Session::open(&broker, &connection_name, &shared)
+            })
+            .await;
+            let Some(session) = session else {
+                return Ok(());
+            };
+            tracing::info!(queue = %shared.queue, consumer = %shared.name, "consumer: consuming");
+            if session.run(&shared, &shutdown).await {
+                return Ok(());
+            }
+            tracing::warn!(queue = %shared.queue, "consumer: connection lost; reconnecting");
+        }
+    }
+}
+
+/// One broker connection's worth of consuming.
+struct Session {
+    connection: Connection,
+    channel: lapin::Channel,
+    deliveries: lapin::Consumer,
+    dead_letters: Arc<DeadLetters>,
+}
+
+impl Session {
+    async fn open<H>(broker: &Broker, connection_name: &str, shared: &Shared<H>) -> Result<Self> {
+        let connection = broker.connect(connection_name).await?;
+        let dead_letters =
+            Arc::new(DeadLetters::open(&connection, &shared.options, &shared.queue).await?);
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        channel
+            .basic_qos(shared.options.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting prefetch")?;
+        let tag = format!("postbox-{}-{}", shared.name, uuid::Uuid::new_v4().simple());
+        let deliveries = channel
+            .basic_consume(
+                shared.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context(format!("consuming queue {:?}", shared.queue))?;
+        Ok(Self {
+            connection,
+            channel,
+            deliveries,
+            dead_letters,
+        })
+    }
+
+    /// Dispatches deliveries until shutdown (returns true) or the connection is lost (false).
+    async fn run<H: Handler>(
+        mut self,
+        shared: &Arc<Shared<H>>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let session = shutdown.child_token();
+        let mut workers = JoinSet::new();
+        let mut queues = Vec::with_capacity(shared.options.concurrency);
+        for _ in 0..shared.options.concurrency {
+            // Never full: the broker sends at most `prefetch` unacked deliveries.
+            let (tx, mut rx) = mpsc::channel::<Job>(usize::from(shared.options.prefetch));
+            let worker = Worker {
+                shared: shared.clone(),
+                dead_letters: self.dead_letters.clone(),
+                session: session.clone(),
+            };
+            workers.spawn(async move {
+                while let Some(job) = rx.recv().await {
+                    if worker.session.is_cancelled() {
+                        // Unacked: the broker redelivers it.
+                        continue;
+                    }
+                    worker.process(job).await;
+                }
+            });
+            queues.push(tx);
+        }
+
+        let mut next_unkeyed = 0usize;
+        let stopped = loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break true,
+                delivery = self.deliveries.next() => delivery,
+            };
+            let mut delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, queue = %shared.queue, "consumer: delivery stream failed");
+                    break false;
+                }
+                None => break false,
+            };
+            let worker = match partition_key(&delivery) {
+                Some(key) => {
+                    let mut hasher = DefaultHasher::new();
+                    key.hash(&mut hasher);
+                    (hasher.finish() % queues.len() as u64) as usize
+                }
+                None => {
+                    next_unkeyed = next_unkeyed.wrapping_add(1);
+                    next_unkeyed % queues.len()
+                }
+            };
+            let message =
+                Incoming::parse(&shared.queue, &mut delivery).map_err(|reason| Malformed {
+                    reason,
+                    exchange: delivery.exchange.to_string(),
+                    routing_key: delivery.routing_key.to_string(),
+                    properties: delivery.properties.clone(),
+                    payload: std::mem::take(&mut delivery.data),
+                });
+            let job = Job {
+                acker: delivery.acker,
+                message,
+            };
+            if queues[worker].send(job).await.is_err() {
+                break false;
+            }
+        };
+
+        if stopped {
+            // No new deliveries; those prefetched but not started go back to the queue when
+            // the channel closes.
+            let _ = self
+                .channel
+                .basic_cancel(self.deliveries.tag(), BasicCancelOptions::default())
+                .await;
+        }
+        session.cancel();
+        drop(queues);
+        let finished = tokio::time::timeout(shared.options.shutdown_timeout, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(timeout = ?shared.options.shutdown_timeout, "consumer: handlers did not finish in time; rolling them back");
+            // Dropping a running handler drops its transaction, which rolls back.
+            workers.shutdown().await;
+        }
+        let _ = self
+            .connection
+            .close(200, "postbox consumer stopping".into())
+            .await;
+        stopped
+    }
+}
+
+fn partition_key(delivery: &lapin::message::Delivery) -> Option<String> {
+    let value = delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(HEADER_PARTITION_KEY)?;
+    match value {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into())
+        }
+        lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().into()),
+        _ => None,
+    }
+}

@@ -1,0 +1,140 @@
+//! Publishing unprocessable messages to the dead-letter destination, with why they failed.
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use super::ConsumerOptions;
+use crate::amqp::confirm_channel;
+use crate::error::{Context, Error, Result};
+
+/// Header with the last error of a dead-lettered message.
+pub const HEADER_ERROR: &str = "x-postbox-error";
+/// Header with the name of the consumer that gave up on the message.
+pub const HEADER_CONSUMER: &str = "x-postbox-consumer";
+/// Header with the number of failed handler runs.
+pub const HEADER_ATTEMPTS: &str = "x-postbox-attempts";
+/// Header with the queue the message was consumed from.
+pub const HEADER_QUEUE: &str = "x-postbox-queue";
+/// Header with the exchange the message was originally published to.
+pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-postbox-original-exchange";
+/// Header with the routing key the message was originally published with.
+pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-postbox-original-routing-key";
+
+/// Why a message is dead-lettered, carried in its headers.
+pub(crate) struct Cause<'a> {
+    pub consumer: &'a str,
+    pub queue: &'a str,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub error: &'a str,
+    pub attempts: u32,
+}
+
+/// A confirm-mode channel to the dead-letter destination.
+pub(crate) struct DeadLetters {
+    channel: Channel,
+    exchange: ShortString,
+    routing_key: ShortString,
+}
+
+impl DeadLetters {
+    /// Opens a channel on `connection` and declares the dead-letter queue if the consumer owns
+    /// it.
+    pub async fn open(
+        connection: &Connection,
+        options: &ConsumerOptions,
+        queue: &str,
+    ) -> Result<Self> {
+        let channel = confirm_channel(connection).await?;
+        let (exchange, routing_key) = options.dead_letter_target(queue);
+        let short = |value: String, setting: &'static str| {
+            ShortString::try_new(value.as_str()).map_err(|e| Error::Config {
+                setting,
+                value: value.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let exchange = short(exchange, "consumer.dead_letter.exchange")?;
+        let routing_key = short(routing_key, "consumer.dead_letter.routing_key")?;
+        if !matches!(options.dead_letter, super::DeadLetter::Exchange { .. }) {
+            channel
+                .queue_declare(
+                    routing_key.clone(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .context(format!(
+                    "declaring dead-letter queue {:?}",
+                    routing_key.as_str()
+                ))?;
+        }
+        Ok(Self {
+            channel,
+            exchange,
+            routing_key,
+        })
+    }
+
+    /// Publishes the message with its original properties plus the cause headers, and waits
+    /// for the broker's confirm: only then may the original be acked.
+    pub async fn publish(
+        &self,
+        payload: &[u8],
+        properties: &BasicProperties,
+        cause: &Cause<'_>,
+    ) -> Result<()> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        headers.insert(HEADER_ERROR.into(), text(cause.error));
+        headers.insert(HEADER_CONSUMER.into(), text(cause.consumer));
+        headers.insert(
+            HEADER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(cause.attempts)),
+        );
+        headers.insert(HEADER_QUEUE.into(), text(cause.queue));
+        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), text(cause.exchange));
+        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), text(cause.routing_key));
+        let properties = properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let what = || {
+            format!(
+                "dead-lettering to exchange {:?} with routing key {:?}",
+                self.exchange.as_str(),
+                self.routing_key.as_str()
+            )
+        };
+        let confirmation = self
+            .channel
+            .basic_publish(
+                self.exchange.clone(),
+                self.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            )
+            .await
+            .context(what())?
+            .await
+            .context(what())?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(Error::Unconfirmed(format!(
+                "{}: returned as unroutable ({} {})",
+                what(),
+                returned.reply_code,
+                returned.reply_text
+            ))),
+            other => Err(Error::Unconfirmed(format!("{}: {other:?}", what()))),
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! A delivery as the handler sees it: typed accessors over the AMQP message postbox published.
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::HandlerError;
+use crate::amqp::message::{HEADER_OUTBOX_ID, HEADER_PARTITION_KEY};
+
+/// One message being processed.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub(crate) message_id: Uuid,
+    pub(crate) queue: String,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) redelivered: bool,
+    pub(crate) properties: BasicProperties,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) attempt: u32,
+}
+
+impl Incoming {
+    /// Reads what postbox needs from a delivery: its message id must be a UUID.
+    pub(crate) fn parse(queue: &str, delivery: &mut Delivery) -> Result<Self, String> {
+        let message_id = match delivery.properties.message_id() {
+            None => return Err("the message has no message_id property".into()),
+            Some(id) => Uuid::parse_str(id.as_str())
+                .map_err(|e| format!("message_id {:?} is not a UUID: {e}", id.as_str()))?,
+        };
+        Ok(Self {
+            message_id,
+            queue: queue.to_string(),
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            properties: delivery.properties.clone(),
+            payload: std::mem::take(&mut delivery.data),
+            attempt: 1,
+        })
+    }
+
+    /// The message id (the producer's `postbox.outbox.message_id`).
+    pub fn message_id(&self) -> Uuid {
+        self.message_id
+    }
+
+    /// The queue it was consumed from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The exchange it was published to (`""` for the default exchange).
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// Its routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// Whether the broker delivered it before (to this or another consumer).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// This run's number: 1 for the first, more after failed runs.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Its ordering key (the outbox row's `partition_key`), if it has one.
+    pub fn partition_key(&self) -> Option<&str> {
+        self.header_str(HEADER_PARTITION_KEY)
+    }
+
+    /// Its outbox position (the outbox row's `id`), if postbox published it.
+    pub fn outbox_id(&self) -> Option<i64> {
+        self.header_i64(HEADER_OUTBOX_ID)
+    }
+
+    /// The raw payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The payload deserialized from JSON. A payload that does not fit `T` is a
+    /// [malformed](super::FailureKind::Malformed) failure: with `?`, the consumer applies its
+    /// malformed-message policy instead of retrying.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_slice(&self.payload).map_err(|error| {
+            HandlerError::malformed(format!(
+                "payload of message {} is not the expected JSON: {error}",
+                self.message_id
+            ))
+        })
+    }
+
+    /// The payload as UTF-8 text, if it is.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// Its content type.
+    pub fn content_type(&self) -> Option<&str> {
+        self.properties.content_type().as_ref().map(|s| s.as_str())
+    }
+
+    /// All AMQP properties, headers included.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    /// A header's raw value.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.properties.headers().as_ref()?.inner().get(name)
+    }
+
+    /// A string header's value.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        match self.header(name)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// An integer header's value; a string holding an integer counts too.
+    pub fn header_i64(&self, name: &str) -> Option<i64> {
+        Some(match self.header(name)? {
+            AMQPValue::ShortShortInt(v) => i64::from(*v),
+            AMQPValue::ShortShortUInt(v) => i64::from(*v),
+            AMQPValue::ShortInt(v) => i64::from(*v),
+            AMQPValue::ShortUInt(v) => i64::from(*v),
+            AMQPValue::LongInt(v) => i64::from(*v),
+            AMQPValue::LongUInt(v) => i64::from(*v),
+            AMQPValue::LongLongInt(v) => *v,
+            AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
+            AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+                self.header_str(name)?.trim().parse().ok()?
+            }
+            _ => return None,
+        })
+    }
+}

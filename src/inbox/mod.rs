@@ -1,0 +1,49 @@
+//! The consumer library: effectively-once processing with an inbox table.
+//!
+//! A [`Consumer`] takes deliveries from one RabbitMQ queue. For each, in one Postgres
+//! transaction, it records the message id in `postbox.inbox` under the consumer's name,
+//! checks the message's version against the newest applied for its partition key, runs the
+//! [`Handler`] only if the id is new and the version is newer, commits, and only then acks.
+//!
+//! - A duplicate (a redelivery after a crash between commit and ack, a relay retry, a replay)
+//!   finds its id decided, is acked without running the handler, and is counted.
+//! - A late message older than what its key already applied is skipped as `stale`, so state
+//!   never moves backwards.
+//! - A failing handler rolls back and is retried with backoff; after `max_attempts` failed runs
+//!   (counted in `postbox.inbox`, so a restart does not reset them) the message goes to the
+//!   dead-letter queue with the error, consumer and attempts in its headers.
+//! - Malformed messages (no message id, payload that does not deserialize) follow the
+//!   [`MalformedPolicy`], dead-lettering by default.
+//!
+//! ```no_run
+//! # use postbox::inbox::{Consumer, Handler, HandlerError, Incoming};
+//! # struct Projector;
+//! # impl Handler for Projector {
+//! #     async fn handle(&self, _: &mut sqlx::Transaction<'_, sqlx::Postgres>, _: &Incoming)
+//! #         -> Result<(), HandlerError> { Ok(()) }
+//! # }
+//! # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+//! let broker = postbox::amqp::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+//! let consumer = Consumer::new(pool, broker, "orders", "billing", Projector).spawn()?;
+//! // ... on shutdown:
+//! consumer.stop().await.ok();
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod dead_letter;
+mod handler;
+mod incoming;
+mod options;
+mod upsert;
+mod worker;
+
+pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
+pub use dead_letter::{
+    HEADER_ATTEMPTS, HEADER_CONSUMER, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE,
+    HEADER_ORIGINAL_ROUTING_KEY, HEADER_QUEUE,
+};
+pub use handler::{FailureKind, Handler, HandlerError};
+pub use incoming::Incoming;
+pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
+pub use upsert::VersionedUpsert;

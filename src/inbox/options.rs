@@ -1,0 +1,255 @@
+//! A consumer's settings, with the defaults a subscriber usually wants.
+
+use std::time::Duration;
+
+use lapin::types::ShortString;
+
+use crate::error::{Error, Result};
+
+/// Where messages go that cannot be processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetter {
+    /// A durable queue named `<queue>.dead`, declared by the consumer.
+    DefaultQueue,
+    /// A durable queue of this name, declared by the consumer.
+    Queue(String),
+    /// An exchange the application declared, with the routing key to publish with. The
+    /// consumer declares nothing; an unroutable dead letter is retried, never dropped.
+    Exchange {
+        /// The exchange's name.
+        exchange: String,
+        /// The routing key dead letters are published with.
+        routing_key: String,
+    },
+}
+
+/// What to do with a message postbox cannot hand to the handler: no message id, or a
+/// payload the handler reports as [malformed](super::FailureKind::Malformed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MalformedPolicy {
+    /// Publish it to the dead-letter destination, then ack (the default).
+    DeadLetter,
+    /// Ack it and record it as discarded: it is lost on purpose.
+    Discard,
+}
+
+/// Which version a message carries for its partition key. A message whose version is not
+/// newer than the one already applied for its key is skipped as stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Versioning {
+    /// The outbox position (`x-postbox-outbox-id`): a key's events are versioned by the order
+    /// they were written (the default).
+    OutboxId,
+    /// An integer header the producer sets (an aggregate's version, say). Messages without it
+    /// are not checked.
+    Header(String),
+    /// No stale check: every new message id is applied.
+    Off,
+}
+
+/// How a [`Consumer`](super::Consumer) behaves. Start from `ConsumerOptions::default()`.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Deliveries the broker sends ahead of acks (AMQP prefetch). At least `concurrency`.
+    pub prefetch: u16,
+    /// Messages processed at once. Messages of one partition key are always processed one at
+    /// a time and in order, whatever this is.
+    pub concurrency: usize,
+    /// Handler runs before a transiently failing message is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry; it doubles (with jitter) up to `retry_max_delay`.
+    pub retry_initial_delay: Duration,
+    /// Longest delay between retries.
+    pub retry_max_delay: Duration,
+    /// Where unprocessable messages go.
+    pub dead_letter: DeadLetter,
+    /// What happens to malformed messages.
+    pub on_malformed: MalformedPolicy,
+    /// How stale messages are recognized.
+    pub versioning: Versioning,
+    /// On stop, how long handlers already running may take to finish before they are
+    /// abandoned (rolled back; the broker redelivers their messages).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: 64,
+            concurrency: 1,
+            max_attempts: 5,
+            retry_initial_delay: Duration::from_millis(200),
+            retry_max_delay: Duration::from_secs(10),
+            dead_letter: DeadLetter::DefaultQueue,
+            on_malformed: MalformedPolicy::DeadLetter,
+            versioning: Versioning::OutboxId,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConsumerOptions {
+    /// Checks the options for a consumer of `queue` named `name`, naming the setting at fault.
+    pub(crate) fn validate(&self, queue: &str, name: &str) -> Result<()> {
+        let invalid = |setting: &'static str, value: String, reason: &str| Error::Config {
+            setting,
+            value,
+            reason: reason.into(),
+        };
+        if ShortString::try_new(queue).is_err() || queue.is_empty() {
+            return Err(invalid(
+                "consumer.queue",
+                queue.into(),
+                "expected a queue name of 1 to 255 bytes",
+            ));
+        }
+        if name.is_empty() {
+            return Err(invalid(
+                "consumer.name",
+                name.into(),
+                "expected a non-empty consumer name (it keys the inbox rows)",
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid(
+                "consumer.concurrency",
+                "0".into(),
+                "expected at least 1",
+            ));
+        }
+        if usize::from(self.prefetch) < self.concurrency {
+            return Err(invalid(
+                "consumer.prefetch",
+                self.prefetch.to_string(),
+                "expected at least `concurrency`, or workers would sit idle",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid(
+                "consumer.max_attempts",
+                "0".into(),
+                "expected at least 1",
+            ));
+        }
+        if self.retry_initial_delay > self.retry_max_delay {
+            return Err(invalid(
+                "consumer.retry_initial_delay",
+                format!("{:?}", self.retry_initial_delay),
+                "expected at most retry_max_delay",
+            ));
+        }
+        let (exchange, routing_key) = self.dead_letter_target(queue);
+        for (setting, value) in [
+            ("consumer.dead_letter.exchange", exchange),
+            ("consumer.dead_letter.routing_key", routing_key),
+        ] {
+            if ShortString::try_new(value.as_str()).is_err() {
+                return Err(invalid(setting, value, "expected at most 255 bytes"));
+            }
+        }
+        if let Versioning::Header(header) = &self.versioning {
+            if header.is_empty() {
+                return Err(invalid(
+                    "consumer.versioning",
+                    header.clone(),
+                    "expected a header name",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Exchange and routing key dead letters of `queue` are published with.
+    pub(crate) fn dead_letter_target(&self, queue: &str) -> (String, String) {
+        match &self.dead_letter {
+            DeadLetter::DefaultQueue => (String::new(), format!("{queue}.dead")),
+            DeadLetter::Queue(name) => (String::new(), name.clone()),
+            DeadLetter::Exchange {
+                exchange,
+                routing_key,
+            } => (exchange.clone(), routing_key.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting_at_fault(options: &ConsumerOptions, queue: &str, name: &str) -> &'static str {
+        match options.validate(queue, name) {
+            Err(Error::Config { setting, .. }) => setting,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(ConsumerOptions::default()
+            .validate("orders", "billing")
+            .is_ok());
+    }
+
+    #[test]
+    fn invalid_options_name_the_setting() {
+        let defaults = ConsumerOptions::default();
+        assert_eq!(setting_at_fault(&defaults, "", "billing"), "consumer.queue");
+        assert_eq!(setting_at_fault(&defaults, "orders", ""), "consumer.name");
+        let cases = [
+            (
+                ConsumerOptions {
+                    concurrency: 8,
+                    prefetch: 4,
+                    ..ConsumerOptions::default()
+                },
+                "consumer.prefetch",
+            ),
+            (
+                ConsumerOptions {
+                    concurrency: 0,
+                    ..ConsumerOptions::default()
+                },
+                "consumer.concurrency",
+            ),
+            (
+                ConsumerOptions {
+                    max_attempts: 0,
+                    ..ConsumerOptions::default()
+                },
+                "consumer.max_attempts",
+            ),
+            (
+                ConsumerOptions {
+                    retry_initial_delay: Duration::from_secs(60),
+                    ..ConsumerOptions::default()
+                },
+                "consumer.retry_initial_delay",
+            ),
+            (
+                ConsumerOptions {
+                    dead_letter: DeadLetter::Queue("q".repeat(256)),
+                    ..ConsumerOptions::default()
+                },
+                "consumer.dead_letter.routing_key",
+            ),
+            (
+                ConsumerOptions {
+                    versioning: Versioning::Header(String::new()),
+                    ..ConsumerOptions::default()
+                },
+                "consumer.versioning",
+            ),
+        ];
+        for (options, setting) in cases {
+            assert_eq!(setting_at_fault(&options, "orders", "billing"), setting);
+        }
+    }
+
+    #[test]
+    fn the_default_dead_letter_queue_is_named_after_the_queue() {
+        assert_eq!(
+            ConsumerOptions::default().dead_letter_target("orders"),
+            (String::new(), "orders.dead".to_string())
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! Processing one delivery: claim its id in the inbox, check its version, run the handler, all
+//! in one transaction; commit, then ack. Failures are retried, recorded, and dead-lettered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::options::BasicAckOptions;
+use lapin::Acker;
+use lapin::BasicProperties;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letter::{Cause, DeadLetters};
+use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
+use super::{HandlerError, Versioning};
+use crate::reconnect::connection_backoff;
+use crate::store::inbox::{self, Arrival, Claim, Outcome};
+
+/// A delivery on its way to a worker.
+pub(crate) struct Job {
+    pub acker: Acker,
+    pub message: Result<Incoming, Malformed>,
+}
+
+/// A delivery postbox cannot process: what is needed to dead-letter it.
+pub(crate) struct Malformed {
+    pub reason: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub payload: Vec<u8>,
+}
+
+/// What the consumer shares with its workers.
+pub(crate) struct Shared<H> {
+    pub pool: PgPool,
+    pub queue: String,
+    pub name: String,
+    pub handler: H,
+    pub options: ConsumerOptions,
+    pub stats: Arc<ConsumerStats>,
+}
+
+/// Why a run did not decide the message.
+enum Failed {
+    /// Postgres could not be reached: wait and retry without counting an attempt.
+    Database(crate::Error),
+    /// The handler (or its commit) failed.
+    Handler(HandlerError),
+}
+
+/// Where a message ended up.
+enum Decision {
+    Duplicate,
+    Decided(Outcome),
+    /// Failed `max_attempts` times already (before a restart, say).
+    Exhausted {
+        attempts: i32,
+    },
+}
+
+/// One worker of a session: processes the deliveries sent to it, in order.
+pub(crate) struct Worker<H> {
+    pub shared: Arc<Shared<H>>,
+    pub dead_letters: Arc<DeadLetters>,
+    /// Cancelled when the session ends (shutdown or connection lost): deliveries not yet
+    /// started are left to the broker to redeliver, retries stop waiting.
+    pub session: CancellationToken,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Processes `job` and acks it once its outcome is committed. Returns without acking if the
+    /// session ends first; the broker then redelivers the message.
+    pub async fn process(&self, job: Job) {
+        let Job { acker, message } = job;
+        let done = match message {
+            Ok(incoming) => self.process_incoming(incoming).await,
+            Err(malformed) => self.reject_malformed(malformed).await,
+        };
+        if done {
+            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
+                // The outcome is committed: the redelivery will be recognized as a duplicate.
+                tracing::warn!(%error, queue = %self.shared.queue, "consumer: ack failed; the message will come back as a duplicate");
+            }
+        }
+    }
+
+    async fn process_incoming(&self, mut incoming: Incoming) -> bool {
+        let shared = &self.shared;
+        let version = match &shared.options.versioning {
+            Versioning::OutboxId => incoming.outbox_id(),
+            Versioning::Header(name) => incoming.header_i64(name),
+            Versioning::Off => None,
+        };
+        let partition_key = incoming.partition_key().map(str::to_owned);
+        let routing_key = incoming.routing_key.clone();
+        let arrival = Arrival {
+            consumer: &shared.name,
+            message_id: incoming.message_id,
+            queue: &shared.queue,
+            routing_key: &routing_key,
+            partition_key: partition_key.as_deref(),
+            version,
+        };
+        let mut outages = connection_backoff();
+        loop {
+            if self.session.is_cancelled() {
+                return false;
+            }
+            let failure = match self.run_once(&mut incoming, &arrival).await {
+                Ok(Decision::Duplicate) => {
+                    shared.stats.record(Counter::Duplicates);
+                    tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
+                    return true;
+                }
+                Ok(Decision::Decided(outcome)) => {
+                    shared.stats.record(match outcome {
+                        Outcome::Stale => Counter::Stale,
+                        _ => Counter::Applied,
+                    });
+                    return true;
+                }
+                Ok(Decision::Exhausted { attempts }) => {
+                    let error = format!("failed {attempts} times before; giving up");
+                    let attempts = u32::try_from(attempts).unwrap_or(0);
+                    return self
+                        .dead_letter(&incoming, Some(&arrival), &error, attempts)
+                        .await;
+                }
+                Err(Failed::Database(error)) => {
+                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(%error, retry_in = ?delay, "consumer: postgres unavailable");
+                    self.pause(delay).await;
+                    continue;
+                }
+                Err(Failed::Handler(failure)) => failure,
+            };
+            let error = failure.to_string();
+            match failure.kind() {
+                FailureKind::Malformed => {
+                    return self
+                        .malformed(&incoming, Some(&arrival), &error, incoming.attempt)
+                        .await;
+                }
+                FailureKind::Permanent => {
+                    return self
+                        .dead_letter(&incoming, Some(&arrival), &error, incoming.attempt)
+                        .await;
+                }
+                FailureKind::Transient => {}
+            }
+            shared.stats.record(Counter::Failures);
+            let attempts = match inbox::record_failure(&shared.pool, &arrival, &error).await {
+                Ok(Some(attempts)) => attempts,
+                // Decided meanwhile by another consumer instance: the next run sees it.
+                Ok(None) => continue,
+                Err(db_error) => {
+                    // Not recorded, so not counted: an outage must not dead-letter messages.
+                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(handler_error = %error, %db_error, retry_in = ?delay, "consumer: handler failed and postgres is unavailable");
+                    self.pause(delay).await;
+                    continue;
+                }
+            };
+            if u32::try_from(attempts).unwrap_or(u32::MAX) >= shared.options.max_attempts {
+                return self
+                    .dead_letter(&incoming, Some(&arrival), &error, incoming.attempt)
+                    .await;
+            }
+            let delay = retry_delay(&shared.options, attempts);
+            tracing::warn!(
+                message_id = %incoming.message_id, queue = %shared.queue, attempt = attempts,
+                max_attempts = shared.options.max_attempts, retry_in = ?delay, %error,
+                "consumer: handler failed; retrying"
+            );
+            self.pause(delay).await;
+        }
+    }
+
+    /// One transaction: claim the id, check the version, run the handler, record the outcome.
+    async fn run_once(
+        &self,
+        incoming: &mut Incoming,
+        arrival: &Arrival<'_>,
+    ) -> Result<Decision, Failed> {
+        let shared = &self.shared;
+        let mut tx = shared
+            .pool
+            .begin()
+            .await
+            .map_err(|e| Failed::Database(db("beginning the inbox transaction", e)))?;
+        let claim = inbox::claim(&mut tx, arrival)
+            .await
+            .map_err(Failed::Database)?;
+        let outcome = match claim {
+            Claim::Duplicate(_) => None,
+            Claim::New { attempts }
+                if u32::try_from(attempts).unwrap_or(0) >= shared.options.max_attempts =>
+            {
+                return Ok(Decision::Exhausted { attempts });
+            }
+            Claim::New { attempts } => {
+                incoming.attempt = u32::try_from(attempts).unwrap_or(0).saturating_add(1);
+                Some(self.apply(&mut tx, incoming, arrival).await?)
+            }
+        };
+        tx.commit()
+            .await
+            .map_err(|e| Failed::Handler(HandlerError::transient(db("committing", e))))?;
+        Ok(match outcome {
+            None => Decision::Duplicate,
+            Some(outcome) => Decision::Decided(outcome),
+        })
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        incoming: &Incoming,
+        arrival: &Arrival<'_>,
+    ) -> Result<Outcome, Failed> {
+        let shared = &self.shared;
+        if let (Some(key), Some(version)) = (arrival.partition_key, arrival.version) {
+            let newer = inbox::advance_version(tx, &shared.name, key, version, arrival.message_id)
+                .await
+                .map_err(Failed::Database)?;
+            if !newer {
+                inbox::decide(tx, &shared.name, arrival.message_id, Outcome::Stale)
+                    .await
+                    .map_err(Failed::Database)?;
+                tracing::info!(message_id = %arrival.message_id, partition_key = key, version, "consumer: stale message skipped; a newer version was applied");
+                return Ok(Outcome::Stale);
+            }
+        }
+        shared
+            .handler
+            .handle(tx, incoming)
+            .await
+            .map_err(Failed::Handler)?;
+        inbox::decide(tx, &shared.name, arrival.message_id, Outcome::Applied)
+            .await
+            .map_err(Failed::Database)?;
+        Ok(Outcome::Applied)
+    }
+
+    async fn reject_malformed(&self, malformed: Malformed) -> bool {
+        let incoming = Incoming {
+            message_id: uuid::Uuid::nil(),
+            queue: self.shared.queue.clone(),
+            exchange: malformed.exchange,
+            routing_key: malformed.routing_key,
+            redelivered: false,
+            properties: malformed.properties,
+            payload: malformed.payload,
+            attempt: 0,
+        };
+        self.malformed(&incoming, None, &malformed.reason, 0).await
+    }
+
+    /// Applies the malformed-message policy. Without a usable message id there is no inbox
+    /// row to write.
+    async fn malformed(
+        &self,
+        incoming: &Incoming,
+        arrival: Option<&Arrival<'_>>,
+        reason: &str,
+        attempts: u32,
+    ) -> bool {
+        let shared = &self.shared;
+        match shared.options.on_malformed {
+            MalformedPolicy::DeadLetter => {
+                tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; dead-lettering it");
+                self.dead_letter(incoming, arrival, reason, attempts).await
+            }
+            MalformedPolicy::Discard => {
+                tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; discarding it");
+                if let Some(arrival) = arrival {
+                    if !self.record(arrival, Outcome::Discarded, reason).await {
+                        return false;
+                    }
+                }
+                shared.stats.record(Counter::Discarded);
+                true
+            }
+        }
+    }
+
+    /// Publishes to the dead-letter destination (retrying until the broker confirms), then
+    /// records the outcome. Returns whether the original may be acked.
+    async fn dead_letter(
+        &self,
+        incoming: &Incoming,
+        arrival: Option<&Arrival<'_>>,
+        error: &str,
+        attempts: u32,
+    ) -> bool {
+        let shared = &self.shared;
+        let cause = Cause {
+            consumer: &shared.name,
+            queue: &shared.queue,
+            exchange: &incoming.exchange,
+            routing_key: &incoming.routing_key,
+            error,
+            attempts,
+        };
+        let mut delays = connection_backoff();
+        while let Err(publish_error) = self
+            .dead_letters
+            .publish(&incoming.payload, &incoming.properties, &cause)
+            .await
+        {
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            tracing::warn!(error = %publish_error, retry_in = ?delay, "consumer: dead-lettering failed; the message stays unacked");
+            if !self.pause(delay).await {
+                return false;
+            }
+        }
+        tracing::warn!(message_id = %incoming.message_id, queue = %shared.queue, consumer = %shared.name, attempts, error, "consumer: message dead-lettered");
+        if let Some(arrival) = arrival {
+            if !self.record(arrival, Outcome::DeadLettered, error).await {
+                return false;
+            }
+        }
+        shared.stats.record(Counter::DeadLettered);
+        true
+    }
+
+    /// Records an outcome decided outside the handler's transaction, retrying while Postgres
+    /// is down. Returns false if the session ended first.
+    async fn record(&self, arrival: &Arrival<'_>, outcome: Outcome, error: &str) -> bool {
+        let mut delays = connection_backoff();
+        loop {
+            match inbox::record_outcome(&self.shared.pool, arrival, outcome, Some(error)).await {
+                Ok(()) => return true,
+                Err(db_error) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %db_error, retry_in = ?delay, "consumer: could not record the outcome");
+                    if !self.pause(delay).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `delay` unless the session ends first; returns whether it slept in full.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.session.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// The delay after the `attempts`-th failed run.
+fn retry_delay(options: &ConsumerOptions, attempts: i32) -> Duration {
+    let index = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
+    ExponentialBuilder::new()
+        .with_min_delay(options.retry_initial_delay)
+        .with_max_delay(options.retry_max_delay)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(index)
+        .unwrap_or(options.retry_max_delay)
+}
+
+fn db(context: &str, error: sqlx::Error) -> crate::Error {
+    crate::Error::Database {
+        context: context.into(),
+        source: error,
+    }
+}
+
+/// The consumer's counters, by name.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counter {
+    Applied,
+    Duplicates,
+    Stale,
+    DeadLettered,
+    Discarded,
+    Failures,
+}

@@ -1,0 +1,246 @@
+//! SQL for `postbox.inbox` and `postbox.inbox_versions`: claiming a message id, the per-key
+//! version check, and recording outcomes.
+
+use sqlx::{PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::error::{Context, Result};
+
+/// What the inbox records about one delivery.
+#[derive(Debug, Clone)]
+pub struct Arrival<'a> {
+    /// The consumer's name.
+    pub consumer: &'a str,
+    /// The message's id.
+    pub message_id: Uuid,
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// Its routing key.
+    pub routing_key: &'a str,
+    /// Its ordering key, if it has one.
+    pub partition_key: Option<&'a str>,
+    /// The version it carries for its key, if any.
+    pub version: Option<i64>,
+}
+
+/// A decided message's outcome, as stored in `postbox.inbox.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and its writes committed.
+    Applied,
+    /// Skipped: a newer version of its key had been applied.
+    Stale,
+    /// Sent to the dead-letter queue.
+    DeadLettered,
+    /// Malformed and dropped by policy.
+    Discarded,
+}
+
+impl Outcome {
+    /// The value stored in the `outcome` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Discarded => "discarded",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "applied" => Outcome::Applied,
+            "stale" => Outcome::Stale,
+            "dead_lettered" => Outcome::DeadLettered,
+            "discarded" => Outcome::Discarded,
+            _ => return None,
+        })
+    }
+}
+
+/// The result of claiming a message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not decided yet: process it. `attempts` failed runs came before.
+    New {
+        /// Failed handler runs recorded so far.
+        attempts: i32,
+    },
+    /// Already decided: a duplicate, counted.
+    Duplicate(Outcome),
+}
+
+// A concurrent delivery of the same id waits on the row lock this takes until the first
+// transaction ends, then sees its outcome: two consumers never both run the handler.
+const CLAIM: &str = r#"
+insert into postbox.inbox as i
+    (consumer, message_id, queue, routing_key, partition_key, version)
+values ($1, $2, $3, $4, $5, $6)
+on conflict (consumer, message_id) do update
+    set duplicates = i.duplicates + (i.outcome is not null)::int,
+        last_received_at = now()
+returning i.outcome, i.attempts
+"#;
+
+/// Claims `arrival`'s message id inside the handler's transaction.
+pub async fn claim(conn: &mut PgConnection, arrival: &Arrival<'_>) -> Result<Claim> {
+    let row = bind(sqlx::query(CLAIM), arrival)
+        .fetch_one(conn)
+        .await
+        .context("claiming a message id in postbox.inbox")?;
+    let outcome: Option<String> = row.get(0);
+    let attempts: i32 = row.get(1);
+    Ok(match outcome.as_deref().and_then(Outcome::parse) {
+        Some(outcome) => Claim::Duplicate(outcome),
+        None => Claim::New { attempts },
+    })
+}
+
+const ADVANCE_VERSION: &str = r#"
+insert into postbox.inbox_versions as v (consumer, partition_key, version, message_id)
+values ($1, $2, $3, $4)
+on conflict (consumer, partition_key) do update
+    set version = excluded.version, message_id = excluded.message_id, updated_at = now()
+    where v.version < excluded.version
+returning v.version
+"#;
+
+/// Records `version` as the newest applied for the key, inside the handler's transaction.
+/// Returns false, changing nothing, when the key already has this version or a newer one.
+pub async fn advance_version(
+    conn: &mut PgConnection,
+    consumer: &str,
+    partition_key: &str,
+    version: i64,
+    message_id: Uuid,
+) -> Result<bool> {
+    let advanced = sqlx::query(ADVANCE_VERSION)
+        .bind(consumer)
+        .bind(partition_key)
+        .bind(version)
+        .bind(message_id)
+        .fetch_optional(conn)
+        .await
+        .context("checking the key's version in postbox.inbox_versions")?;
+    Ok(advanced.is_some())
+}
+
+const DECIDE: &str = r#"
+update postbox.inbox
+set outcome = $3, processed_at = now()
+where consumer = $1 and message_id = $2
+"#;
+
+/// Sets the outcome of a claimed message, inside the handler's transaction.
+pub async fn decide(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: Uuid,
+    outcome: Outcome,
+) -> Result<()> {
+    sqlx::query(DECIDE)
+        .bind(consumer)
+        .bind(message_id)
+        .bind(outcome.as_str())
+        .execute(conn)
+        .await
+        .context("recording an outcome in postbox.inbox")?;
+    Ok(())
+}
+
+const RECORD_FAILURE: &str = r#"
+insert into postbox.inbox as i
+    (consumer, message_id, queue, routing_key, partition_key, version, attempts, last_error)
+values ($1, $2, $3, $4, $5, $6, 1, $7)
+on conflict (consumer, message_id) do update
+    set attempts = i.attempts + 1, last_error = excluded.last_error, last_received_at = now()
+    where i.outcome is null
+returning i.attempts
+"#;
+
+/// Records a failed handler run on its own (the handler's transaction was rolled back).
+/// Returns the failed runs so far, or `None` if the message was decided meanwhile.
+pub async fn record_failure<'e, E: PgExecutor<'e>>(
+    executor: E,
+    arrival: &Arrival<'_>,
+    error: &str,
+) -> Result<Option<i32>> {
+    let row = bind(sqlx::query(RECORD_FAILURE), arrival)
+        .bind(error)
+        .fetch_optional(executor)
+        .await
+        .context("recording a failed attempt in postbox.inbox")?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+const RECORD_OUTCOME: &str = r#"
+insert into postbox.inbox as i
+    (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at,
+     last_error)
+values ($1, $2, $3, $4, $5, $6, $7, now(), $8)
+on conflict (consumer, message_id) do update
+    set outcome = excluded.outcome, processed_at = now(), last_error = excluded.last_error,
+        last_received_at = now()
+    where i.outcome is null
+"#;
+
+/// Records an outcome decided without the handler (dead-lettered, discarded) on its own.
+/// A message decided meanwhile keeps its outcome.
+pub async fn record_outcome<'e, E: PgExecutor<'e>>(
+    executor: E,
+    arrival: &Arrival<'_>,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<()> {
+    bind(sqlx::query(RECORD_OUTCOME), arrival)
+        .bind(outcome.as_str())
+        .bind(error)
+        .execute(executor)
+        .await
+        .context("recording an outcome in postbox.inbox")?;
+    Ok(())
+}
+
+const CLAIM_MANY: &str = r#"
+insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at)
+select $1, m.id, $2, 'applied', now() from unnest($3::uuid[]) as m(id)
+on conflict (consumer, message_id) do update
+    set duplicates = postbox.inbox.duplicates + 1, last_received_at = now()
+returning message_id, (xmax = 0) as new
+"#;
+
+/// Claims many message ids at once for a batch handler, marking them applied (the caller
+/// commits its writes in the same transaction). Returns the ids that were new; the others are
+/// counted as duplicates.
+pub async fn claim_many(
+    conn: &mut PgConnection,
+    consumer: &str,
+    queue: &str,
+    message_ids: &[Uuid],
+) -> Result<Vec<Uuid>> {
+    let rows = sqlx::query(CLAIM_MANY)
+        .bind(consumer)
+        .bind(queue)
+        .bind(message_ids)
+        .fetch_all(conn)
+        .await
+        .context("claiming message ids in postbox.inbox")?;
+    Ok(rows
+        .iter()
+        .filter(|row| row.get::<bool, _>(1))
+        .map(|row| row.get(0))
+        .collect())
+}
+
+fn bind<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    arrival: &Arrival<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(arrival.consumer)
+        .bind(arrival.message_id)
+        .bind(arrival.queue)
+        .bind(arrival.routing_key)
+        .bind(arrival.partition_key)
+        .bind(arrival.version)
+}

@@ -1,0 +1,733 @@
+//! The consumer library against the real Postgres and RabbitMQ: effectively-once processing,
+//! duplicates, a crash between commit and ack, retries and dead letters, malformed messages,
+//! stale events, and the relay → consumer path end to end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::{relay_headers, wait_until, Harness, Subscriber};
+use lapin::types::{AMQPValue, FieldTable};
+use postbox::inbox::{
+    ConsumerOptions, Handler, HandlerError, Incoming, MalformedPolicy, VersionedUpsert, Versioning,
+};
+use sqlx::{Postgres, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A handler that writes one row per run into `applied` and can be told to fail or wait.
+#[derive(Clone, Default)]
+struct Recorder {
+    runs: Arc<AtomicU32>,
+    /// Fail (after writing) with this kind of error.
+    fail: Option<fn(String) -> HandlerError>,
+    /// Signalled when a run starts; the run then waits for `release`.
+    gate: Option<(Arc<Notify>, Arc<Notify>)>,
+    /// Deserialize the payload as this JSON shape.
+    typed: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Deposit {
+    account: String,
+    balance: i64,
+}
+
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.typed {
+            let _: Deposit = message.json()?;
+        }
+        sqlx::query(
+            "insert into applied (message_id, partition_key, outbox_id, attempt) \
+             values ($1, $2, $3, $4)",
+        )
+        .bind(message.message_id())
+        .bind(message.partition_key())
+        .bind(message.outbox_id())
+        .bind(message.attempt() as i32)
+        .execute(&mut **tx)
+        .await?;
+        if let Some((started, release)) = &self.gate {
+            started.notify_one();
+            release.notified().await;
+        }
+        match self.fail {
+            Some(fail) => Err(fail(format!("boom on attempt {}", message.attempt()))),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn subscriber() -> Subscriber {
+    let sub = Subscriber::start().await;
+    sqlx::query(
+        "create table applied (seq bigserial primary key, message_id uuid not null, \
+         partition_key text, outbox_id bigint, attempt int not null)",
+    )
+    .execute(&sub.db.pool)
+    .await
+    .expect("create applied table");
+    sub
+}
+
+async fn applied(sub: &Subscriber) -> Vec<(Uuid, Option<String>, Option<i64>)> {
+    sqlx::query_as("select message_id, partition_key, outbox_id from applied order by seq")
+        .fetch_all(&sub.db.pool)
+        .await
+        .expect("read applied")
+}
+
+#[tokio::test]
+async fn each_message_takes_effect_once_and_duplicates_are_counted() {
+    let sub = subscriber().await;
+    let recorder = Recorder::default();
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        sub.rabbit
+            .publish(
+                &sub.queue,
+                Some(*id),
+                relay_headers(i as i64 + 1, None),
+                b"{}",
+            )
+            .await;
+    }
+    // A relay retry after a lost confirm, a replay: the same ids again.
+    for (i, id) in ids.iter().take(5).enumerate() {
+        sub.rabbit
+            .publish(
+                &sub.queue,
+                Some(*id),
+                relay_headers(i as i64 + 1, None),
+                b"{}",
+            )
+            .await;
+    }
+    let stats = consumer.stats();
+    wait_until("20 applied and 5 duplicates", DEADLINE, || async {
+        (stats.applied() == 20 && stats.duplicates() == 5).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("consumer stops");
+
+    assert_eq!(
+        recorder.runs.load(Ordering::SeqCst),
+        20,
+        "handler ran once per id"
+    );
+    let rows = applied(&sub).await;
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), ids);
+    for (i, id) in ids.iter().enumerate() {
+        let (outcome, duplicates, attempts) = sub.inbox_row("billing", *id).await;
+        assert_eq!(outcome.as_deref(), Some("applied"));
+        assert_eq!(duplicates, i32::from(i < 5), "duplicates of message {i}");
+        assert_eq!(attempts, 0);
+    }
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0, "everything acked");
+}
+
+#[tokio::test]
+async fn consumers_with_different_names_each_apply_the_message() {
+    let sub = subscriber().await;
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    let first = Recorder::default();
+    let billing = sub.consumer("billing", first.clone(), sub.options());
+    let stats = billing.stats();
+    wait_until("billing applied", DEADLINE, || async {
+        (stats.applied() == 1).then_some(())
+    })
+    .await;
+    billing.stop().await.expect("stops");
+    // The same id under another consumer name is new to that consumer.
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    let second = Recorder::default();
+    let shipping = sub.consumer("shipping", second.clone(), sub.options());
+    let stats = shipping.stats();
+    wait_until("shipping applied", DEADLINE, || async {
+        (stats.applied() == 1).then_some(())
+    })
+    .await;
+    shipping.stop().await.expect("stops");
+    assert_eq!(first.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(second.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        sub.inbox_row("billing", id).await.0.as_deref(),
+        Some("applied")
+    );
+    assert_eq!(
+        sub.inbox_row("shipping", id).await.0.as_deref(),
+        Some("applied")
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
+    let sub = subscriber().await;
+    let proxy = Proxy::tcp("127.0.0.1:5672").await;
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let recorder = Recorder {
+        gate: Some((started.clone(), release.clone())),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer_at(
+        &proxy.redirect(&common::amqp_url()),
+        "billing",
+        recorder.clone(),
+        sub.options(),
+    );
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(7, None), b"{}")
+        .await;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .expect("handler started");
+    // The broker connection dies while the handler runs: its commit still succeeds (Postgres
+    // is not behind the proxy) but the ack cannot reach the broker, which redelivers.
+    proxy.cut();
+    release.notify_one();
+    let stats = consumer.stats();
+    wait_until(
+        "the redelivery recognized as a duplicate",
+        DEADLINE,
+        || async { (stats.duplicates() == 1).then_some(()) },
+    )
+    .await;
+    consumer.stop().await.expect("consumer stops");
+
+    assert_eq!(recorder.runs.load(Ordering::SeqCst), 1, "handler ran once");
+    assert_eq!(applied(&sub).await.len(), 1, "its write took effect once");
+    assert_eq!(stats.applied(), 1);
+    let (outcome, duplicates, _) = sub.inbox_row("billing", id).await;
+    assert_eq!(outcome.as_deref(), Some("applied"));
+    assert_eq!(duplicates, 1);
+    assert_eq!(
+        sub.rabbit.ready(&sub.queue).await,
+        0,
+        "the redelivery was acked"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_queue() {
+    let mut sub = subscriber().await;
+    let failing = Recorder {
+        fail: Some(HandlerError::transient),
+        ..Recorder::default()
+    };
+    let options = ConsumerOptions {
+        max_attempts: 3,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", failing.clone(), options);
+    let poison = Uuid::new_v4();
+    let mut headers = relay_headers(1, Some("acc-1"));
+    headers.insert("x-trace".into(), AMQPValue::LongString("kept".into()));
+    sub.rabbit
+        .publish(&sub.queue, Some(poison), headers, b"{\"poison\":true}")
+        .await;
+
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    let dead = &dead[0];
+    assert_eq!(
+        dead.message_id.as_deref(),
+        Some(poison.to_string().as_str())
+    );
+    assert_eq!(dead.payload, b"{\"poison\":true}");
+    let text = |name: &str| match dead.header(name) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("header {name}: {other:?}"),
+    };
+    assert_eq!(text("x-postbox-error"), "boom on attempt 3");
+    assert_eq!(text("x-postbox-consumer"), "billing");
+    assert_eq!(text("x-postbox-queue"), sub.queue);
+    assert_eq!(text("x-trace"), "kept", "original headers are kept");
+    assert_eq!(
+        dead.header("x-postbox-attempts"),
+        Some(&AMQPValue::LongLongInt(3))
+    );
+    let stats = consumer.stats();
+    wait_until("dead letter recorded", DEADLINE, || async {
+        (stats.dead_lettered() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        failing.runs.load(Ordering::SeqCst),
+        3,
+        "ran max_attempts times"
+    );
+    assert_eq!(stats.failures(), 3);
+    assert!(
+        applied(&sub).await.is_empty(),
+        "failed runs rolled back their writes"
+    );
+    let (outcome, _, attempts) = sub.inbox_row("billing", poison).await;
+    assert_eq!(outcome.as_deref(), Some("dead_lettered"));
+    assert_eq!(attempts, 3);
+    consumer.stop().await.expect("stops");
+
+    // The queue moves on: the next message is processed by a healthy handler, and the poison
+    // message, if it comes again, is a duplicate.
+    let healthy = Recorder::default();
+    let consumer = sub.consumer("billing", healthy.clone(), sub.options());
+    let good = Uuid::new_v4();
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(good),
+            relay_headers(2, Some("acc-2")),
+            b"{}",
+        )
+        .await;
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(poison),
+            relay_headers(1, Some("acc-1")),
+            b"{}",
+        )
+        .await;
+    let stats = consumer.stats();
+    wait_until("good applied, poison absorbed", DEADLINE, || async {
+        (stats.applied() == 1 && stats.duplicates() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(healthy.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
+}
+
+#[tokio::test]
+async fn attempts_are_remembered_across_restarts() {
+    let mut sub = subscriber().await;
+    let id = Uuid::new_v4();
+    // A previous process failed this message twice, then died.
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, attempts, last_error) \
+         values ('billing', $1, $2, 2, 'earlier failure')",
+    )
+    .bind(id)
+    .bind(&sub.queue)
+    .execute(&sub.db.pool)
+    .await
+    .expect("seed inbox");
+    let recorder = Recorder::default();
+    let options = ConsumerOptions {
+        max_attempts: 2,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), options);
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(dead[0].message_id.as_deref(), Some(id.to_string().as_str()));
+    let stats = consumer.stats();
+    wait_until("dead letter recorded", DEADLINE, || async {
+        (stats.dead_lettered() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(
+        recorder.runs.load(Ordering::SeqCst),
+        0,
+        "not run a third time"
+    );
+    assert_eq!(
+        sub.inbox_row("billing", id).await.0.as_deref(),
+        Some("dead_lettered")
+    );
+}
+
+#[tokio::test]
+async fn permanent_failures_are_dead_lettered_without_retries() {
+    let mut sub = subscriber().await;
+    let recorder = Recorder {
+        fail: Some(HandlerError::permanent),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(
+        dead[0].header("x-postbox-attempts"),
+        Some(&AMQPValue::LongLongInt(1))
+    );
+    let stats = consumer.stats();
+    wait_until("recorded", DEADLINE, || async {
+        (stats.dead_lettered() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(recorder.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.failures(), 0);
+}
+
+#[tokio::test]
+async fn malformed_messages_follow_the_policy() {
+    let mut sub = subscriber().await;
+    let recorder = Recorder {
+        typed: true,
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    // No message id at all, then a payload that is not the expected JSON.
+    sub.rabbit
+        .publish(&sub.queue, None, FieldTable::default(), b"no id")
+        .await;
+    let bad_json = Uuid::new_v4();
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(bad_json),
+            relay_headers(2, None),
+            b"{\"account\":1}",
+        )
+        .await;
+    let dead = sub.dead_letters.take(2, DEADLINE).await;
+    let error = |i: usize| match dead[i].header("x-postbox-error") {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("no error header: {other:?}"),
+    };
+    assert_eq!(dead[0].payload, b"no id");
+    assert!(error(0).contains("no message_id"), "{}", error(0));
+    assert!(error(1).contains("not the expected JSON"), "{}", error(1));
+    let stats = consumer.stats();
+    wait_until("both dead-lettered", DEADLINE, || async {
+        (stats.dead_lettered() == 2).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(
+        recorder.runs.load(Ordering::SeqCst),
+        1,
+        "malformed JSON is not retried"
+    );
+    assert_eq!(
+        sub.inbox_row("billing", bad_json).await.0.as_deref(),
+        Some("dead_lettered")
+    );
+
+    // The discard policy acks and records instead.
+    let options = ConsumerOptions {
+        on_malformed: MalformedPolicy::Discard,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), options);
+    let discarded = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(discarded), relay_headers(3, None), b"[]")
+        .await;
+    let stats = consumer.stats();
+    wait_until("discarded", DEADLINE, || async {
+        (stats.discarded() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(
+        sub.inbox_row("billing", discarded).await.0.as_deref(),
+        Some("discarded")
+    );
+    assert!(sub
+        .dead_letters
+        .drain_for(Duration::from_millis(200))
+        .await
+        .is_empty());
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
+}
+
+/// A handler that keeps an account's balance with the versioned upsert.
+#[derive(Clone)]
+struct Balances {
+    upsert: VersionedUpsert,
+    runs: Arc<AtomicU32>,
+}
+
+impl Balances {
+    async fn new(sub: &Subscriber) -> Self {
+        sqlx::query(
+            "create table balances (account text primary key, version bigint not null, \
+             balance bigint not null)",
+        )
+        .execute(&sub.db.pool)
+        .await
+        .expect("create balances");
+        Self {
+            upsert: VersionedUpsert::new("balances", &["account"], "version", &["balance"]),
+            runs: Arc::default(),
+        }
+    }
+}
+
+impl Handler for Balances {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let deposit: Deposit = message.json()?;
+        let version = message
+            .header_i64("x-version")
+            .or(message.outbox_id())
+            .ok_or("no version")?;
+        self.upsert
+            .query()
+            .bind(&deposit.account)
+            .bind(version)
+            .bind(deposit.balance)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn balance(sub: &Subscriber, account: &str) -> (i64, i64) {
+    sqlx::query_as("select version, balance from balances where account = $1")
+        .bind(account)
+        .fetch_one(&sub.db.pool)
+        .await
+        .expect("balance row")
+}
+
+fn deposit(account: &str, balance: i64) -> Vec<u8> {
+    format!("{{\"account\":\"{account}\",\"balance\":{balance}}}").into_bytes()
+}
+
+#[tokio::test]
+async fn a_late_event_never_overwrites_newer_state() {
+    let sub = subscriber().await;
+    let handler = Balances::new(&sub).await;
+    let consumer = sub.consumer("ledger", handler.clone(), sub.options());
+    // Outbox positions 5 then 3 for one key: 3 arrives late (a replay, a requeue).
+    let newer = Uuid::new_v4();
+    let older = Uuid::new_v4();
+    let other_key = Uuid::new_v4();
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(newer),
+            relay_headers(5, Some("acc-1")),
+            &deposit("acc-1", 50),
+        )
+        .await;
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(older),
+            relay_headers(3, Some("acc-1")),
+            &deposit("acc-1", 30),
+        )
+        .await;
+    // Another key's lower position is not stale: versions are per key.
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(other_key),
+            relay_headers(1, Some("acc-2")),
+            &deposit("acc-2", 10),
+        )
+        .await;
+    let stats = consumer.stats();
+    wait_until("two applied, one stale", DEADLINE, || async {
+        (stats.applied() == 2 && stats.stale() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(balance(&sub, "acc-1").await, (5, 50));
+    assert_eq!(balance(&sub, "acc-2").await, (1, 10));
+    assert_eq!(
+        handler.runs.load(Ordering::SeqCst),
+        2,
+        "the stale event never ran"
+    );
+    assert_eq!(
+        sub.inbox_row("ledger", older).await.0.as_deref(),
+        Some("stale")
+    );
+    let newest: (i64, Uuid) = sqlx::query_as(
+        "select version, message_id from postbox.inbox_versions \
+         where consumer = 'ledger' and partition_key = 'acc-1'",
+    )
+    .fetch_one(&sub.db.pool)
+    .await
+    .expect("version row");
+    assert_eq!(newest, (5, newer));
+}
+
+#[tokio::test]
+async fn versions_from_a_header_and_the_upsert_guard() {
+    let sub = subscriber().await;
+    let handler = Balances::new(&sub).await;
+    let with_version = |outbox_id: i64, version: i64| {
+        let mut headers = relay_headers(outbox_id, Some("acc-1"));
+        headers.insert("x-version".into(), AMQPValue::LongLongInt(version));
+        headers
+    };
+    // Header versioning: the producer's version 2 wins over version 1 although version 1 was
+    // written later (a higher outbox position).
+    let options = ConsumerOptions {
+        versioning: Versioning::Header("x-version".into()),
+        ..sub.options()
+    };
+    let consumer = sub.consumer("ledger", handler.clone(), options);
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(Uuid::new_v4()),
+            with_version(10, 2),
+            &deposit("acc-1", 20),
+        )
+        .await;
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(Uuid::new_v4()),
+            with_version(11, 1),
+            &deposit("acc-1", 10),
+        )
+        .await;
+    let stats = consumer.stats();
+    wait_until("one applied, one stale", DEADLINE, || async {
+        (stats.applied() == 1 && stats.stale() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(balance(&sub, "acc-1").await, (2, 20));
+
+    // With the inbox's check off, the versioned upsert alone keeps the newer state.
+    let options = ConsumerOptions {
+        versioning: Versioning::Off,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("ledger-raw", handler.clone(), options);
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(Uuid::new_v4()),
+            with_version(12, 1),
+            &deposit("acc-1", 99),
+        )
+        .await;
+    let stats = consumer.stats();
+    wait_until("applied without effect", DEADLINE, || async {
+        (stats.applied() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    assert_eq!(
+        balance(&sub, "acc-1").await,
+        (2, 20),
+        "the upsert kept version 2"
+    );
+}
+
+#[tokio::test]
+async fn relay_to_consumer_end_to_end_in_key_order() {
+    let harness = Harness::start().await;
+    // The consumer's own database, apart from the producer's.
+    let sub = subscriber().await;
+    let mut messages = Vec::new();
+    for i in 0..200 {
+        messages.push(
+            postbox::Message::json(sub.queue.as_str(), &serde_json::json!({ "n": i }))
+                .expect("json payload")
+                .partition_key(format!("key-{}", i % 7)),
+        );
+    }
+    let mut tx = harness.db.pool.begin().await.expect("begin");
+    postbox::enqueue_many(&mut *tx, &messages)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let recorder = Recorder::default();
+    let options = ConsumerOptions {
+        concurrency: 4,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("projection", recorder.clone(), options);
+    let stats = consumer.stats();
+    wait_until("all 200 applied", DEADLINE, || async {
+        (stats.applied() == 200).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    harness.relay.stop().await;
+
+    let rows = applied(&sub).await;
+    assert_eq!(rows.len(), 200);
+    assert_eq!(
+        stats.stale(),
+        0,
+        "the relay keeps each key in order, so nothing is stale"
+    );
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (_, key, outbox_id) in rows {
+        let key = key.expect("partition key header");
+        let outbox_id = outbox_id.expect("outbox id header");
+        let previous = last.insert(key.clone(), outbox_id);
+        assert!(previous < Some(outbox_id), "key {key} applied out of order");
+    }
+    assert_eq!(last.len(), 7);
+}
+
+#[tokio::test]
+async fn stopping_lets_the_running_handler_commit() {
+    let sub = subscriber().await;
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let recorder = Recorder {
+        gate: Some((started.clone(), release.clone())),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let stats = consumer.stats();
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .expect("handler started");
+    let stopping = tokio::spawn(consumer.stop());
+    release.notify_one();
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("stops in time")
+        .expect("task joined")
+        .expect("no panic");
+    assert_eq!(stats.applied(), 1);
+    assert_eq!(
+        sub.inbox_row("billing", id).await.0.as_deref(),
+        Some("applied")
+    );
+    assert_eq!(
+        sub.rabbit.ready(&sub.queue).await,
+        0,
+        "acked before the channel closed"
+    );
+}
