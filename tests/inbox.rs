@@ -189,7 +189,8 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
         gate: Some((started.clone(), release.clone())),
         ..Recorder::default()
     };
-    let consumer = sub.consumer_at(
+    let consumer = sub.consumer_via(
+        sub.db.pool.clone(),
         &proxy.redirect(&common::amqp_url()),
         "billing",
         recorder.clone(),
@@ -730,4 +731,362 @@ async fn stopping_lets_the_running_handler_commit() {
         0,
         "acked before the channel closed"
     );
+}
+
+/// A batch handler: one multi-row insert per batch; fails any batch holding `poison`.
+#[derive(Clone, Default)]
+struct BatchRecorder {
+    batches: Arc<std::sync::Mutex<Vec<usize>>>,
+    poison: Option<Uuid>,
+}
+
+impl Handler for BatchRecorder {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        self.handle_batch(tx, std::slice::from_ref(message)).await
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        messages: &[Incoming],
+    ) -> Result<(), HandlerError> {
+        self.batches
+            .lock()
+            .expect("batches lock")
+            .push(messages.len());
+        if let Some(poison) = self.poison {
+            if messages.iter().any(|m| m.message_id() == poison) {
+                return Err(HandlerError::permanent("poison in batch"));
+            }
+        }
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id()).collect();
+        sqlx::query(
+            "insert into applied (message_id, attempt) select id, 1 from unnest($1::uuid[]) id",
+        )
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
+    let mut sub = subscriber().await;
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    // One message failed once before (an undecided inbox row): a batch must treat it as new.
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, attempts, last_error) \
+         values ('billing', $1, $2, 1, 'earlier failure')",
+    )
+    .bind(ids[3])
+    .bind(&sub.queue)
+    .execute(&sub.db.pool)
+    .await
+    .expect("seed inbox");
+    // Messages 0..10 were applied by an earlier run: they come back as duplicates.
+    let mut tx = sub.db.pool.begin().await.expect("begin");
+    postbox::inbox::receive_many(&mut tx, "billing", &sub.queue, &ids[10..20])
+        .await
+        .expect("pre-apply");
+    tx.commit().await.expect("commit");
+    for id in &ids {
+        sub.rabbit
+            .publish(&sub.queue, Some(*id), relay_headers(1, None), b"{}")
+            .await;
+    }
+    let poison = ids[30];
+    let handler = BatchRecorder {
+        poison: Some(poison),
+        ..BatchRecorder::default()
+    };
+    let options = ConsumerOptions {
+        batch_size: 16,
+        ..sub.options()
+    };
+    // Everything is queued before the consumer starts, so prefetch hands it full batches.
+    let consumer = sub.consumer("billing", handler.clone(), options);
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(dead[0].message_id.as_deref(), Some(poison.to_string().as_str()));
+    let stats = consumer.stats();
+    wait_until("29 applied, 10 duplicates, 1 dead", DEADLINE, || async {
+        (stats.applied() == 29 && stats.duplicates() == 10 && stats.dead_lettered() == 1)
+            .then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+
+    let batches = handler.batches.lock().expect("lock").clone();
+    assert!(
+        batches.iter().any(|n| *n > 1),
+        "messages were applied in batches: {batches:?}"
+    );
+    let mut applied: Vec<Uuid> = applied(&sub).await.into_iter().map(|r| r.0).collect();
+    applied.sort();
+    let mut expected: Vec<Uuid> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(10..20).contains(i) && *i != 30)
+        .map(|(_, id)| *id)
+        .collect();
+    expected.sort();
+    assert_eq!(applied, expected, "each new message applied exactly once");
+    assert_eq!(sub.inbox_row("billing", ids[3]).await.0.as_deref(), Some("applied"));
+    assert_eq!(sub.inbox_row("billing", ids[12]).await.1, 1, "duplicate counted");
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0, "all acked");
+}
+
+#[tokio::test]
+async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
+    let sub = subscriber().await;
+    let proxy = Proxy::start("127.0.0.1:5432".into()).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&proxy.url_for(&sub.db.url))
+        .await
+        .expect("pool through the proxy");
+    let recorder = Recorder::default();
+    let options = ConsumerOptions {
+        concurrency: 4,
+        max_attempts: 1_000,
+        ..sub.options()
+    };
+    let consumer = sub.consumer_via(pool, &common::amqp_url(), "billing", recorder.clone(), options);
+    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        sub.rabbit
+            .publish(&sub.queue, Some(*id), relay_headers(i as i64, None), b"{}")
+            .await;
+    }
+    // Cut every Postgres connection three times while messages are in flight.
+    for threshold in [50, 120, 200] {
+        wait_until("progress", DEADLINE, || async {
+            let done: i64 = sqlx::query_scalar("select count(*) from applied")
+                .fetch_one(&sub.db.pool)
+                .await
+                .ok()?;
+            (done >= threshold).then_some(())
+        })
+        .await;
+        proxy.cut();
+    }
+    wait_until("all 300 decided", DEADLINE, || async {
+        let decided: i64 =
+            sqlx::query_scalar("select count(*) from postbox.inbox where outcome = 'applied'")
+                .fetch_one(&sub.db.pool)
+                .await
+                .ok()?;
+        (decided == 300).then_some(())
+    })
+    .await;
+    let stats = consumer.stats();
+    wait_until("all acked", DEADLINE, || async {
+        (sub.rabbit.ready(&sub.queue).await == 0
+            && stats.applied() + stats.duplicates() >= 300)
+            .then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    let rows = applied(&sub).await;
+    let distinct: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(rows.len(), 300, "no message applied twice");
+    assert_eq!(distinct, ids.into_iter().collect(), "no message lost");
+}
+
+#[tokio::test]
+async fn running_the_whole_pipeline_twice_leaves_the_same_state() {
+    let harness = Harness::start().await;
+    let sub = subscriber().await;
+    let handler = Balances::new(&sub).await;
+    let consumer = sub.consumer("ledger", handler.clone(), sub.options());
+    let stats = consumer.stats();
+    // The producer's job: 30 deposits over 5 accounts, with ids derived from the input.
+    let produce = || async {
+        let messages: Vec<postbox::Message> = (0..30)
+            .map(|n| {
+                let account = format!("acc-{}", n % 5);
+                postbox::Message::json(
+                    sub.queue.as_str(),
+                    &serde_json::json!({ "account": account, "balance": n * 10 }),
+                )
+                .expect("json")
+                .partition_key(account)
+                .deterministic_id(["deposit", &n.to_string()])
+            })
+            .collect();
+        let mut tx = harness.db.pool.begin().await.expect("begin");
+        postbox::enqueue_many(&mut *tx, &messages)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+    };
+    let snapshot = || async {
+        let balances: Vec<(String, i64, i64)> =
+            sqlx::query_as("select account, version, balance from balances order by account")
+                .fetch_all(&sub.db.pool)
+                .await
+                .expect("balances");
+        let inbox: i64 =
+            sqlx::query_scalar("select count(*) from postbox.inbox where outcome = 'applied'")
+                .fetch_one(&sub.db.pool)
+                .await
+                .expect("inbox count");
+        (balances, inbox)
+    };
+
+    produce().await;
+    wait_until("first run applied", DEADLINE, || async {
+        (stats.applied() == 30).then_some(())
+    })
+    .await;
+    let first = snapshot().await;
+
+    // Run it all again from the same input: the producer's outbox was restored from before
+    // the run (its rows pending again), so the relay publishes every event a second time.
+    sqlx::query("update postbox.outbox set published_at = null")
+        .execute(&harness.db.pool)
+        .await
+        .expect("reset outbox");
+    produce().await; // deterministic ids: a no-op for rows already there
+    wait_until("second run absorbed", DEADLINE, || async {
+        (stats.duplicates() == 30).then_some(())
+    })
+    .await;
+    let second = snapshot().await;
+    consumer.stop().await.expect("stops");
+    harness.relay.stop().await;
+
+    assert_eq!(first.1, 30);
+    assert_eq!(first.0.len(), 5);
+    assert_eq!(first, second, "destination state and row counts identical after each run");
+    assert_eq!(stats.applied(), 30);
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 30);
+}
+
+#[tokio::test]
+async fn the_inbox_functions_work_inside_any_transaction() {
+    use postbox::inbox::{receive, Receipt, Status};
+    let sub = subscriber().await;
+    let receipt = |message_id, version| Receipt {
+        consumer: "own-loop",
+        message_id,
+        queue: "q",
+        routing_key: "rk",
+        partition_key: Some("key-1"),
+        version: Some(version),
+    };
+    let status = |id: Uuid, version: i64, commit: bool| {
+        let pool = sub.db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let status = receive(&mut tx, &receipt(id, version)).await.expect("receive");
+            if commit {
+                tx.commit().await.expect("commit");
+            } else {
+                tx.rollback().await.expect("rollback");
+            }
+            status
+        }
+    };
+    let first = Uuid::new_v4();
+    // Rolled back: nothing recorded, so it is still new.
+    assert_eq!(status(first, 5, false).await, Status::New { failed_attempts: 0 });
+    assert_eq!(status(first, 5, true).await, Status::New { failed_attempts: 0 });
+    assert_eq!(status(first, 5, true).await, Status::Duplicate);
+    assert_eq!(status(Uuid::new_v4(), 4, true).await, Status::Stale);
+    assert_eq!(status(Uuid::new_v4(), 6, true).await, Status::New { failed_attempts: 0 });
+
+    let failing = Uuid::new_v4();
+    let failures = postbox::inbox::record_failure(&sub.db.pool, &receipt(failing, 7), "boom")
+        .await
+        .expect("record failure");
+    assert_eq!(failures, Some(1));
+    assert_eq!(status(failing, 7, true).await, Status::New { failed_attempts: 1 });
+}
+
+#[tokio::test]
+async fn cleanup_deletes_only_old_decided_rows() {
+    let sub = subscriber().await;
+    // 2,500 old decided rows (more than one cleanup batch), a recent one, an old undecided one,
+    // and an old one of another consumer.
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
+         select 'billing', gen_random_uuid(), 'q', 'applied', now() - interval '2 days' \
+         from generate_series(1, 2500)",
+    )
+    .execute(&sub.db.pool)
+    .await
+    .expect("old rows");
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at, attempts) values \
+         ('billing', gen_random_uuid(), 'q', 'applied', now(), 0), \
+         ('billing', gen_random_uuid(), 'q', null, null, 3), \
+         ('shipping', gen_random_uuid(), 'q', 'stale', now() - interval '2 days', 0)",
+    )
+    .execute(&sub.db.pool)
+    .await
+    .expect("other rows");
+    let day = Duration::from_secs(24 * 3600);
+    let deleted = postbox::inbox::cleanup(&sub.db.pool, Some("billing"), day)
+        .await
+        .expect("cleanup");
+    assert_eq!(deleted, 2500);
+    let left: Vec<(String, Option<String>)> =
+        sqlx::query_as("select consumer, outcome from postbox.inbox order by consumer, outcome")
+            .fetch_all(&sub.db.pool)
+            .await
+            .expect("rows left");
+    assert_eq!(
+        left,
+        [
+            ("billing".to_string(), Some("applied".to_string())),
+            ("billing".to_string(), None),
+            ("shipping".to_string(), Some("stale".to_string())),
+        ]
+    );
+    assert_eq!(
+        postbox::inbox::cleanup(&sub.db.pool, None, day).await.expect("cleanup all"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
+    let sub = subscriber().await;
+    let started = Arc::new(Notify::new());
+    let never = Arc::new(Notify::new());
+    let recorder = Recorder {
+        gate: Some((started.clone(), never)),
+        ..Recorder::default()
+    };
+    let options = ConsumerOptions {
+        shutdown_timeout: Duration::from_millis(200),
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), options);
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .expect("handler started");
+    tokio::time::timeout(DEADLINE, consumer.stop())
+        .await
+        .expect("stops after the shutdown timeout")
+        .expect("no panic");
+    assert!(applied(&sub).await.is_empty(), "the handler's write rolled back");
+    let inbox: i64 = sqlx::query_scalar("select count(*) from postbox.inbox")
+        .fetch_one(&sub.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(inbox, 0, "nothing recorded");
+    wait_until("the message back in the queue", DEADLINE, || async {
+        (sub.rabbit.ready(&sub.queue).await == 1).then_some(())
+    })
+    .await;
 }

@@ -183,16 +183,33 @@ impl<H: Handler> Consumer<H> {
             stats,
         });
         let connection_name = format!("postbox consumer {}", shared.name);
+        let cleaner = tokio::spawn(super::retention::run(
+            shared.pool.clone(),
+            shared.name.clone(),
+            shared.options.clone(),
+            shutdown.clone(),
+        ));
+        let result = Self::consume(&shared, &broker, &connection_name, &shutdown).await;
+        let _ = cleaner.await;
+        result
+    }
+
+    async fn consume(
+        shared: &Arc<Shared<H>>,
+        broker: &Broker,
+        connection_name: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         loop {
-            let session = until_ok("consumer: rabbitmq", &shutdown, || {
-                Session::open(&broker, &connection_name, &shared)
+            let session = until_ok("consumer: rabbitmq", shutdown, || {
+                Session::open(broker, connection_name, shared)
             })
             .await;
             let Some(session) = session else {
                 return Ok(());
             };
             tracing::info!(queue = %shared.queue, consumer = %shared.name, "consumer: consuming");
-            if session.run(&shared, &shutdown).await {
+            if session.run(shared, shutdown).await {
                 return Ok(());
             }
             tracing::warn!(queue = %shared.queue, "consumer: connection lost; reconnecting");
@@ -256,13 +273,25 @@ impl Session {
                 dead_letters: self.dead_letters.clone(),
                 session: session.clone(),
             };
+            // With one worker, jobs arrive in delivery-tag order, so a batch's acks can be one
+            // `multiple` ack; with several, a multiple ack would cover other workers' messages.
+            let ack_multiple = shared.options.concurrency == 1;
+            let batch_size = shared.options.batch_size;
             workers.spawn(async move {
-                while let Some(job) = rx.recv().await {
+                let mut jobs = Vec::with_capacity(batch_size);
+                while rx.recv_many(&mut jobs, batch_size).await > 0 {
                     if worker.session.is_cancelled() {
-                        // Unacked: the broker redelivers it.
+                        // Unacked: the broker redelivers them.
+                        jobs.clear();
                         continue;
                     }
-                    worker.process(job).await;
+                    if jobs.len() == 1 {
+                        for job in jobs.drain(..) {
+                            worker.process(job).await;
+                        }
+                    } else {
+                        worker.process_batch(&mut jobs, ack_multiple).await;
+                    }
                 }
             });
             queues.push(tx);

@@ -45,6 +45,24 @@ pub trait Handler: Send + Sync + 'static {
         tx: &mut Transaction<'_, Postgres>,
         message: &Incoming,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Applies several new messages in one transaction, when the consumer's `batch_size` is
+    /// above 1 (duplicates are filtered out first, with one inbox statement for the batch).
+    /// Override it to write the batch in a few statements; the default calls
+    /// [`handle`](Handler::handle) for each message in order. If it fails, the consumer rolls
+    /// the batch back and processes its messages one by one, with the usual retries.
+    fn handle_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        messages: &[Incoming],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for message in messages {
+                self.handle(tx, message).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How a failure is treated.

@@ -35,6 +35,8 @@ mod dead_letter;
 mod handler;
 mod incoming;
 mod options;
+mod receive;
+mod retention;
 mod upsert;
 mod worker;
 
@@ -46,4 +48,7 @@ pub use dead_letter::{
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
+pub use retention::{cleanup, CLEANUP_BATCH};
+pub use receive::{receive, receive_many, record_failure, Status};
 pub use upsert::VersionedUpsert;
+pub use crate::store::inbox::{Outcome, Receipt};

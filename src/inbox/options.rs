@@ -55,6 +55,13 @@ pub struct ConsumerOptions {
     /// Messages processed at once. Messages of one partition key are always processed one at
     /// a time and in order, whatever this is.
     pub concurrency: usize,
+    /// Messages applied per transaction through [`Handler::handle_batch`](super::Handler),
+    /// with one inbox statement for the whole batch. 1 (the default) processes each message in
+    /// its own transaction. A batch is whatever has arrived, up to this many: no waiting to
+    /// fill it. Batches deduplicate by message id but do not check versions (see
+    /// [`Versioning`]); guard order-sensitive writes with a
+    /// [`VersionedUpsert`](super::VersionedUpsert).
+    pub batch_size: usize,
     /// Handler runs before a transiently failing message is dead-lettered.
     pub max_attempts: u32,
     /// Delay before the first retry; it doubles (with jitter) up to `retry_max_delay`.
@@ -67,6 +74,13 @@ pub struct ConsumerOptions {
     pub on_malformed: MalformedPolicy,
     /// How stale messages are recognized.
     pub versioning: Versioning,
+    /// How long decided inbox rows are kept to recognize duplicates; the consumer deletes older
+    /// ones every `cleanup_interval`. `None` keeps them forever. Must exceed the longest time
+    /// a message can come back (consumer and relay retries, replays): a duplicate arriving
+    /// later is applied again, unless the version check finds it stale.
+    pub dedup_window: Option<Duration>,
+    /// How often the consumer deletes inbox rows older than `dedup_window`.
+    pub cleanup_interval: Duration,
     /// On stop, how long handlers already running may take to finish before they are
     /// abandoned (rolled back; the broker redelivers their messages).
     pub shutdown_timeout: Duration,
@@ -77,12 +91,15 @@ impl Default for ConsumerOptions {
         Self {
             prefetch: 64,
             concurrency: 1,
+            batch_size: 1,
             max_attempts: 5,
             retry_initial_delay: Duration::from_millis(200),
             retry_max_delay: Duration::from_secs(10),
             dead_letter: DeadLetter::DefaultQueue,
             on_malformed: MalformedPolicy::DeadLetter,
             versioning: Versioning::OutboxId,
+            dedup_window: Some(Duration::from_secs(7 * 24 * 3600)),
+            cleanup_interval: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -124,6 +141,13 @@ impl ConsumerOptions {
                 "expected at least `concurrency`, or workers would sit idle",
             ));
         }
+        if self.batch_size == 0 || self.batch_size > usize::from(self.prefetch) {
+            return Err(invalid(
+                "consumer.batch_size",
+                self.batch_size.to_string(),
+                "expected 1 to `prefetch`",
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(invalid(
                 "consumer.max_attempts",
@@ -136,6 +160,28 @@ impl ConsumerOptions {
                 "consumer.retry_initial_delay",
                 format!("{:?}", self.retry_initial_delay),
                 "expected at most retry_max_delay",
+            ));
+        }
+        if let Some(window) = self.dedup_window {
+            let horizon = super::retention::retry_horizon(self);
+            if window <= horizon {
+                return Err(Error::Config {
+                    setting: "consumer.dedup_window",
+                    value: format!("{window:?}"),
+                    reason: format!(
+                        "expected more than the consumer's retry horizon ({horizon:?} with \
+                         max_attempts {} and retry delays {:?} to {:?}): a message retried \
+                         after its inbox row was deleted would be applied twice",
+                        self.max_attempts, self.retry_initial_delay, self.retry_max_delay
+                    ),
+                });
+            }
+        }
+        if self.cleanup_interval.is_zero() {
+            return Err(invalid(
+                "consumer.cleanup_interval",
+                "0s".into(),
+                "expected a positive interval",
             ));
         }
         let (exchange, routing_key) = self.dead_letter_target(queue);
@@ -213,6 +259,13 @@ mod tests {
             ),
             (
                 ConsumerOptions {
+                    batch_size: 65,
+                    ..ConsumerOptions::default()
+                },
+                "consumer.batch_size",
+            ),
+            (
+                ConsumerOptions {
                     max_attempts: 0,
                     ..ConsumerOptions::default()
                 },
@@ -231,6 +284,14 @@ mod tests {
                     ..ConsumerOptions::default()
                 },
                 "consumer.dead_letter.routing_key",
+            ),
+            (
+                ConsumerOptions {
+                    // 5 attempts, delays 200ms..10s: horizon 2·(0.2+0.4+0.8+1.6) = 6s
+                    dedup_window: Some(Duration::from_secs(5)),
+                    ..ConsumerOptions::default()
+                },
+                "consumer.dedup_window",
             ),
             (
                 ConsumerOptions {

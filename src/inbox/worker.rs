@@ -15,7 +15,8 @@ use super::dead_letter::{Cause, DeadLetters};
 use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
 use super::{HandlerError, Versioning};
 use crate::reconnect::connection_backoff;
-use crate::store::inbox::{self, Arrival, Claim, Outcome};
+use super::receive::{receive, Status};
+use crate::store::inbox::{self, Outcome, Receipt};
 
 /// A delivery on its way to a worker.
 pub(crate) struct Job {
@@ -56,7 +57,7 @@ enum Decision {
     Decided(Outcome),
     /// Failed `max_attempts` times already (before a restart, say).
     Exhausted {
-        attempts: i32,
+        attempts: u32,
     },
 }
 
@@ -70,20 +71,114 @@ pub(crate) struct Worker<H> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Processes `job` and acks it once its outcome is committed. Returns without acking if the
-    /// session ends first; the broker then redelivers the message.
-    pub async fn process(&self, job: Job) {
+    /// Processes `job` and acks it once its outcome is committed. Returns false, without
+    /// acking, if the session ends first; the broker then redelivers the message.
+    pub async fn process(&self, job: Job) -> bool {
         let Job { acker, message } = job;
         let done = match message {
             Ok(incoming) => self.process_incoming(incoming).await,
             Err(malformed) => self.reject_malformed(malformed).await,
         };
         if done {
-            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
-                // The outcome is committed: the redelivery will be recognized as a duplicate.
-                tracing::warn!(%error, queue = %self.shared.queue, "consumer: ack failed; the message will come back as a duplicate");
+            self.ack(&acker, false).await;
+        }
+        done
+    }
+
+    async fn ack(&self, acker: &Acker, multiple: bool) {
+        if let Err(error) = acker.ack(BasicAckOptions { multiple }).await {
+            // The outcome is committed: the redelivery will be recognized as a duplicate.
+            tracing::warn!(%error, queue = %self.shared.queue, "consumer: ack failed; the message will come back as a duplicate");
+        }
+    }
+
+    /// Processes `jobs` (drained) in one transaction: one inbox statement filters out the
+    /// duplicates, the handler applies the rest as a batch, one commit, then the acks. Anything
+    /// unusual (malformed messages, a failing batch, Postgres down) falls back to processing
+    /// messages one by one, which retries and dead-letters as usual.
+    pub async fn process_batch(&self, jobs: &mut Vec<Job>, ack_multiple: bool) {
+        let shared = &self.shared;
+        let mut all_done = true;
+        let mut messages = Vec::with_capacity(jobs.len());
+        let mut ackers = Vec::with_capacity(jobs.len());
+        for job in jobs.drain(..) {
+            match job.message {
+                Ok(incoming) => {
+                    messages.push(incoming);
+                    ackers.push(job.acker);
+                }
+                malformed => {
+                    all_done &= self
+                        .process(Job {
+                            acker: job.acker,
+                            message: malformed,
+                        })
+                        .await;
+                }
             }
         }
+        let Some(last) = ackers.last() else {
+            return;
+        };
+        match self.apply_batch(&messages).await {
+            Ok((applied, duplicates)) => {
+                for _ in 0..applied {
+                    shared.stats.record(Counter::Applied);
+                }
+                for _ in 0..duplicates {
+                    shared.stats.record(Counter::Duplicates);
+                }
+                if ack_multiple && all_done {
+                    self.ack(last, true).await;
+                } else {
+                    for acker in &ackers {
+                        self.ack(acker, false).await;
+                    }
+                }
+            }
+            Err(failure) => {
+                tracing::debug!(error = %failure, messages = messages.len(), "consumer: batch failed; processing its messages one by one");
+                for (incoming, acker) in messages.into_iter().zip(ackers) {
+                    if !self
+                        .process(Job {
+                            acker,
+                            message: Ok(incoming),
+                        })
+                        .await
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batch transaction. Returns (applied, duplicates).
+    async fn apply_batch(&self, messages: &[Incoming]) -> Result<(usize, usize), String> {
+        let shared = &self.shared;
+        let mut tx = shared.pool.begin().await.map_err(|e| e.to_string())?;
+        let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.message_id).collect();
+        let new: std::collections::HashSet<uuid::Uuid> =
+            super::receive_many(&mut tx, &shared.name, &shared.queue, &ids)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .collect();
+        // Each new id once, in arrival order; the rest (an id twice in the batch included) are
+        // duplicates.
+        let mut seen = std::collections::HashSet::new();
+        let batch: Vec<Incoming> = messages
+            .iter()
+            .filter(|m| new.contains(&m.message_id) && seen.insert(m.message_id))
+            .cloned()
+            .collect();
+        shared
+            .handler
+            .handle_batch(&mut tx, &batch)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        Ok((batch.len(), messages.len() - batch.len()))
     }
 
     async fn process_incoming(&self, mut incoming: Incoming) -> bool {
@@ -95,7 +190,7 @@ impl<H: Handler> Worker<H> {
         };
         let partition_key = incoming.partition_key().map(str::to_owned);
         let routing_key = incoming.routing_key.clone();
-        let arrival = Arrival {
+        let receipt = Receipt {
             consumer: &shared.name,
             message_id: incoming.message_id,
             queue: &shared.queue,
@@ -108,7 +203,7 @@ impl<H: Handler> Worker<H> {
             if self.session.is_cancelled() {
                 return false;
             }
-            let failure = match self.run_once(&mut incoming, &arrival).await {
+            let failure = match self.run_once(&mut incoming, &receipt).await {
                 Ok(Decision::Duplicate) => {
                     shared.stats.record(Counter::Duplicates);
                     tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
@@ -123,14 +218,21 @@ impl<H: Handler> Worker<H> {
                 }
                 Ok(Decision::Exhausted { attempts }) => {
                     let error = format!("failed {attempts} times before; giving up");
-                    let attempts = u32::try_from(attempts).unwrap_or(0);
                     return self
-                        .dead_letter(&incoming, Some(&arrival), &error, attempts)
+                        .dead_letter(&incoming, Some(&receipt), &error, attempts)
                         .await;
                 }
                 Err(Failed::Database(error)) => {
                     let delay = outages.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(%error, retry_in = ?delay, "consumer: postgres unavailable");
+                    self.pause(delay).await;
+                    continue;
+                }
+                Err(Failed::Handler(failure)) if lost_connection(&failure) => {
+                    // The handler's own queries lost Postgres: an outage, not the message's
+                    // fault, so no attempt is counted.
+                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %failure, retry_in = ?delay, "consumer: postgres connection lost in the handler");
                     self.pause(delay).await;
                     continue;
                 }
@@ -140,18 +242,18 @@ impl<H: Handler> Worker<H> {
             match failure.kind() {
                 FailureKind::Malformed => {
                     return self
-                        .malformed(&incoming, Some(&arrival), &error, incoming.attempt)
+                        .malformed(&incoming, Some(&receipt), &error, incoming.attempt)
                         .await;
                 }
                 FailureKind::Permanent => {
                     return self
-                        .dead_letter(&incoming, Some(&arrival), &error, incoming.attempt)
+                        .dead_letter(&incoming, Some(&receipt), &error, incoming.attempt)
                         .await;
                 }
                 FailureKind::Transient => {}
             }
             shared.stats.record(Counter::Failures);
-            let attempts = match inbox::record_failure(&shared.pool, &arrival, &error).await {
+            let attempts = match inbox::record_failure(&shared.pool, &receipt, &error).await {
                 Ok(Some(attempts)) => attempts,
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
@@ -165,7 +267,7 @@ impl<H: Handler> Worker<H> {
             };
             if u32::try_from(attempts).unwrap_or(u32::MAX) >= shared.options.max_attempts {
                 return self
-                    .dead_letter(&incoming, Some(&arrival), &error, incoming.attempt)
+                    .dead_letter(&incoming, Some(&receipt), &error, incoming.attempt)
                     .await;
             }
             let delay = retry_delay(&shared.options, attempts);
@@ -182,7 +284,7 @@ impl<H: Handler> Worker<H> {
     async fn run_once(
         &self,
         incoming: &mut Incoming,
-        arrival: &Arrival<'_>,
+        receipt: &Receipt<'_>,
     ) -> Result<Decision, Failed> {
         let shared = &self.shared;
         let mut tx = shared
@@ -190,19 +292,29 @@ impl<H: Handler> Worker<H> {
             .begin()
             .await
             .map_err(|e| Failed::Database(db("beginning the inbox transaction", e)))?;
-        let claim = inbox::claim(&mut tx, arrival)
+        let status = receive(&mut tx, receipt)
             .await
             .map_err(Failed::Database)?;
-        let outcome = match claim {
-            Claim::Duplicate(_) => None,
-            Claim::New { attempts }
-                if u32::try_from(attempts).unwrap_or(0) >= shared.options.max_attempts =>
-            {
-                return Ok(Decision::Exhausted { attempts });
+        let outcome = match status {
+            Status::Duplicate => None,
+            Status::Stale => {
+                tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, version = receipt.version, "consumer: stale message skipped; a newer version was applied");
+                Some(Outcome::Stale)
             }
-            Claim::New { attempts } => {
-                incoming.attempt = u32::try_from(attempts).unwrap_or(0).saturating_add(1);
-                Some(self.apply(&mut tx, incoming, arrival).await?)
+            // Rolled back with `tx`: the dead-letter path records the outcome.
+            Status::New { failed_attempts } if failed_attempts >= shared.options.max_attempts => {
+                return Ok(Decision::Exhausted {
+                    attempts: failed_attempts,
+                });
+            }
+            Status::New { failed_attempts } => {
+                incoming.attempt = failed_attempts.saturating_add(1);
+                shared
+                    .handler
+                    .handle(&mut tx, incoming)
+                    .await
+                    .map_err(Failed::Handler)?;
+                Some(Outcome::Applied)
             }
         };
         tx.commit()
@@ -212,36 +324,6 @@ impl<H: Handler> Worker<H> {
             None => Decision::Duplicate,
             Some(outcome) => Decision::Decided(outcome),
         })
-    }
-
-    async fn apply(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-        incoming: &Incoming,
-        arrival: &Arrival<'_>,
-    ) -> Result<Outcome, Failed> {
-        let shared = &self.shared;
-        if let (Some(key), Some(version)) = (arrival.partition_key, arrival.version) {
-            let newer = inbox::advance_version(tx, &shared.name, key, version, arrival.message_id)
-                .await
-                .map_err(Failed::Database)?;
-            if !newer {
-                inbox::decide(tx, &shared.name, arrival.message_id, Outcome::Stale)
-                    .await
-                    .map_err(Failed::Database)?;
-                tracing::info!(message_id = %arrival.message_id, partition_key = key, version, "consumer: stale message skipped; a newer version was applied");
-                return Ok(Outcome::Stale);
-            }
-        }
-        shared
-            .handler
-            .handle(tx, incoming)
-            .await
-            .map_err(Failed::Handler)?;
-        inbox::decide(tx, &shared.name, arrival.message_id, Outcome::Applied)
-            .await
-            .map_err(Failed::Database)?;
-        Ok(Outcome::Applied)
     }
 
     async fn reject_malformed(&self, malformed: Malformed) -> bool {
@@ -263,7 +345,7 @@ impl<H: Handler> Worker<H> {
     async fn malformed(
         &self,
         incoming: &Incoming,
-        arrival: Option<&Arrival<'_>>,
+        receipt: Option<&Receipt<'_>>,
         reason: &str,
         attempts: u32,
     ) -> bool {
@@ -271,12 +353,12 @@ impl<H: Handler> Worker<H> {
         match shared.options.on_malformed {
             MalformedPolicy::DeadLetter => {
                 tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; dead-lettering it");
-                self.dead_letter(incoming, arrival, reason, attempts).await
+                self.dead_letter(incoming, receipt, reason, attempts).await
             }
             MalformedPolicy::Discard => {
                 tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; discarding it");
-                if let Some(arrival) = arrival {
-                    if !self.record(arrival, Outcome::Discarded, reason).await {
+                if let Some(receipt) = receipt {
+                    if !self.record(receipt, Outcome::Discarded, reason).await {
                         return false;
                     }
                 }
@@ -291,7 +373,7 @@ impl<H: Handler> Worker<H> {
     async fn dead_letter(
         &self,
         incoming: &Incoming,
-        arrival: Option<&Arrival<'_>>,
+        receipt: Option<&Receipt<'_>>,
         error: &str,
         attempts: u32,
     ) -> bool {
@@ -317,8 +399,8 @@ impl<H: Handler> Worker<H> {
             }
         }
         tracing::warn!(message_id = %incoming.message_id, queue = %shared.queue, consumer = %shared.name, attempts, error, "consumer: message dead-lettered");
-        if let Some(arrival) = arrival {
-            if !self.record(arrival, Outcome::DeadLettered, error).await {
+        if let Some(receipt) = receipt {
+            if !self.record(receipt, Outcome::DeadLettered, error).await {
                 return false;
             }
         }
@@ -328,10 +410,10 @@ impl<H: Handler> Worker<H> {
 
     /// Records an outcome decided outside the handler's transaction, retrying while Postgres
     /// is down. Returns false if the session ended first.
-    async fn record(&self, arrival: &Arrival<'_>, outcome: Outcome, error: &str) -> bool {
+    async fn record(&self, receipt: &Receipt<'_>, outcome: Outcome, error: &str) -> bool {
         let mut delays = connection_backoff();
         loop {
-            match inbox::record_outcome(&self.shared.pool, arrival, outcome, Some(error)).await {
+            match inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error)).await {
                 Ok(()) => return true,
                 Err(db_error) => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -364,6 +446,35 @@ fn retry_delay(options: &ConsumerOptions, attempts: i32) -> Duration {
         .build()
         .nth(index)
         .unwrap_or(options.retry_max_delay)
+}
+
+/// Whether a transient failure is Postgres going away (connection refused, reset, pool
+/// exhausted) rather than something about the message.
+fn lost_connection(failure: &HandlerError) -> bool {
+    if failure.kind() != FailureKind::Transient {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(failure.error());
+    while let Some(error) = source {
+        let sqlx_error = error.downcast_ref::<sqlx::Error>().or_else(|| {
+            match error.downcast_ref::<crate::Error>() {
+                Some(crate::Error::Database { source, .. }) => Some(source),
+                _ => None,
+            }
+        });
+        if let Some(sqlx_error) = sqlx_error {
+            return matches!(
+                sqlx_error,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            );
+        }
+        source = error.source();
+    }
+    false
 }
 
 fn db(context: &str, error: sqlx::Error) -> crate::Error {

@@ -6,9 +6,9 @@ use uuid::Uuid;
 
 use crate::error::{Context, Result};
 
-/// What the inbox records about one delivery.
+/// What the inbox records about one delivery (see [`receive`](crate::inbox::receive)).
 #[derive(Debug, Clone)]
-pub struct Arrival<'a> {
+pub struct Receipt<'a> {
     /// The consumer's name.
     pub consumer: &'a str,
     /// The message's id.
@@ -82,9 +82,9 @@ on conflict (consumer, message_id) do update
 returning i.outcome, i.attempts
 "#;
 
-/// Claims `arrival`'s message id inside the handler's transaction.
-pub async fn claim(conn: &mut PgConnection, arrival: &Arrival<'_>) -> Result<Claim> {
-    let row = bind(sqlx::query(CLAIM), arrival)
+/// Claims `receipt`'s message id inside the handler's transaction.
+pub async fn claim(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Claim> {
+    let row = bind(sqlx::query(CLAIM), receipt)
         .fetch_one(conn)
         .await
         .context("claiming a message id in postbox.inbox")?;
@@ -162,10 +162,10 @@ returning i.attempts
 /// Returns the failed runs so far, or `None` if the message was decided meanwhile.
 pub async fn record_failure<'e, E: PgExecutor<'e>>(
     executor: E,
-    arrival: &Arrival<'_>,
+    receipt: &Receipt<'_>,
     error: &str,
 ) -> Result<Option<i32>> {
-    let row = bind(sqlx::query(RECORD_FAILURE), arrival)
+    let row = bind(sqlx::query(RECORD_FAILURE), receipt)
         .bind(error)
         .fetch_optional(executor)
         .await
@@ -188,11 +188,11 @@ on conflict (consumer, message_id) do update
 /// A message decided meanwhile keeps its outcome.
 pub async fn record_outcome<'e, E: PgExecutor<'e>>(
     executor: E,
-    arrival: &Arrival<'_>,
+    receipt: &Receipt<'_>,
     outcome: Outcome,
     error: Option<&str>,
 ) -> Result<()> {
-    bind(sqlx::query(RECORD_OUTCOME), arrival)
+    bind(sqlx::query(RECORD_OUTCOME), receipt)
         .bind(outcome.as_str())
         .bind(error)
         .execute(executor)
@@ -201,46 +201,110 @@ pub async fn record_outcome<'e, E: PgExecutor<'e>>(
     Ok(())
 }
 
-const CLAIM_MANY: &str = r#"
+const INSERT_MANY: &str = r#"
 insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at)
 select $1, m.id, $2, 'applied', now() from unnest($3::uuid[]) as m(id)
-on conflict (consumer, message_id) do update
-    set duplicates = postbox.inbox.duplicates + 1, last_received_at = now()
-returning message_id, (xmax = 0) as new
+on conflict (consumer, message_id) do nothing
+returning message_id
 "#;
 
-/// Claims many message ids at once for a batch handler, marking them applied (the caller
-/// commits its writes in the same transaction). Returns the ids that were new; the others are
-/// counted as duplicates.
+// For ids that were there already: undecided ones (failed before) become applied now, decided
+// ones count a duplicate. The locking subquery reads each row's outcome as it was before this
+// update, after waiting for any transaction that holds it.
+const REVISIT_MANY: &str = r#"
+update postbox.inbox i
+set outcome = coalesce(i.outcome, 'applied'),
+    processed_at = coalesce(i.processed_at, now()),
+    duplicates = i.duplicates + (old.outcome is not null)::int,
+    last_received_at = now()
+from (select consumer, message_id, outcome from postbox.inbox
+      where consumer = $1 and message_id = any($2)
+      for update) as old
+where i.consumer = old.consumer and i.message_id = old.message_id
+returning i.message_id, old.outcome is null
+"#;
+
+/// Claims many distinct message ids at once for a batch handler, marking the new ones applied
+/// (the caller commits its writes in the same transaction). Returns the new ids; the others
+/// are counted as duplicates. One statement when every id is new, two otherwise.
 pub async fn claim_many(
     conn: &mut PgConnection,
     consumer: &str,
     queue: &str,
     message_ids: &[Uuid],
 ) -> Result<Vec<Uuid>> {
-    let rows = sqlx::query(CLAIM_MANY)
+    let mut new: Vec<Uuid> = sqlx::query_scalar(INSERT_MANY)
         .bind(consumer)
         .bind(queue)
         .bind(message_ids)
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await
         .context("claiming message ids in postbox.inbox")?;
-    Ok(rows
-        .iter()
-        .filter(|row| row.get::<bool, _>(1))
-        .map(|row| row.get(0))
-        .collect())
+    if new.len() < message_ids.len() {
+        let inserted: std::collections::HashSet<Uuid> = new.iter().copied().collect();
+        let rest: Vec<Uuid> = message_ids
+            .iter()
+            .filter(|id| !inserted.contains(id))
+            .copied()
+            .collect();
+        let rows = sqlx::query(REVISIT_MANY)
+            .bind(consumer)
+            .bind(&rest)
+            .fetch_all(&mut *conn)
+            .await
+            .context("counting duplicates in postbox.inbox")?;
+        new.extend(
+            rows.iter()
+                .filter(|row| row.get::<bool, _>(1))
+                .map(|row| row.get::<Uuid, _>(0)),
+        );
+    }
+    Ok(new)
+}
+
+// Small batches, each its own statement and transaction: no long locks, and concurrent
+// cleaners skip each other's rows instead of waiting.
+const CLEANUP: &str = r#"
+with doomed as (
+    select consumer, message_id from postbox.inbox
+    where processed_at < now() - $1 * interval '1 millisecond'
+      and ($2::text is null or consumer = $2)
+    order by processed_at
+    limit $3
+    for update skip locked
+)
+delete from postbox.inbox i
+using doomed d
+where i.consumer = d.consumer and i.message_id = d.message_id
+"#;
+
+/// Deletes up to `limit` decided rows older than `older_than_ms` (of `consumer`, or of every
+/// consumer). Undecided rows (failures being retried) are never deleted.
+pub async fn cleanup_batch<'e, E: PgExecutor<'e>>(
+    executor: E,
+    consumer: Option<&str>,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<u64> {
+    Ok(sqlx::query(CLEANUP)
+        .bind(older_than_ms)
+        .bind(consumer)
+        .bind(limit)
+        .execute(executor)
+        .await
+        .context("deleting old rows from postbox.inbox")?
+        .rows_affected())
 }
 
 fn bind<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    arrival: &Arrival<'q>,
+    receipt: &Receipt<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     query
-        .bind(arrival.consumer)
-        .bind(arrival.message_id)
-        .bind(arrival.queue)
-        .bind(arrival.routing_key)
-        .bind(arrival.partition_key)
-        .bind(arrival.version)
+        .bind(receipt.consumer)
+        .bind(receipt.message_id)
+        .bind(receipt.queue)
+        .bind(receipt.routing_key)
+        .bind(receipt.partition_key)
+        .bind(receipt.version)
 }

@@ -427,10 +427,11 @@ impl Subscriber {
         }
     }
 
-    /// Starts a consumer named `name` of the test's queue, connecting to the broker at
-    /// `amqp_url`.
-    pub fn consumer_at<H: postbox::inbox::Handler>(
+    /// Starts a consumer named `name` of the test's queue, writing through `pool` and
+    /// connecting to the broker at `amqp_url` (either may go through a proxy).
+    pub fn consumer_via<H: postbox::inbox::Handler>(
         &self,
+        pool: PgPool,
         amqp_url: &str,
         name: &str,
         handler: H,
@@ -438,7 +439,7 @@ impl Subscriber {
     ) -> postbox::inbox::ConsumerHandle {
         postbox::telemetry::init();
         postbox::inbox::Consumer::new(
-            self.db.pool.clone(),
+            pool,
             postbox::amqp::Broker::new([amqp_url]),
             self.queue.clone(),
             name,
@@ -456,7 +457,7 @@ impl Subscriber {
         handler: H,
         options: postbox::inbox::ConsumerOptions,
     ) -> postbox::inbox::ConsumerHandle {
-        self.consumer_at(&amqp_url(), name, handler, options)
+        self.consumer_via(self.db.pool.clone(), &amqp_url(), name, handler, options)
     }
 
     /// `(outcome, duplicates, attempts)` of a message in the inbox.

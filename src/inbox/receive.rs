@@ -1,0 +1,92 @@
+//! The inbox without the consumer: functions any code calls inside its own transaction, for
+//! subscribers that run their own consume loop or another broker client.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::store::inbox::{self, Claim, Outcome, Receipt};
+
+/// What the inbox says about a message, inside the caller's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Not seen before (or only failed before): apply it in this transaction. The inbox row
+    /// already says `applied`; it commits with your writes, or rolls back with them.
+    New {
+        /// Failed runs recorded earlier with [`record_failure`].
+        failed_attempts: u32,
+    },
+    /// Decided before: skip it (counted in `duplicates`).
+    Duplicate,
+    /// Older than the version already applied for its partition key: skip it (recorded as
+    /// `stale`).
+    Stale,
+}
+
+/// Claims `receipt`'s message id for its consumer inside the caller's transaction, and checks
+/// its version against the newest applied for its partition key. Commit the transaction
+/// whatever the status (a duplicate's count and a stale outcome are recorded in it); ack the
+/// message only after the commit.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool, message_id: uuid::Uuid) -> postbox::Result<()> {
+/// use postbox::inbox::{receive, Receipt, Status};
+///
+/// let mut tx = pool.begin().await.map_err(|e| postbox::Error::Database {
+///     context: "begin".into(), source: e })?;
+/// let receipt = Receipt {
+///     consumer: "billing", message_id, queue: "orders", routing_key: "orders",
+///     partition_key: Some("order-42"), version: Some(1017),
+/// };
+/// if let Status::New { .. } = receive(&mut tx, &receipt).await? {
+///     // ... the handler's writes, through &mut *tx ...
+/// }
+/// tx.commit().await.map_err(|e| postbox::Error::Database { context: "commit".into(), source: e })?;
+/// // ... now ack the delivery ...
+/// # Ok(()) }
+/// ```
+pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Status> {
+    let failed_attempts = match inbox::claim(conn, receipt).await? {
+        Claim::Duplicate(_) => return Ok(Status::Duplicate),
+        Claim::New { attempts } => u32::try_from(attempts).unwrap_or(0),
+    };
+    if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
+        let newer =
+            inbox::advance_version(conn, receipt.consumer, key, version, receipt.message_id)
+                .await?;
+        if !newer {
+            inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Stale).await?;
+            return Ok(Status::Stale);
+        }
+    }
+    inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
+    Ok(Status::New { failed_attempts })
+}
+
+/// Claims many message ids in one statement, for a batch applied in the caller's transaction:
+/// returns the ids that are new (now `applied`, committing with the caller's writes); the
+/// others are counted as duplicates (an id given twice is new at most once). Versions are not checked here: guard the writes with a
+/// [`VersionedUpsert`](super::VersionedUpsert) where order matters.
+pub async fn receive_many(
+    conn: &mut PgConnection,
+    consumer: &str,
+    queue: &str,
+    message_ids: &[Uuid],
+) -> Result<Vec<Uuid>> {
+    let mut ids = message_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    inbox::claim_many(conn, consumer, queue, &ids).await
+}
+
+/// Records a failed attempt in its own statement (run it outside the rolled-back transaction).
+/// Returns the failed attempts so far, or `None` if the message was decided meanwhile.
+pub async fn record_failure<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    receipt: &Receipt<'_>,
+    error: &str,
+) -> Result<Option<u32>> {
+    Ok(inbox::record_failure(executor, receipt, error)
+        .await?
+        .map(|attempts| u32::try_from(attempts).unwrap_or(0)))
+}

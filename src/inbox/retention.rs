@@ -1,0 +1,70 @@
+//! Inbox retention: decided rows older than the dedup window are deleted in small batches.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::ConsumerOptions;
+use crate::error::Result;
+use crate::store::inbox;
+
+/// Rows deleted per statement: small enough that each delete holds its locks briefly.
+pub const CLEANUP_BATCH: i64 = 1_000;
+
+/// Deletes decided inbox rows older than `older_than` (of `consumer`, or of every consumer when
+/// `None`), [`CLEANUP_BATCH`] rows per statement, until none is left. Rows of messages still
+/// being retried are kept. Returns how many rows were deleted.
+///
+/// A duplicate arriving after its row was deleted is processed again (unless the version check
+/// skips it as stale: `postbox.inbox_versions` is never cleaned up), so `older_than` must exceed
+/// the longest horizon over which a message can come back: consumer retries, relay retries,
+/// replays.
+pub async fn cleanup(pool: &PgPool, consumer: Option<&str>, older_than: Duration) -> Result<u64> {
+    let older_than_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+    let mut total = 0;
+    loop {
+        let deleted = inbox::cleanup_batch(pool, consumer, older_than_ms, CLEANUP_BATCH).await?;
+        total += deleted;
+        if deleted < CLEANUP_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// The longest a message can keep coming back through this consumer's own retries: the sum of
+/// its retry delays at their jittered maximum (twice the nominal delay).
+pub(crate) fn retry_horizon(options: &ConsumerOptions) -> Duration {
+    let mut delay = options.retry_initial_delay;
+    let mut total = Duration::ZERO;
+    for _ in 1..options.max_attempts {
+        total = total.saturating_add(delay.min(options.retry_max_delay) * 2);
+        delay = delay.saturating_mul(2);
+    }
+    total
+}
+
+/// Runs [`cleanup`] for `consumer` every `options.cleanup_interval` until `shutdown`.
+pub(crate) async fn run(
+    pool: PgPool,
+    consumer: String,
+    options: ConsumerOptions,
+    shutdown: CancellationToken,
+) {
+    let Some(window) = options.dedup_window else {
+        return;
+    };
+    loop {
+        match cleanup(&pool, Some(&consumer), window).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(consumer, deleted, "consumer: old inbox rows deleted");
+            }
+            Err(error) => tracing::warn!(%error, "consumer: inbox cleanup failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(options.cleanup_interval) => {}
+        }
+    }
+}
