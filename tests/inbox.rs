@@ -811,7 +811,10 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
     // Everything is queued before the consumer starts, so prefetch hands it full batches.
     let consumer = sub.consumer("billing", handler.clone(), options);
     let dead = sub.dead_letters.take(1, DEADLINE).await;
-    assert_eq!(dead[0].message_id.as_deref(), Some(poison.to_string().as_str()));
+    assert_eq!(
+        dead[0].message_id.as_deref(),
+        Some(poison.to_string().as_str())
+    );
     let stats = consumer.stats();
     wait_until("29 applied, 10 duplicates, 1 dead", DEADLINE, || async {
         (stats.applied() == 29 && stats.duplicates() == 10 && stats.dead_lettered() == 1)
@@ -835,8 +838,15 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
         .collect();
     expected.sort();
     assert_eq!(applied, expected, "each new message applied exactly once");
-    assert_eq!(sub.inbox_row("billing", ids[3]).await.0.as_deref(), Some("applied"));
-    assert_eq!(sub.inbox_row("billing", ids[12]).await.1, 1, "duplicate counted");
+    assert_eq!(
+        sub.inbox_row("billing", ids[3]).await.0.as_deref(),
+        Some("applied")
+    );
+    assert_eq!(
+        sub.inbox_row("billing", ids[12]).await.1,
+        1,
+        "duplicate counted"
+    );
     assert_eq!(sub.rabbit.ready(&sub.queue).await, 0, "all acked");
 }
 
@@ -855,7 +865,13 @@ async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
         max_attempts: 1_000,
         ..sub.options()
     };
-    let consumer = sub.consumer_via(pool, &common::amqp_url(), "billing", recorder.clone(), options);
+    let consumer = sub.consumer_via(
+        pool,
+        &common::amqp_url(),
+        "billing",
+        recorder.clone(),
+        options,
+    );
     let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
     for (i, id) in ids.iter().enumerate() {
         sub.rabbit
@@ -885,8 +901,7 @@ async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
     .await;
     let stats = consumer.stats();
     wait_until("all acked", DEADLINE, || async {
-        (sub.rabbit.ready(&sub.queue).await == 0
-            && stats.applied() + stats.duplicates() >= 300)
+        (sub.rabbit.ready(&sub.queue).await == 0 && stats.applied() + stats.duplicates() >= 300)
             .then_some(())
     })
     .await;
@@ -962,7 +977,10 @@ async fn running_the_whole_pipeline_twice_leaves_the_same_state() {
 
     assert_eq!(first.1, 30);
     assert_eq!(first.0.len(), 5);
-    assert_eq!(first, second, "destination state and row counts identical after each run");
+    assert_eq!(
+        first, second,
+        "destination state and row counts identical after each run"
+    );
     assert_eq!(stats.applied(), 30);
     assert_eq!(handler.runs.load(Ordering::SeqCst), 30);
 }
@@ -983,7 +1001,9 @@ async fn the_inbox_functions_work_inside_any_transaction() {
         let pool = sub.db.pool.clone();
         async move {
             let mut tx = pool.begin().await.expect("begin");
-            let status = receive(&mut tx, &receipt(id, version)).await.expect("receive");
+            let status = receive(&mut tx, &receipt(id, version))
+                .await
+                .expect("receive");
             if commit {
                 tx.commit().await.expect("commit");
             } else {
@@ -994,18 +1014,30 @@ async fn the_inbox_functions_work_inside_any_transaction() {
     };
     let first = Uuid::new_v4();
     // Rolled back: nothing recorded, so it is still new.
-    assert_eq!(status(first, 5, false).await, Status::New { failed_attempts: 0 });
-    assert_eq!(status(first, 5, true).await, Status::New { failed_attempts: 0 });
+    assert_eq!(
+        status(first, 5, false).await,
+        Status::New { failed_attempts: 0 }
+    );
+    assert_eq!(
+        status(first, 5, true).await,
+        Status::New { failed_attempts: 0 }
+    );
     assert_eq!(status(first, 5, true).await, Status::Duplicate);
     assert_eq!(status(Uuid::new_v4(), 4, true).await, Status::Stale);
-    assert_eq!(status(Uuid::new_v4(), 6, true).await, Status::New { failed_attempts: 0 });
+    assert_eq!(
+        status(Uuid::new_v4(), 6, true).await,
+        Status::New { failed_attempts: 0 }
+    );
 
     let failing = Uuid::new_v4();
     let failures = postbox::inbox::record_failure(&sub.db.pool, &receipt(failing, 7), "boom")
         .await
         .expect("record failure");
     assert_eq!(failures, Some(1));
-    assert_eq!(status(failing, 7, true).await, Status::New { failed_attempts: 1 });
+    assert_eq!(
+        status(failing, 7, true).await,
+        Status::New { failed_attempts: 1 }
+    );
 }
 
 #[tokio::test]
@@ -1049,7 +1081,9 @@ async fn cleanup_deletes_only_old_decided_rows() {
         ]
     );
     assert_eq!(
-        postbox::inbox::cleanup(&sub.db.pool, None, day).await.expect("cleanup all"),
+        postbox::inbox::cleanup(&sub.db.pool, None, day)
+            .await
+            .expect("cleanup all"),
         1
     );
 }
@@ -1079,7 +1113,10 @@ async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
         .await
         .expect("stops after the shutdown timeout")
         .expect("no panic");
-    assert!(applied(&sub).await.is_empty(), "the handler's write rolled back");
+    assert!(
+        applied(&sub).await.is_empty(),
+        "the handler's write rolled back"
+    );
     let inbox: i64 = sqlx::query_scalar("select count(*) from postbox.inbox")
         .fetch_one(&sub.db.pool)
         .await

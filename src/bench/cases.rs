@@ -1,4 +1,4 @@
-//! The cases: broker ceiling, backlog drain, idle latency.
+//! The cases: broker ceiling, backlog drain, idle latency, inbox dedup.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -88,7 +88,54 @@ pub(super) async fn run_all(
             ms(quantile(&latencies, 0.99))
         ),
     });
+    let mut dedup = Vec::new();
+    for rep in 0..options.repetitions {
+        let rate = inbox_dedup_once(env, options, rep).await?;
+        progress(&format!("inbox dedup #{}: {rate:.0} msgs/s", rep + 1));
+        dedup.push(rate);
+    }
+    let (med, min, max) = summarize(&mut dedup);
+    report.cases.push(CaseResult {
+        case: "inbox dedup".into(),
+        queue_type: "-".into(),
+        value: med,
+        min,
+        max,
+        unit: "msgs/s".into(),
+        ratio_to_ceiling: None,
+        note: format!(
+            "inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates"
+        ),
+    });
     Ok(report)
+}
+
+/// Message ids per inbox transaction in the dedup case.
+const INBOX_BATCH: usize = 1_000;
+
+/// The consumer's batch claim alone: ids claimed `INBOX_BATCH` per transaction, every tenth
+/// one a duplicate of an id from the previous batch.
+async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result<f64> {
+    let consumer = format!("bench-{rep}");
+    let total = options.messages as usize;
+    let mut previous: Vec<uuid::Uuid> = Vec::new();
+    let start = Instant::now();
+    let mut done = 0;
+    while done < total {
+        let n = INBOX_BATCH.min(total - done);
+        let ids: Vec<uuid::Uuid> = (0..n)
+            .map(|i| match previous.get(i) {
+                Some(id) if i % 10 == 9 => *id,
+                _ => uuid::Uuid::now_v7(),
+            })
+            .collect();
+        let mut tx = env.pool.begin().await.context("bench: begin")?;
+        crate::inbox::receive_many(&mut tx, &consumer, "bench", &ids).await?;
+        tx.commit().await.context("bench: commit")?;
+        previous = ids;
+        done += n;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
 fn progress(line: &str) {

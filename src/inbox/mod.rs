@@ -40,6 +40,7 @@ mod retention;
 mod upsert;
 mod worker;
 
+pub use crate::store::inbox::{Outcome, Receipt};
 pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
 pub use dead_letter::{
     HEADER_ATTEMPTS, HEADER_CONSUMER, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE,
@@ -48,7 +49,6 @@ pub use dead_letter::{
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
-pub use retention::{cleanup, CLEANUP_BATCH};
 pub use receive::{receive, receive_many, record_failure, Status};
+pub use retention::{cleanup, CLEANUP_BATCH};
 pub use upsert::VersionedUpsert;
-pub use crate::store::inbox::{Outcome, Receipt};

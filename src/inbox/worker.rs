@@ -12,10 +12,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::{Cause, DeadLetters};
+use super::receive::{receive, Status};
 use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
 use super::{HandlerError, Versioning};
 use crate::reconnect::connection_backoff;
-use super::receive::{receive, Status};
 use crate::store::inbox::{self, Outcome, Receipt};
 
 /// A delivery on its way to a worker.
@@ -292,9 +292,7 @@ impl<H: Handler> Worker<H> {
             .begin()
             .await
             .map_err(|e| Failed::Database(db("beginning the inbox transaction", e)))?;
-        let status = receive(&mut tx, receipt)
-            .await
-            .map_err(Failed::Database)?;
+        let status = receive(&mut tx, receipt).await.map_err(Failed::Database)?;
         let outcome = match status {
             Status::Duplicate => None,
             Status::Stale => {
