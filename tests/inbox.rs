@@ -1127,3 +1127,35 @@ async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_default_dead_letter_queue_is_declared_by_the_consumer() {
+    let sub = subscriber().await;
+    let options = ConsumerOptions {
+        dead_letter: postbox::inbox::DeadLetter::DefaultQueue,
+        ..sub.options()
+    };
+    let recorder = Recorder {
+        fail: Some(HandlerError::permanent),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", recorder, options);
+    sub.rabbit
+        .publish(
+            &sub.queue,
+            Some(Uuid::new_v4()),
+            relay_headers(1, None),
+            b"{}",
+        )
+        .await;
+    let stats = consumer.stats();
+    wait_until("dead-lettered", DEADLINE, || async {
+        (stats.dead_lettered() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stops");
+    let dead_queue = format!("{}.dead", sub.queue);
+    let in_dead_queue = sub.rabbit.ready(&dead_queue).await;
+    sub.rabbit.delete_queue(&dead_queue).await;
+    assert_eq!(in_dead_queue, 1);
+}

@@ -351,6 +351,14 @@ impl Rabbit {
             .expect("publish test message");
     }
 
+    /// Deletes `queue` (for queues a test's code under test declared durable).
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
+    }
+
     /// Messages ready in `queue` (not delivered to a consumer).
     pub async fn ready(&self, queue: &str) -> u32 {
         self.channel
