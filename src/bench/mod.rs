@@ -78,6 +78,7 @@ impl Env {
         url.set_path(&db_name);
         let db_url = url.to_string();
         let pool = sqlx::postgres::PgPoolOptions::new()
+            .after_connect(|conn, _| Box::pin(crate::store::tcp_nodelay(conn)))
             .max_connections(4)
             .connect(&db_url)
             .await

@@ -2,7 +2,10 @@
 //! write SQL of their own.
 
 pub mod inbox;
+mod nodelay;
 pub mod outbox;
+
+pub use nodelay::tcp_nodelay;
 
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
@@ -85,6 +88,7 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
     .await
     .context(what)?;
     Ok(sqlx::postgres::PgPoolOptions::new()
+        .after_connect(|conn, _| Box::pin(tcp_nodelay(conn)))
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_lazy_with(options))
