@@ -62,6 +62,10 @@ pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
 /// Opens a pool of up to `max_connections` to the configured database. Relay sessions carry an
 /// `application_name` (visible in `pg_stat_activity`) and an `idle_in_transaction_session_timeout`
 /// well above the confirm timeout, so rows locked by a relay that hangs are freed by Postgres.
+/// They commit with `synchronous_commit = off`: everything a relay session writes (published,
+/// retry and dead marks) can be lost in a Postgres crash without losing an event, since an
+/// unmarked row is published again, so marks need not wait for the WAL flush, which on a disk
+/// shared with RabbitMQ competes with the broker's own fsyncs.
 pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result<PgPool> {
     use crate::error::Context;
     use std::str::FromStr;
@@ -70,10 +74,13 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
     let options = sqlx::postgres::PgConnectOptions::from_str(&settings.database_url)
         .context("parsing database_url")?
         .application_name("postbox")
-        .options([(
-            "idle_in_transaction_session_timeout",
-            idle_timeout_ms.as_str(),
-        )]);
+        .options([
+            (
+                "idle_in_transaction_session_timeout",
+                idle_timeout_ms.as_str(),
+            ),
+            ("synchronous_commit", "off"),
+        ]);
     // One direct connection first: the pool would retry until its acquire timeout and then
     // report only "timed out", where this says what actually failed (refused, auth, no such db).
     let what = format!(
