@@ -351,22 +351,21 @@ fn nodelay_on_local_port(port: u16) -> Option<bool> {
 #[tokio::test]
 async fn relay_connections_send_without_nagle_delay() {
     let db = TestDb::migrated().await;
-    let pool = postbox::store::connect(&db.settings(), 1)
-        .await
-        .expect("relay pool");
-    let mut conn = pool.acquire().await.expect("connection");
-    let port: i32 = sqlx::query_scalar("select inet_client_port()")
-        .fetch_one(&mut *conn)
-        .await
-        .expect("client port");
-    let port = u16::try_from(port).expect("a TCP port");
-    assert_eq!(nodelay_on_local_port(port), Some(true));
-    // The test's own pool, built without the hook, shows the sqlx default it works around:
-    // if this starts failing, sqlx sets TCP_NODELAY again and store/nodelay.rs can go.
+    let client_port = |port: i32| u16::try_from(port).expect("a TCP port");
+    // The test's own pool shows the sqlx default this works around: if this starts failing,
+    // sqlx sets TCP_NODELAY again and store/nodelay.rs can go.
     let port: i32 = sqlx::query_scalar("select inet_client_port()")
         .fetch_one(&db.pool)
         .await
         .expect("client port");
-    let port = u16::try_from(port).expect("a TCP port");
-    assert_eq!(nodelay_on_local_port(port), Some(false));
+    assert_eq!(nodelay_on_local_port(client_port(port)), Some(false));
+
+    let pool = postbox::store::connect(&db.settings(), 1)
+        .await
+        .expect("relay pool");
+    let port: i32 = sqlx::query_scalar("select inet_client_port()")
+        .fetch_one(&pool)
+        .await
+        .expect("client port");
+    assert_eq!(nodelay_on_local_port(client_port(port)), Some(true));
 }

@@ -77,10 +77,11 @@ impl Env {
         })?;
         url.set_path(&db_name);
         let db_url = url.to_string();
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .after_connect(|conn, _| Box::pin(crate::store::tcp_nodelay(conn)))
+        let connect = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&db_url)
+            .context("parsing the bench database URL")?;
+        let pool = crate::store::without_nagle(sqlx::postgres::PgPoolOptions::new(), &connect)
             .max_connections(4)
-            .connect(&db_url)
+            .connect_with(connect)
             .await
             .context("connecting to the bench database")?;
         crate::migrate(&pool).await?;

@@ -5,7 +5,7 @@ pub mod inbox;
 mod nodelay;
 pub mod outbox;
 
-pub use nodelay::tcp_nodelay;
+pub use nodelay::without_nagle;
 
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
@@ -94,9 +94,10 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
     )
     .await
     .context(what)?;
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .after_connect(|conn, _| Box::pin(tcp_nodelay(conn)))
-        .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect_lazy_with(options))
+    Ok(
+        without_nagle(sqlx::postgres::PgPoolOptions::new(), &options)
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(options),
+    )
 }
