@@ -1,5 +1,6 @@
 //! Stage 1: claim batches of due rows, as many as there are free in-flight slots.
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,14 +23,60 @@ pub(crate) struct Claimer {
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
     pub wake: Arc<Notify>,
     pub stats: Arc<super::Stats>,
+    pub scan: Scan,
+}
+
+/// Full scans every this many claims while the tail keeps batches full.
+const FULL_SCAN_EVERY: u32 = 8;
+
+/// Where claims start scanning. The in-flight batches hold the lowest pending ids, locked; a
+/// claim from the start of the pending index would step over every one of them (SKIP LOCKED
+/// still visits each row), which under a backlog costs more than the claim itself. So claims
+/// start after the highest id claimed so far, with a full scan every `FULL_SCAN_EVERY` claims
+/// and whenever the tail runs dry, which is what finds rows that committed late with a lower
+/// id, or came back from a released batch.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// One past the highest id claimed so far.
+    next_id: AtomicI64,
+    claims: AtomicU32,
+    full_next: AtomicBool,
+}
+
+impl Scan {
+    /// The id the next claim starts from (0: the whole table).
+    fn start(&self) -> i64 {
+        let n = self.claims.fetch_add(1, Ordering::Relaxed);
+        if self.full_next.swap(false, Ordering::Relaxed) || n.is_multiple_of(FULL_SCAN_EVERY) {
+            0
+        } else {
+            self.next_id.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Records what a claim from `from` found; returns whether to claim again at once.
+    fn claimed(&self, from: i64, rows: &[outbox::ClaimedRow], batch_size: u32) -> bool {
+        if let Some(last) = rows.last() {
+            self.next_id.fetch_max(last.id + 1, Ordering::Relaxed);
+        }
+        let short = rows.len() < batch_size as usize;
+        if from > 0 && short {
+            // The tail is dry: look at the whole table before calling it a day.
+            self.full_next.store(true, Ordering::Relaxed);
+            return true;
+        }
+        !short
+    }
 }
 
 /// What one claim found.
 pub(crate) enum Claimed {
-    /// A batch to publish; `full` when it hit the batch size, so more is likely waiting.
+    /// A batch to publish; `full` when more is likely waiting.
     Batch { batch: Batch, full: bool },
     /// Nothing claimable right now.
     Nothing,
+    /// Nothing found after the last claimed id: claim again over the whole table.
+    Again,
 }
 
 impl Claimer {
@@ -81,6 +128,10 @@ impl Claimer {
                     errors = connection_backoff();
                     idle = true;
                 }
+                Ok(Claimed::Again) => {
+                    errors = connection_backoff();
+                    idle = false;
+                }
                 Err(error) => {
                     let delay = errors.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(%error, retry_in = ?delay, "relay: claim failed");
@@ -100,18 +151,25 @@ impl Claimer {
     pub async fn claim_once(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<Claimed> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.context("starting a claim")?;
-        let rows = outbox::claim(&mut tx, self.batch_size).await?;
+        let from = self.scan.start();
+        let rows = outbox::claim(&mut tx, self.batch_size, from).await?;
         self.stats.record_claim();
         tracing::trace!(
             rows = rows.len(),
+            from,
             claim_ms = started.elapsed().as_secs_f64() * 1e3,
             "relay: claimed"
         );
+        let more = self.scan.claimed(from, &rows, self.batch_size);
         if rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
-            return Ok(Claimed::Nothing);
+            return Ok(if more {
+                Claimed::Again
+            } else {
+                Claimed::Nothing
+            });
         }
-        let full = rows.len() >= self.batch_size as usize;
+        let full = more;
         Ok(Claimed::Batch {
             batch: Batch {
                 tx,

@@ -140,7 +140,7 @@ impl Relay {
     /// window slot (one being published or confirmed, one claimed and waiting, or being marked),
     /// plus one for the idle poll.
     pub fn connections_needed(settings: &RelaySettings) -> u32 {
-        2 * settings.max_in_flight_batches + 1
+        3 * settings.max_in_flight_batches + 1
     }
 
     /// Connects to the database in `settings` (Postgres must be reachable; the broker is
@@ -195,9 +195,10 @@ impl Relay {
             poll_interval: settings.poll_interval,
             // Claimed batches waiting for the broker window are locked already, so the next
             // publish never waits for a claim; marked batches free their slot.
-            slots: Arc::new(Semaphore::new(2 * in_flight)),
+            slots: Arc::new(Semaphore::new(3 * in_flight)),
             wake: wake.clone(),
             stats: self.stats.clone(),
+            scan: claimer::Scan::default(),
         };
         // Two claims run at once so the publisher never waits for one: they take disjoint rows
         // (SKIP LOCKED), and a key's rows never span two batches, so the order in which their

@@ -121,6 +121,7 @@ with candidates as (
            content_type, headers, created_at, attempts
     from postbox.outbox
     where published_at is null and dead_at is null and available_at <= now()
+      and id >= $2
     order by id
     limit $1
     for update skip locked
@@ -147,10 +148,14 @@ where c.partition_key is null or l.first_outside is null or c.id < l.first_outsi
 order by c.id
 "#;
 
-/// Claims up to `limit` due rows on `tx`'s connection; they stay locked until it ends.
-pub async fn claim(tx: &mut PgConnection, limit: u32) -> Result<Vec<ClaimedRow>> {
+/// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
+/// locked until it ends. A key's rows are taken only up to its first pending row outside the
+/// batch, wherever that row is, so `from_id` never lets a key's later row overtake an earlier
+/// one.
+pub async fn claim(tx: &mut PgConnection, limit: u32, from_id: i64) -> Result<Vec<ClaimedRow>> {
     let rows = sqlx::query(CLAIM)
         .bind(i64::from(limit))
+        .bind(from_id)
         .fetch_all(tx)
         .await
         .context("claiming a batch from postbox.outbox")?;
