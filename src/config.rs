@@ -28,8 +28,8 @@ pub struct Settings {
 pub struct RelaySettings {
     /// Rows claimed and published per batch.
     pub batch_size: u32,
-    /// Batches published and still awaiting their confirms (the broker window). Up to twice as
-    /// many are open in Postgres, so the next batches are claimed while earlier ones are
+    /// Batches published and still awaiting their confirms (the broker window). Up to three
+    /// times as many are open in Postgres, so the next batches are claimed while earlier ones are
     /// confirmed and marked.
     pub max_in_flight_batches: u32,
     /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
@@ -49,6 +49,13 @@ pub struct RelaySettings {
     /// On SIGTERM, how long in-flight batches may take to finish before they are released.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Published rows older than this are deleted (replay can reach back this far); `0s` keeps
+    /// them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the relay deletes published rows older than `retention`.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
 }
 
 const DEFAULTS: &str = r#"
@@ -65,6 +72,8 @@ max_attempts = 10
 retry_initial_delay = "1s"
 retry_max_delay = "5m"
 shutdown_timeout = "30s"
+retention = "7d"
+cleanup_interval = "5m"
 "#;
 
 impl Settings {
@@ -133,6 +142,7 @@ impl Settings {
             ("relay.confirm_timeout", relay.confirm_timeout),
             ("relay.retry_initial_delay", relay.retry_initial_delay),
             ("relay.retry_max_delay", relay.retry_max_delay),
+            ("relay.cleanup_interval", relay.cleanup_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(

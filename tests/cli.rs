@@ -48,7 +48,7 @@ async fn migrate_twice_is_harmless() {
         .fetch_one(&db.pool)
         .await
         .expect("migrations table");
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "both outbox migrations, once each");
     assert_eq!(db.count("true").await, 0);
     let inbox: i64 = sqlx::query_scalar("select count(*) from postbox.inbox")
         .fetch_one(&db.pool)
@@ -75,7 +75,7 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
     let tables = || async {
         sqlx::query_scalar::<_, String>(
             "select table_name::text from information_schema.tables \
-             where table_schema = 'postbox' order by 1",
+             where table_schema = 'postbox' and table_type = 'BASE TABLE' order by 1",
         )
         .fetch_all(&db.pool)
         .await
@@ -113,6 +113,11 @@ fn bad_configuration_names_the_setting_and_exits_2() {
     let cases = [
         ("POSTBOX_RELAY__BATCH_SIZE", "0", "relay.batch_size"),
         ("POSTBOX_RELAY__POLL_INTERVAL", "soon", "poll_interval"),
+        (
+            "POSTBOX_RELAY__CLEANUP_INTERVAL",
+            "0s",
+            "relay.cleanup_interval",
+        ),
         ("AMQP_URL", "http://guest:hunter2@127.0.0.1", "amqp_url"),
         (
             "DATABASE_URL",

@@ -1,8 +1,11 @@
 //! The `postbox` command line: one file per subcommand.
 
 mod bench;
+mod cleanup;
+mod dead;
 mod migrate;
 mod run;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +64,16 @@ pub enum Command {
     /// Creates (and afterwards drops) a database `postbox_bench_*` on the configured Postgres
     /// server and `postbox-bench-*` queues on the broker. Prints a markdown table.
     Bench(bench::BenchArgs),
+    /// Show the outbox's figures (pending, retrying, dead, published, lag) and, where the
+    /// database has an inbox, each consumer's. Exit 0; use --json in scripts.
+    Status(status::StatusArgs),
+    /// List dead rows or make them pending again.
+    Dead(dead::DeadArgs),
+    /// Delete old published outbox rows now (and, if asked, old inbox rows), in small batches.
+    ///
+    /// The relay does the same every relay.cleanup_interval. Pending and dead rows are never
+    /// deleted.
+    Cleanup(cleanup::CleanupArgs),
 }
 
 /// Prints a fatal error for the user; never panics, even when stderr is closed.
@@ -83,6 +96,9 @@ impl Cli {
             Command::Run => run::run(settings).await,
             Command::Migrate(args) => migrate::run(settings, args).await,
             Command::Bench(args) => bench::run(settings, args).await,
+            Command::Status(args) => status::run(settings, args).await,
+            Command::Dead(args) => dead::run(settings, args).await,
+            Command::Cleanup(args) => cleanup::run(settings, args).await,
         };
         match result {
             Ok(()) => ExitCode::from(EXIT_OK),

@@ -50,5 +50,5 @@ pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
 pub use receive::{receive, receive_many, record_failure, Status};
-pub use retention::{cleanup, CLEANUP_BATCH};
+pub use retention::cleanup;
 pub use upsert::VersionedUpsert;

@@ -7,13 +7,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::ConsumerOptions;
 use crate::error::Result;
-use crate::store::inbox;
-
-/// Rows deleted per statement: small enough that each delete holds its locks briefly.
-pub const CLEANUP_BATCH: i64 = 1_000;
+use crate::store::{self, inbox};
 
 /// Deletes decided inbox rows older than `older_than` (of `consumer`, or of every consumer when
-/// `None`), [`CLEANUP_BATCH`] rows per statement, until none is left. Rows of messages still
+/// `None`), [`CLEANUP_BATCH`](crate::store::CLEANUP_BATCH) rows per statement, until none is left. Rows of messages still
 /// being retried are kept. Returns how many rows were deleted.
 ///
 /// A duplicate arriving after its row was deleted is processed again (unless the version check
@@ -22,14 +19,10 @@ pub const CLEANUP_BATCH: i64 = 1_000;
 /// replays.
 pub async fn cleanup(pool: &PgPool, consumer: Option<&str>, older_than: Duration) -> Result<u64> {
     let older_than_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
-    let mut total = 0;
-    loop {
-        let deleted = inbox::cleanup_batch(pool, consumer, older_than_ms, CLEANUP_BATCH).await?;
-        total += deleted;
-        if deleted < CLEANUP_BATCH as u64 {
-            return Ok(total);
-        }
-    }
+    store::drain_batches(|| {
+        inbox::cleanup_batch(pool, consumer, older_than_ms, store::CLEANUP_BATCH)
+    })
+    .await
 }
 
 /// The longest a message can keep coming back through this consumer's own retries: the sum of

@@ -18,9 +18,11 @@ mod completer;
 mod confirmer;
 mod listener;
 mod publisher;
+mod retention;
 mod retry;
 
 pub use listener::CHANNEL;
+pub use retention::cleanup;
 pub use retry::RetryPolicy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +191,12 @@ impl Relay {
             wake.clone(),
             shutdown.clone(),
         ));
+        let cleaner = tokio::spawn(retention::run(
+            self.pool.clone(),
+            settings.retention,
+            settings.cleanup_interval,
+            shutdown.clone(),
+        ));
         let claimer = Claimer {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
@@ -242,7 +250,10 @@ impl Relay {
             let _ = completer.await;
         }
         hard_stop.cancel();
-        for task in claimers.into_iter().chain([listener, publisher, confirmer]) {
+        for task in claimers
+            .into_iter()
+            .chain([listener, cleaner, publisher, confirmer])
+        {
             let _ = task.await;
         }
         tracing::info!("relay: stopped");

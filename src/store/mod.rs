@@ -3,6 +3,7 @@
 
 pub mod inbox;
 mod nodelay;
+pub mod operations;
 pub mod outbox;
 
 pub use nodelay::without_nagle;
@@ -11,6 +12,26 @@ use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
 use crate::error::Result;
+
+/// Rows deleted per retention statement: small enough that each holds its locks briefly.
+pub const CLEANUP_BATCH: i64 = 1_000;
+
+/// Runs `batch` (a retention delete of at most [`CLEANUP_BATCH`] rows) until it deletes fewer
+/// than a full batch; returns the rows deleted in all.
+pub(crate) async fn drain_batches<F, Fut>(mut batch: F) -> Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = batch().await?;
+        total += deleted;
+        if deleted < CLEANUP_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
 
 /// The independently migrated parts of postbox's schema. Each has its own migrations folder
 /// and its own history table (`postbox._migrations_<part>`), so a subscriber's database can

@@ -1,0 +1,127 @@
+//! `postbox dead`: list dead rows, and give them another chance.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+
+use crate::config::Settings;
+use crate::error::{Context, Error, Result};
+use crate::store::{self, operations};
+
+/// Options of `postbox dead`.
+#[derive(Debug, Args)]
+pub struct DeadArgs {
+    /// What to do with dead rows.
+    #[command(subcommand)]
+    pub command: DeadCommand,
+}
+
+/// `postbox dead` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead rows, oldest first, with their last error.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead rows pending again, with a full set of attempts and their message ids kept.
+    ///
+    /// With --id, all named rows must be dead, or nothing changes (exit 2).
+    Retry {
+        /// A dead row's id (repeatable).
+        #[arg(
+            long = "id",
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<i64>,
+        /// Every dead row.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub(super) async fn run(settings: Settings, args: DeadArgs) -> Result<()> {
+    let pool = store::connect(&settings, 1).await?;
+    let result = match args.command {
+        DeadCommand::List { limit, json } => list(&pool, limit, json).await,
+        DeadCommand::Retry { ids, all } => retry(&pool, (!all).then_some(ids)).await,
+    };
+    pool.close().await;
+    result
+}
+
+async fn list(pool: &sqlx::PgPool, limit: i64, json: bool) -> Result<()> {
+    let rows = operations::dead(pool, limit).await?;
+    let text = if json {
+        serde_json::to_string_pretty(&rows).unwrap_or_default()
+    } else if rows.is_empty() {
+        "no dead rows".to_string()
+    } else {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{}  {}  exchange={:?} routing_key={:?} key={}  attempts={}  dead_at={}\n    {}",
+                    r.id,
+                    r.message_id,
+                    r.exchange,
+                    r.routing_key,
+                    r.partition_key.as_deref().unwrap_or("-"),
+                    r.attempts,
+                    r.dead_at
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                        .unwrap_or_default(),
+                    r.last_error.as_deref().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let _ = writeln!(std::io::stdout(), "{text}");
+    Ok(())
+}
+
+async fn retry(pool: &sqlx::PgPool, ids: Option<Vec<i64>>) -> Result<()> {
+    let mut tx = pool.begin().await.context("beginning the retry")?;
+    let revived = operations::retry_dead(&mut *tx, ids.as_deref()).await?;
+    if let Some(ids) = &ids {
+        let not_dead: Vec<String> = ids
+            .iter()
+            .filter(|id| !revived.contains(id))
+            .map(i64::to_string)
+            .collect();
+        if !not_dead.is_empty() {
+            tx.rollback().await.context("rolling back the retry")?;
+            return Err(Error::Config {
+                setting: "--id",
+                value: not_dead.join(", "),
+                reason: "not a dead row (no such id, or pending or published); nothing was changed"
+                    .into(),
+            });
+        }
+    }
+    tx.commit().await.context("committing the retry")?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "{} dead row(s) pending again{}",
+        revived.len(),
+        if revived.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                revived
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! `postbox status`: the outbox's and inbox's figures, for a person or (`--json`) a script.
+
+use std::io::Write;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::store::{self, operations};
+
+/// Options of `postbox status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON (the fields of postbox.outbox_status at the top level, consumers under
+    /// "inbox") instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    outbox: operations::OutboxStatus,
+    inbox: Vec<operations::InboxSummary>,
+}
+
+pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
+    let pool = store::connect(&settings, 1).await?;
+    let status = Status {
+        outbox: operations::status(&pool).await?,
+        inbox: operations::inbox_summary(&pool).await?,
+    };
+    pool.close().await;
+    let text = if args.json {
+        // Plain numbers, strings and timestamps: serializing cannot fail.
+        serde_json::to_string_pretty(&status).unwrap_or_default()
+    } else {
+        render(&status)
+    };
+    // A closed stdout (`postbox status | head`) is the reader's choice, not an error.
+    let _ = writeln!(std::io::stdout(), "{text}");
+    Ok(())
+}
+
+fn render(status: &Status) -> String {
+    let o = &status.outbox;
+    let last = o
+        .last_published_at
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| "never".into());
+    let mut out = format!(
+        "outbox\n  pending    {:>10}  (due {}, scheduled {}, retrying {})\n  dead       {:>10}\n  \
+         published  {:>10}  (retained; last {last})\n  lag        {:>10.1} s  (age of the oldest due pending row)\n",
+        o.pending, o.pending_due, o.scheduled, o.retrying, o.dead, o.published,
+        o.oldest_pending_age_seconds
+    );
+    if !status.inbox.is_empty() {
+        out.push_str(&format!(
+            "inbox\n  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11}\n",
+            "consumer", "applied", "stale", "dead-lettered", "discarded", "failing", "duplicates"
+        ));
+        for c in &status.inbox {
+            out.push_str(&format!(
+                "  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11}\n",
+                c.consumer,
+                c.applied,
+                c.stale,
+                c.dead_lettered,
+                c.discarded,
+                c.failing,
+                c.duplicates
+            ));
+        }
+    }
+    out.trim_end().to_string()
+}

@@ -1,0 +1,198 @@
+//! SQL for operators: the status view, dead rows, and outbox retention.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{Context, Result};
+
+/// `postbox.outbox_status`, one row.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutboxStatus {
+    /// Rows not yet published nor dead.
+    pub pending: i64,
+    /// Pending rows whose time has come.
+    pub pending_due: i64,
+    /// Pending rows scheduled for later, never attempted.
+    pub scheduled: i64,
+    /// Pending rows that failed at least once, waiting for a retry.
+    pub retrying: i64,
+    /// Rows the relay gave up on.
+    pub dead: i64,
+    /// Published rows still retained.
+    pub published: i64,
+    /// Age of the oldest due pending row: how far behind the relay is (0 when caught up).
+    pub oldest_pending_age_seconds: f64,
+    /// When the latest row was published.
+    pub last_published_at: Option<DateTime<Utc>>,
+}
+
+/// Reads `postbox.outbox_status`.
+pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
+    let row = sqlx::query(
+        "select pending, pending_due, scheduled, retrying, dead, published, \
+         oldest_pending_age_seconds, last_published_at from postbox.outbox_status",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading postbox.outbox_status")?;
+    Ok(OutboxStatus {
+        pending: row.get(0),
+        pending_due: row.get(1),
+        scheduled: row.get(2),
+        retrying: row.get(3),
+        dead: row.get(4),
+        published: row.get(5),
+        oldest_pending_age_seconds: row.get(6),
+        last_published_at: row.get(7),
+    })
+}
+
+/// One consumer's line of `postbox.inbox_summary`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InboxSummary {
+    /// The consumer's name.
+    pub consumer: String,
+    /// Messages applied.
+    pub applied: i64,
+    /// Messages skipped as stale.
+    pub stale: i64,
+    /// Messages dead-lettered.
+    pub dead_lettered: i64,
+    /// Malformed messages discarded.
+    pub discarded: i64,
+    /// Messages failing right now (retries pending).
+    pub failing: i64,
+    /// Duplicate deliveries absorbed.
+    pub duplicates: i64,
+}
+
+/// Reads `postbox.inbox_summary`, or nothing if this database has no inbox.
+pub async fn inbox_summary(pool: &PgPool) -> Result<Vec<InboxSummary>> {
+    let exists: bool =
+        sqlx::query_scalar("select to_regclass('postbox.inbox_summary') is not null")
+            .fetch_one(pool)
+            .await
+            .context("looking for postbox.inbox_summary")?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "select consumer, applied, stale, dead_lettered, discarded, failing, duplicates \
+         from postbox.inbox_summary order by consumer",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading postbox.inbox_summary")?;
+    Ok(rows
+        .iter()
+        .map(|row| InboxSummary {
+            consumer: row.get(0),
+            applied: row.get(1),
+            stale: row.get(2),
+            dead_lettered: row.get(3),
+            discarded: row.get(4),
+            failing: row.get(5),
+            duplicates: row.get(6),
+        })
+        .collect())
+}
+
+/// A dead outbox row, as `postbox dead list` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadRow {
+    /// The row's id (its position).
+    pub id: i64,
+    /// Its message id.
+    pub message_id: Uuid,
+    /// Its exchange.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its partition key.
+    pub partition_key: Option<String>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was marked dead.
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+/// Dead rows, oldest first, at most `limit`.
+pub async fn dead(pool: &PgPool, limit: i64) -> Result<Vec<DeadRow>> {
+    let rows = sqlx::query(
+        "select id, message_id, exchange, routing_key, partition_key, attempts, last_error, \
+         dead_at from postbox.outbox where dead_at is not null order by id limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("listing dead rows")?;
+    Ok(rows
+        .iter()
+        .map(|row| DeadRow {
+            id: row.get(0),
+            message_id: row.get(1),
+            exchange: row.get(2),
+            routing_key: row.get(3),
+            partition_key: row.get(4),
+            attempts: row.get(5),
+            last_error: row.get(6),
+            dead_at: row.get(7),
+        })
+        .collect())
+}
+
+// A fresh start: due now, a full set of attempts. `last_error` stays as the record of why it
+// died until the next attempt overwrites or the publish succeeds.
+const RETRY_DEAD: &str = r#"
+update postbox.outbox
+set dead_at = null, attempts = 0, available_at = now()
+where dead_at is not null and ($1::bigint[] is null or id = any($1))
+returning id
+"#;
+
+/// Makes dead rows pending again: those in `ids`, or every dead row when `ids` is `None`.
+/// Returns the ids revived (ids that are not dead are left alone).
+pub async fn retry_dead<'e, E: PgExecutor<'e>>(
+    executor: E,
+    ids: Option<&[i64]>,
+) -> Result<Vec<i64>> {
+    sqlx::query_scalar(RETRY_DEAD)
+        .bind(ids)
+        .fetch_all(executor)
+        .await
+        .context("retrying dead rows")
+}
+
+// Oldest first, a small batch per statement, skipping rows someone holds: no long locks, and
+// never a pending or dead row (only published ones match).
+const CLEANUP: &str = r#"
+with doomed as (
+    select id from postbox.outbox
+    where published_at < now() - $1 * interval '1 millisecond'
+    order by published_at
+    limit $2
+    for update skip locked
+)
+delete from postbox.outbox o
+using doomed d
+where o.id = d.id
+"#;
+
+/// Deletes up to `limit` published rows published more than `older_than_ms` ago.
+pub async fn cleanup_batch<'e, E: PgExecutor<'e>>(
+    executor: E,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<u64> {
+    Ok(sqlx::query(CLEANUP)
+        .bind(older_than_ms)
+        .bind(limit)
+        .execute(executor)
+        .await
+        .context("deleting old published rows from postbox.outbox")?
+        .rows_affected())
+}

@@ -1,0 +1,224 @@
+//! Operating postbox: the SQL views, `postbox status`, `postbox dead`, retention.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{postbox_command, wait_until, Rabbit, RunningRelay, TestDb};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn postbox(db: &TestDb, args: &[&str]) -> Output {
+    postbox_command()
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run postbox")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn execute(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&db.pool)
+        .await
+        .expect("seed rows");
+}
+
+/// Rows in every state: 3 due (the oldest a minute late), 1 scheduled, 1 retrying on key k1
+/// with 2 rows of k1 behind it, 2 dead, 4 published an hour ago.
+async fn seed_every_state(db: &TestDb) {
+    execute(
+        db,
+        "insert into postbox.outbox (routing_key, payload, available_at) values \
+           ('orders', '{}', now() - interval '60 seconds'), ('orders', '{}', now()), \
+           ('invoices', '{}', now()), ('orders', '{}', now() + interval '1 hour'); \
+         insert into postbox.outbox (routing_key, partition_key, payload, attempts, last_error, available_at) values \
+           ('orders', 'k1', '{}', 2, 'NO_ROUTE', now() + interval '1 hour'); \
+         insert into postbox.outbox (routing_key, partition_key, payload, available_at) values \
+           ('orders', 'k1', '{}', now() + interval '1 hour'), ('orders', 'k1', '{}', now() + interval '1 hour'); \
+         insert into postbox.outbox (routing_key, payload, attempts, last_error, dead_at) values \
+           ('invoices', '{}', 10, 'nacked', now()), ('invoices', '{}', 10, 'nacked', now()); \
+         insert into postbox.outbox (routing_key, payload, published_at) \
+           select 'orders', '{}', now() - interval '1 hour' from generate_series(1, 4);",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn views_and_status_show_every_state() {
+    let db = TestDb::migrated().await;
+    seed_every_state(&db).await;
+    execute(
+        &db,
+        "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at, duplicates) \
+           select 'billing', gen_random_uuid(), 'q', 'applied', now(), 1 from generate_series(1, 3); \
+         insert into postbox.inbox (consumer, message_id, queue, attempts) \
+           values ('billing', gen_random_uuid(), 'q', 2);",
+    )
+    .await;
+
+    let json: Value = serde_json::from_str(&stdout(&postbox(&db, &["status", "--json"])))
+        .expect("status --json is JSON");
+    // 3 due + 1 scheduled + 1 retrying + 2 waiting behind it (scheduled too).
+    assert_eq!(json["pending"], 7);
+    assert_eq!(json["pending_due"], 3);
+    assert_eq!(json["scheduled"], 3);
+    assert_eq!(json["retrying"], 1);
+    assert_eq!(json["dead"], 2);
+    assert_eq!(json["published"], 4);
+    let lag = json["oldest_pending_age_seconds"]
+        .as_f64()
+        .expect("a number");
+    assert!((60.0..3600.0).contains(&lag), "lag {lag}");
+    assert_eq!(json["inbox"][0]["consumer"], "billing");
+    assert_eq!(json["inbox"][0]["applied"], 3);
+    assert_eq!(json["inbox"][0]["failing"], 1);
+    assert_eq!(json["inbox"][0]["duplicates"], 3);
+
+    let text = stdout(&postbox(&db, &["status"]));
+    assert!(text.contains("dead") && text.contains("billing"), "{text}");
+
+    let routes: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "select routing_key, pending, retrying, dead from postbox.outbox_routes order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("routes view");
+    assert_eq!(
+        routes,
+        [("invoices".into(), 1, 0, 2), ("orders".into(), 6, 1, 0)]
+    );
+    let errors: Vec<(String, String)> =
+        sqlx::query_as("select state, last_error from postbox.outbox_errors order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("errors view");
+    assert_eq!(
+        errors,
+        [
+            ("retrying".into(), "NO_ROUTE".into()),
+            ("dead".into(), "nacked".into()),
+            ("dead".into(), "nacked".into()),
+        ]
+    );
+    let blocked: (String, i32, i64) =
+        sqlx::query_as("select partition_key, attempts, rows_waiting from postbox.blocked_keys")
+            .fetch_one(&db.pool)
+            .await
+            .expect("blocked keys view");
+    assert_eq!(blocked, ("k1".into(), 2, 2));
+}
+
+#[tokio::test]
+async fn a_dead_row_fixed_by_an_operator_is_retried_and_published() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let mut settings = db.settings();
+    settings.relay.max_attempts = 1;
+    let relay = RunningRelay::start(settings).await;
+    // No queue of that name: returned as unroutable, dead after one attempt.
+    let message =
+        postbox::Message::json("no-such-queue-postbox-test", &serde_json::json!({})).expect("json");
+    let enqueued = postbox::enqueue(&db.pool, &message).await.expect("enqueue");
+    let id = enqueued.id.expect("new row");
+    wait_until("the row dead", DEADLINE, || async {
+        (db.count("dead_at is not null").await == 1).then_some(())
+    })
+    .await;
+
+    let listed: Value = serde_json::from_str(&stdout(&postbox(&db, &["dead", "list", "--json"])))
+        .expect("dead list --json is JSON");
+    assert_eq!(listed[0]["id"], id);
+    assert!(listed[0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("unroutable")));
+
+    // Naming a row that is not dead changes nothing and exits 2.
+    let output = postbox(
+        &db,
+        &["dead", "retry", "--id", &id.to_string(), "--id", "999999"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("999999"));
+    assert_eq!(db.count("dead_at is not null").await, 1);
+
+    // The operator fixes the destination, then retries the row: it goes out with its id.
+    sqlx::query("update postbox.outbox set routing_key = $1 where id = $2")
+        .bind(&queue)
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .expect("fix routing key");
+    let text = stdout(&postbox(&db, &["dead", "retry", "--id", &id.to_string()]));
+    assert!(text.contains("1 dead row(s) pending again"), "{text}");
+    let received = inbox.take(1, DEADLINE).await;
+    assert_eq!(
+        received[0].message_id.as_deref(),
+        Some(enqueued.message_id.to_string().as_str())
+    );
+    wait_until("the row published", DEADLINE, || async {
+        (db.count("published_at is not null").await == 1).then_some(())
+    })
+    .await;
+    relay.stop().await;
+    let text = stdout(&postbox(&db, &["dead", "list"]));
+    assert_eq!(text.trim(), "no dead rows");
+}
+
+#[tokio::test]
+async fn cleanup_deletes_only_old_published_rows() {
+    let db = TestDb::migrated().await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, published_at) \
+           select 'orders', '{}', now() - interval '10 days' from generate_series(1, 2500); \
+         insert into postbox.outbox (routing_key, payload, published_at) values ('orders', '{}', now()); \
+         insert into postbox.outbox (routing_key, payload, created_at, available_at) \
+           values ('orders', '{}', now() - interval '30 days', now() + interval '1 day'); \
+         insert into postbox.outbox (routing_key, payload, created_at, dead_at) \
+           values ('orders', '{}', now() - interval '30 days', now() - interval '20 days');",
+    )
+    .await;
+    let text = stdout(&postbox(&db, &["cleanup", "--older-than", "7d"]));
+    assert!(text.contains("outbox: 2500 published row(s)"), "{text}");
+    assert_eq!(db.count("published_at is not null").await, 1);
+    assert_eq!(
+        db.count("published_at is null").await,
+        2,
+        "pending and dead kept"
+    );
+}
+
+#[tokio::test]
+async fn the_running_relay_applies_retention() {
+    let db = TestDb::migrated().await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, published_at) \
+           select 'orders', '{}', now() - interval '2 hours' from generate_series(1, 1500); \
+         insert into postbox.outbox (routing_key, payload, published_at) values ('orders', '{}', now());",
+    )
+    .await;
+    let mut settings = db.settings();
+    settings.relay.retention = Duration::from_secs(3600);
+    settings.relay.cleanup_interval = Duration::from_millis(100);
+    let relay = RunningRelay::start(settings).await;
+    wait_until("old published rows deleted", DEADLINE, || async {
+        (db.count("true").await == 1).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}
