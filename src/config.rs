@@ -19,6 +19,12 @@ pub struct Settings {
     pub amqp_url: String,
     /// Apply pending migrations when `postbox run` starts.
     pub migrate_on_start: bool,
+    /// Where `postbox run` serves `/metrics`, `/healthz` and `/readyz`: `host:port`, or a port
+    /// alone for loopback. Empty: no listener.
+    pub metrics_addr: String,
+    /// `/readyz` fails while the oldest due pending row is older than this; `0s`: no lag check.
+    #[serde(with = "humantime_serde")]
+    pub readiness_max_lag: Duration,
     /// The relay's tuning.
     pub relay: RelaySettings,
 }
@@ -62,6 +68,8 @@ const DEFAULTS: &str = r#"
 database_url = "postgres://postgres@127.0.0.1:5432/postgres"
 amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 migrate_on_start = true
+metrics_addr = ""
+readiness_max_lag = "0s"
 
 [relay]
 batch_size = 500
@@ -118,6 +126,9 @@ impl Settings {
                 "",
                 "at least one amqp:// or amqps:// URL",
             ));
+        }
+        if !self.metrics_addr.trim().is_empty() {
+            crate::metrics::parse_addr(&self.metrics_addr)?;
         }
         let relay = &self.relay;
         if !(1..=10_000).contains(&relay.batch_size) {

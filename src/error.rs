@@ -63,6 +63,10 @@ pub enum Error {
     #[error("rabbitmq did not accept a message: {0}")]
     Unconfirmed(String),
 
+    /// The Prometheus recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+
     /// The operation did not finish in time.
     #[error("{what} did not finish within {after:?}")]
     Timeout {

@@ -14,6 +14,7 @@
 //! - [`relay`]: the claim → publish → confirm → mark pipeline.
 //! - [`store`]: every SQL statement, one file per table, and [`migrate`].
 //! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
+//! - [`metrics`]: the HTTP listener for Prometheus metrics, liveness and readiness.
 //! - [`config`]: settings from defaults, a TOML file and the environment.
 //! - [`cli`]: the `postbox` command's subcommands.
 //! - [`bench`]: `postbox bench`, the relay measured against the broker's ceiling.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod inbox;
+pub mod metrics;
 pub mod outbox;
 pub mod reconnect;
 pub mod relay;

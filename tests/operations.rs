@@ -222,3 +222,148 @@ async fn the_running_relay_applies_retention() {
     .await;
     relay.stop().await;
 }
+
+/// A plain HTTP/1.1 GET: (status code, body).
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A `postbox run` child, killed if the test ends without stopping it.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    fn start(db: &TestDb, amqp_url: &str, port: u16) -> Self {
+        let child = postbox_command()
+            .args(["run", "--metrics-addr", &port.to_string()])
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", amqp_url)
+            .env("POSTBOX_READINESS_MAX_LAG", "30s")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start postbox run");
+        Self(child)
+    }
+
+    /// SIGTERM, then the exit code.
+    async fn stop(mut self) -> Option<i32> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let child = &mut self.0;
+        wait_until("postbox to exit", DEADLINE, || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await
+        .code()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness_over_http() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let port = free_port();
+    let daemon = Daemon::start(&db, &common::amqp_url(), port);
+
+    let (_, body) = wait_until("/readyz to answer 200", DEADLINE, || async {
+        http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_eq!(ready["checks"]["broker"], "ok");
+    assert_eq!(ready["checks"]["database"], "ok");
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+
+    for _ in 0..3 {
+        let message = postbox::Message::json(queue.as_str(), &serde_json::json!({})).expect("json");
+        postbox::enqueue(&db.pool, &message).await.expect("enqueue");
+    }
+    inbox.take(3, DEADLINE).await;
+    let metrics = wait_until("published counted", DEADLINE, || async {
+        http_get(port, "/metrics")
+            .await
+            .map(|r| r.1)
+            .filter(|m| m.contains("postbox_published_total 3"))
+    })
+    .await;
+    for expected in [
+        "postbox_claim_seconds_bucket",
+        "postbox_confirm_seconds_bucket",
+        "postbox_mark_seconds_bucket",
+        "postbox_batch_rows_bucket",
+        "postbox_lag_seconds 0",
+        "postbox_pending_rows 0",
+        "postbox_broker_up 1",
+        "postbox_database_up 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected} missing from:\n{metrics}"
+        );
+    }
+    assert_eq!(daemon.stop().await, Some(0));
+}
+
+#[tokio::test]
+async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
+    let db = TestDb::migrated().await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, available_at) \
+         values ('orders', '{}', now() - interval '1 hour')",
+    )
+    .await;
+    let port = free_port();
+    // Nothing listens on port 1: the relay keeps retrying the broker, the row keeps ageing.
+    let daemon = Daemon::start(&db, "amqp://guest:guest@127.0.0.1:1/%2f", port);
+    let (_, body) = wait_until("/readyz to answer 503", DEADLINE, || async {
+        http_get(port, "/readyz").await.filter(|(s, _)| *s == 503)
+    })
+    .await;
+    let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_eq!(ready["ready"], false);
+    assert_eq!(ready["checks"]["database"], "ok");
+    assert_eq!(ready["checks"]["broker"], "not connected");
+    assert!(
+        ready["checks"]["lag"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("above 30.0s")),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(port, "/healthz").await.map(|r| r.0),
+        Some(200),
+        "alive all the same"
+    );
+    assert_eq!(daemon.stop().await, Some(0));
+}

@@ -52,7 +52,7 @@ pub enum Command {
     ///
     /// Applies pending migrations first unless migrate_on_start is false. Waits (with backoff)
     /// for Postgres and RabbitMQ if they are not reachable yet. Exits 0 after a graceful stop.
-    Run,
+    Run(run::RunArgs),
     /// Create or upgrade the postbox schema in the database, then exit. Safe to run repeatedly.
     ///
     /// Applies the outbox part (postbox.outbox) and the inbox part (postbox.inbox,
@@ -93,7 +93,7 @@ impl Cli {
             }
         };
         let result = match self.command {
-            Command::Run => run::run(settings).await,
+            Command::Run(args) => run::run(settings, args).await,
             Command::Migrate(args) => migrate::run(settings, args).await,
             Command::Bench(args) => bench::run(settings, args).await,
             Command::Status(args) => status::run(settings, args).await,

@@ -4,12 +4,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
 use crate::config::{redact_url, Settings};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::metrics;
 use crate::reconnect::until_ok;
 use crate::relay::Relay;
 use crate::store;
 
-pub(super) async fn run(settings: Settings) -> Result<()> {
+/// Options of `postbox run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Serve /metrics, /healthz and /readyz here: host:port, or a port alone for loopback
+    /// (overrides metrics_addr).
+    #[arg(long, env = "POSTBOX_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        settings.metrics_addr = addr;
+        settings.validate()?;
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
@@ -34,11 +48,49 @@ pub(super) async fn run(settings: Settings) -> Result<()> {
     if settings.migrate_on_start {
         store::migrate(&pool).await?;
     }
-    Relay::new(pool.clone(), broker, settings.relay.clone())
-        .run(shutdown)
-        .await;
+    let relay = Relay::new(pool.clone(), broker, settings.relay.clone());
+    let server = match settings.metrics_addr.trim() {
+        "" => None,
+        addr => Some(serve_metrics(addr, &settings, &pool, relay.stats(), &shutdown).await?),
+    };
+    relay.run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     pool.close().await;
     Ok(())
+}
+
+/// Binds the operator's listener and serves it until `shutdown`.
+async fn serve_metrics(
+    addr: &str,
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    stats: std::sync::Arc<crate::relay::Stats>,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let addr = metrics::parse_addr(addr)?;
+    let handle = metrics::install()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding the metrics listener on {addr}"),
+            source,
+        })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let probe = metrics::Probe {
+        pool: pool.clone(),
+        stats,
+        max_lag: (!settings.readiness_max_lag.is_zero()).then_some(settings.readiness_max_lag),
+        handle,
+    };
+    let shutdown = shutdown.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(error) = metrics::serve(listener, probe, shutdown).await {
+            tracing::error!(%error, "metrics listener failed");
+        }
+    }))
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -85,6 +85,25 @@ impl<H: Handler> Worker<H> {
         done
     }
 
+    /// Counts in the consumer's stats and in the metrics (`postbox_consumer_messages_total`).
+    fn count(&self, counter: Counter) {
+        self.shared.stats.record(counter);
+        let outcome = match counter {
+            Counter::Applied => "applied",
+            Counter::Duplicates => "duplicate",
+            Counter::Stale => "stale",
+            Counter::DeadLettered => "dead_lettered",
+            Counter::Discarded => "discarded",
+            Counter::Failures => "failure",
+        };
+        metrics::counter!(
+            "postbox_consumer_messages_total",
+            "consumer" => self.shared.name.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+
     async fn ack(&self, acker: &Acker, multiple: bool) {
         if let Err(error) = acker.ack(BasicAckOptions { multiple }).await {
             // The outcome is committed: the redelivery will be recognized as a duplicate.
@@ -97,7 +116,6 @@ impl<H: Handler> Worker<H> {
     /// unusual (malformed messages, a failing batch, Postgres down) falls back to processing
     /// messages one by one, which retries and dead-letters as usual.
     pub async fn process_batch(&self, jobs: &mut Vec<Job>, ack_multiple: bool) {
-        let shared = &self.shared;
         let mut all_done = true;
         let mut messages = Vec::with_capacity(jobs.len());
         let mut ackers = Vec::with_capacity(jobs.len());
@@ -123,10 +141,10 @@ impl<H: Handler> Worker<H> {
         match self.apply_batch(&messages).await {
             Ok((applied, duplicates)) => {
                 for _ in 0..applied {
-                    shared.stats.record(Counter::Applied);
+                    self.count(Counter::Applied);
                 }
                 for _ in 0..duplicates {
-                    shared.stats.record(Counter::Duplicates);
+                    self.count(Counter::Duplicates);
                 }
                 if ack_multiple && all_done {
                     self.ack(last, true).await;
@@ -205,12 +223,12 @@ impl<H: Handler> Worker<H> {
             }
             let failure = match self.run_once(&mut incoming, &receipt).await {
                 Ok(Decision::Duplicate) => {
-                    shared.stats.record(Counter::Duplicates);
+                    self.count(Counter::Duplicates);
                     tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
                     return true;
                 }
                 Ok(Decision::Decided(outcome)) => {
-                    shared.stats.record(match outcome {
+                    self.count(match outcome {
                         Outcome::Stale => Counter::Stale,
                         _ => Counter::Applied,
                     });
@@ -252,7 +270,7 @@ impl<H: Handler> Worker<H> {
                 }
                 FailureKind::Transient => {}
             }
-            shared.stats.record(Counter::Failures);
+            self.count(Counter::Failures);
             let attempts = match inbox::record_failure(&shared.pool, &receipt, &error).await {
                 Ok(Some(attempts)) => attempts,
                 // Decided meanwhile by another consumer instance: the next run sees it.
@@ -360,7 +378,7 @@ impl<H: Handler> Worker<H> {
                         return false;
                     }
                 }
-                shared.stats.record(Counter::Discarded);
+                self.count(Counter::Discarded);
                 true
             }
         }
@@ -402,7 +420,7 @@ impl<H: Handler> Worker<H> {
                 return false;
             }
         }
-        shared.stats.record(Counter::DeadLettered);
+        self.count(Counter::DeadLettered);
         true
     }
 

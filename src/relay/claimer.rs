@@ -154,6 +154,8 @@ impl Claimer {
         let from = self.scan.start();
         let rows = outbox::claim(&mut tx, self.batch_size, from).await?;
         self.stats.record_claim();
+        metrics::counter!("postbox_claims_total").increment(1);
+        metrics::histogram!("postbox_claim_seconds").record(started.elapsed().as_secs_f64());
         tracing::trace!(
             rows = rows.len(),
             from,

@@ -76,6 +76,16 @@ impl Completer {
             tx.commit().await.context("committing a batch")?;
         }
         self.stats.record(published, retried, dead, released);
+        metrics::counter!("postbox_published_total").increment(published);
+        metrics::counter!("postbox_retried_total").increment(retried);
+        metrics::counter!("postbox_dead_total").increment(dead);
+        metrics::counter!("postbox_released_total").increment(released);
+        metrics::histogram!("postbox_batch_rows").record(batch.rows.len() as f64);
+        metrics::histogram!("postbox_publish_seconds")
+            .record((published_at - batch.claimed_at).as_secs_f64());
+        metrics::histogram!("postbox_confirm_seconds")
+            .record((confirmed_at - published_at).as_secs_f64());
+        metrics::histogram!("postbox_mark_seconds").record(confirmed_at.elapsed().as_secs_f64());
         tracing::debug!(
             rows = batch.rows.len(),
             published,

@@ -51,6 +51,7 @@ pub struct Stats {
     retried: AtomicU64,
     dead: AtomicU64,
     released: AtomicU64,
+    broker_up: std::sync::atomic::AtomicBool,
 }
 
 impl Stats {
@@ -64,6 +65,15 @@ impl Stats {
 
     fn record_claim(&self) {
         self.claims.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether the publisher holds an open broker connection (it connects at start).
+    pub fn broker_connected(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
     }
 
     /// Claim statements run, including those that found nothing to claim.
@@ -217,9 +227,10 @@ impl Relay {
             .collect();
         drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));
-        let publisher = tokio::spawn(Publisher::new(self.broker, window).run(
+        let publisher = tokio::spawn(Publisher::new(self.broker, window, self.stats.clone()).run(
             claimed_rx,
             published_tx,
+            shutdown.clone(),
             hard_stop.clone(),
         ));
         let confirmer = Confirmer {

@@ -17,32 +17,48 @@ pub(crate) struct Publisher {
     pub broker: Broker,
     /// Batches published whose confirms are not all in yet: the broker-side window.
     pub window: Arc<Semaphore>,
+    stats: Arc<super::Stats>,
     connection: Option<(Connection, Channel)>,
 }
 
 impl Publisher {
-    pub fn new(broker: Broker, window: Arc<Semaphore>) -> Self {
+    pub fn new(broker: Broker, window: Arc<Semaphore>, stats: Arc<super::Stats>) -> Self {
         Self {
             broker,
             window,
+            stats,
             connection: None,
         }
     }
 
     /// Publishes until the claimer is done (its channel closes) or `hard_stop` is cancelled.
+    /// Once `shutdown` begins, waiting for the broker to come back is pointless: a batch not
+    /// yet published is dropped (its rows roll back to pending) rather than held until
+    /// `hard_stop`.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Batch>,
         out: mpsc::Sender<Published>,
+        shutdown: CancellationToken,
         hard_stop: CancellationToken,
     ) {
+        // Connect at once, so readiness reflects the broker before there is anything to
+        // publish; a batch arriving first (or the claimer stopping) ends the wait.
+        let mut next = tokio::select! {
+            _ = hard_stop.cancelled() => None,
+            _ = self.channel(&shutdown) => input.recv().await,
+            batch = input.recv() => batch,
+        };
         loop {
             let waiting_since = std::time::Instant::now();
-            let batch = tokio::select! {
-                _ = hard_stop.cancelled() => break,
-                batch = input.recv() => match batch {
-                    Some(batch) => batch,
-                    None => break,
+            let batch = match next.take() {
+                Some(batch) => batch,
+                None => tokio::select! {
+                    _ = hard_stop.cancelled() => break,
+                    batch = input.recv() => match batch {
+                        Some(batch) => batch,
+                        None => break,
+                    },
                 },
             };
             let got_batch = std::time::Instant::now();
@@ -53,7 +69,7 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
-            let Some(channel) = self.channel(&hard_stop).await else {
+            let Some(channel) = self.channel(&shutdown).await else {
                 break;
             };
             let got_window = std::time::Instant::now();
@@ -71,31 +87,36 @@ impl Publisher {
                 && !channel.status().connected()
             {
                 self.connection = None;
+                self.stats.set_broker_up(false);
             }
             if out.send(published).await.is_err() {
                 break;
             }
         }
-        drop(out); // lets the confirmer finish once it has drained what it holds
-                   // Batches handed on still wait for their confirms on this connection: keep it open until
-                   // the relay says the pipeline has drained (or gave up on it).
+        // Lets the confirmer finish once it has drained what it holds. Batches handed on still
+        // wait for their confirms on this connection: keep it open until the relay says the
+        // pipeline has drained (or gave up on it).
+        drop(out);
         hard_stop.cancelled().await;
+        self.stats.set_broker_up(false);
         if let Some((connection, _)) = self.connection.take() {
             let _ = connection.close(200, "postbox relay stopping".into()).await;
         }
     }
 
-    /// The open channel, reconnecting (with backoff, across nodes) when there is none.
-    async fn channel(&mut self, hard_stop: &CancellationToken) -> Option<Channel> {
+    /// The open channel, reconnecting (with backoff, across nodes) when there is none; `None`
+    /// if `stop` is cancelled first.
+    async fn channel(&mut self, stop: &CancellationToken) -> Option<Channel> {
         if let Some((connection, channel)) = &self.connection {
             if connection.status().connected() && channel.status().connected() {
                 return Some(channel.clone());
             }
             tracing::warn!("rabbitmq: connection lost; reconnecting");
             self.connection = None;
+            self.stats.set_broker_up(false);
         }
         let broker = &self.broker;
-        let pair = until_ok("rabbitmq", hard_stop, || async {
+        let pair = until_ok("rabbitmq", stop, || async {
             let connection = broker.connect("postbox relay").await?;
             let channel = amqp::confirm_channel(&connection).await?;
             Ok((connection, channel))
@@ -103,6 +124,7 @@ impl Publisher {
         .await?;
         let channel = pair.1.clone();
         self.connection = Some(pair);
+        self.stats.set_broker_up(true);
         Some(channel)
     }
 }

@@ -49,6 +49,39 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
     })
 }
 
+/// The cheap part of the status: what is waiting, read from the partial indexes only (no
+/// scan of the published history), for metrics and readiness.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Backlog {
+    /// Rows not yet published nor dead.
+    pub pending: i64,
+    /// Rows marked dead.
+    pub dead: i64,
+    /// Age of the oldest due pending row (0 when none is due).
+    pub oldest_pending_age_seconds: f64,
+}
+
+const BACKLOG: &str = r#"
+select (select count(*) from postbox.outbox where published_at is null and dead_at is null),
+       (select count(*) from postbox.outbox where dead_at is not null),
+       coalesce(extract(epoch from now() - (
+           select min(available_at) from postbox.outbox
+           where published_at is null and dead_at is null and available_at <= now())), 0)::float8
+"#;
+
+/// Reads the backlog figures.
+pub async fn backlog(pool: &PgPool) -> Result<Backlog> {
+    let row = sqlx::query(BACKLOG)
+        .fetch_one(pool)
+        .await
+        .context("reading the outbox backlog")?;
+    Ok(Backlog {
+        pending: row.get(0),
+        dead: row.get(1),
+        oldest_pending_age_seconds: row.get(2),
+    })
+}
+
 /// One consumer's line of `postbox.inbox_summary`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct InboxSummary {

@@ -1,0 +1,149 @@
+//! The operator's HTTP listener: Prometheus metrics (`/metrics`), liveness (`/healthz`) and
+//! readiness (`/readyz`).
+//!
+//! The relay and the consumer record through the `metrics` facade wherever the work happens;
+//! this module installs the Prometheus recorder and serves what it renders. Without it the
+//! facade's calls cost next to nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::relay::Stats;
+use crate::store::operations;
+
+/// Histogram buckets for latencies, in seconds.
+const SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Histogram buckets for batch sizes, in rows.
+const ROWS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+/// Installs the process-wide Prometheus recorder; call once, before the relay starts.
+pub fn install() -> Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS))
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| Error::Metrics(e.to_string()))
+}
+
+/// Parses `metrics_addr`: `host:port`, or a bare `port` / `:port` meaning loopback.
+pub fn parse_addr(value: &str) -> Result<SocketAddr> {
+    let value = value.trim();
+    let port_only = value.strip_prefix(':').unwrap_or(value);
+    let parsed = match port_only.parse::<u16>() {
+        Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => value.parse::<SocketAddr>(),
+    };
+    parsed.map_err(|e| Error::Config {
+        setting: "metrics_addr",
+        value: value.into(),
+        reason: format!("expected host:port or a port (loopback), such as 127.0.0.1:9187: {e}"),
+    })
+}
+
+/// What the endpoints look at.
+#[derive(Clone)]
+pub struct Probe {
+    /// The outbox database.
+    pub pool: PgPool,
+    /// The relay's counters and broker state.
+    pub stats: Arc<Stats>,
+    /// Readiness fails while the oldest due pending row is older than this (`None`: no check).
+    pub max_lag: Option<Duration>,
+    /// The recorder's handle.
+    pub handle: PrometheusHandle,
+}
+
+/// Serves the endpoints on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    probe: Probe,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(probe);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|source| Error::Io {
+            context: "serving metrics".into(),
+            source,
+        })
+}
+
+/// The backlog gauges, read when scraped.
+async fn metrics(State(probe): State<Probe>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(5), operations::backlog(&probe.pool)).await {
+        Ok(Ok(backlog)) => {
+            metrics::gauge!("postbox_database_up").set(1.0);
+            metrics::gauge!("postbox_pending_rows").set(backlog.pending as f64);
+            metrics::gauge!("postbox_dead_rows").set(backlog.dead as f64);
+            metrics::gauge!("postbox_lag_seconds").set(backlog.oldest_pending_age_seconds);
+        }
+        _ => metrics::gauge!("postbox_database_up").set(0.0),
+    }
+    metrics::gauge!("postbox_broker_up").set(f64::from(u8::from(probe.stats.broker_connected())));
+    probe.handle.render().into_response()
+}
+
+/// Ready when Postgres answers, the broker connection is up and (if configured) the backlog's
+/// oldest due row is younger than `max_lag`; otherwise 503, with every check's result.
+async fn ready(State(probe): State<Probe>) -> Response {
+    let backlog =
+        tokio::time::timeout(Duration::from_secs(2), operations::backlog(&probe.pool)).await;
+    let (database, lag) = match backlog {
+        Ok(Ok(backlog)) => (Ok(()), Some(backlog.oldest_pending_age_seconds)),
+        Ok(Err(error)) => (Err(error.to_string()), None),
+        Err(_) => (Err("no answer within 2s".to_string()), None),
+    };
+    let broker = if probe.stats.broker_connected() {
+        Ok(())
+    } else {
+        Err("not connected".to_string())
+    };
+    let lag_check = match (probe.max_lag, lag) {
+        (Some(max), Some(lag)) if lag > max.as_secs_f64() => Err(format!(
+            "oldest due pending row is {lag:.1}s old, above {:.1}s",
+            max.as_secs_f64()
+        )),
+        _ => Ok(()),
+    };
+    let ready = database.is_ok() && broker.is_ok() && lag_check.is_ok();
+    let show = |check: &std::result::Result<(), String>| match check {
+        Ok(()) => json!("ok"),
+        Err(reason) => json!(reason),
+    };
+    let body = json!({
+        "ready": ready,
+        "checks": {
+            "database": show(&database),
+            "broker": show(&broker),
+            "lag": show(&lag_check),
+        },
+        "lag_seconds": lag,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
