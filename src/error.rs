@@ -63,6 +63,10 @@ pub enum Error {
     #[error("rabbitmq did not accept a message: {0}")]
     Unconfirmed(String),
 
+    /// `postbox reconcile` found published messages a consumer never processed.
+    #[error("reconcile: {0}")]
+    Discrepancy(String),
+
     /// The Prometheus recorder could not be installed.
     #[error("metrics: {0}")]
     Metrics(String),

@@ -367,3 +367,156 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
     );
     assert_eq!(daemon.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn replay_republishes_retained_events_with_their_original_ids() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let relay = RunningRelay::start(db.settings()).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let message =
+            postbox::Message::json(queue.as_str(), &serde_json::json!({ "n": n })).expect("json");
+        let enqueued = postbox::enqueue(&db.pool, &message).await.expect("enqueue");
+        ids.push((
+            enqueued.id.expect("new row"),
+            enqueued.message_id.to_string(),
+        ));
+    }
+    inbox.take(5, DEADLINE).await;
+    wait_until("all published", DEADLINE, || async {
+        (db.count("published_at is not null").await == 5).then_some(())
+    })
+    .await;
+    let (from, to) = (ids[1].0.to_string(), ids[3].0.to_string());
+
+    let text = stdout(&postbox(
+        &db,
+        &["replay", "--from-id", &from, "--to-id", &to, "--dry-run"],
+    ));
+    assert!(
+        text.contains("3 published event(s)") && text.contains("dry run"),
+        "{text}"
+    );
+    assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
+    let text = stdout(&postbox(
+        &db,
+        &[
+            "replay",
+            "--from-id",
+            &from,
+            "--to-id",
+            &to,
+            "--routing-key",
+            "elsewhere",
+        ],
+    ));
+    assert!(text.contains("0 published event(s)"), "{text}");
+
+    let text = stdout(&postbox(
+        &db,
+        &["replay", "--from-id", &from, "--to-id", &to],
+    ));
+    assert!(text.contains("3 event(s) pending again"), "{text}");
+    let replayed = inbox.take(3, DEADLINE).await;
+    let got: Vec<String> = replayed
+        .iter()
+        .map(|r| r.message_id.clone().expect("message id"))
+        .collect();
+    let expected: Vec<String> = ids[1..4].iter().map(|(_, m)| m.clone()).collect();
+    assert_eq!(got, expected, "original ids, in id order");
+    wait_until("replayed rows published again", DEADLINE, || async {
+        (db.count("published_at is not null").await == 5).then_some(())
+    })
+    .await;
+    relay.stop().await;
+
+    let output = postbox(&db, &["replay", "--since", "yesterday"]);
+    assert_eq!(output.status.code(), Some(2), "a bad time is a usage error");
+    let output = postbox(&db, &["replay"]);
+    assert_eq!(output.status.code(), Some(2), "a range is required");
+}
+
+#[tokio::test]
+async fn reconcile_finds_a_missing_and_a_doubled_message() {
+    let outbox = TestDb::migrated().await;
+    let consumer_db = TestDb::empty().await;
+    postbox::migrate_parts(&consumer_db.pool, &[postbox::Part::Inbox])
+        .await
+        .expect("inbox schema");
+    // Five events published an hour ago, one just now (still within the grace period), one
+    // for another routing key.
+    execute(
+        &outbox,
+        "insert into postbox.outbox (routing_key, payload, published_at) \
+           select 'orders', '{}', now() - interval '1 hour' from generate_series(1, 5); \
+         insert into postbox.outbox (routing_key, payload, published_at) values \
+           ('orders', '{}', now()), ('invoices', '{}', now() - interval '1 hour');",
+    )
+    .await;
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "select message_id from postbox.outbox where routing_key = 'orders' order by id",
+    )
+    .fetch_all(&outbox.pool)
+    .await
+    .expect("ids");
+    // The consumer processed 1, 2, 3 (3 twice over) and 6; 4 and 5 never arrived.
+    for (i, duplicates) in [(0, 0), (1, 0), (2, 1), (5, 0)] {
+        sqlx::query(
+            "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at, duplicates) \
+             values ('billing', $1, 'orders', 'applied', now(), $2)",
+        )
+        .bind(ids[i])
+        .bind(duplicates)
+        .execute(&consumer_db.pool)
+        .await
+        .expect("inbox row");
+    }
+    let reconcile = |extra: &[&str]| {
+        let mut args = vec![
+            "reconcile",
+            "--inbox-database-url",
+            consumer_db.url.as_str(),
+            "--consumer",
+            "billing",
+            "--routing-key",
+            "orders",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        postbox(&outbox, &args)
+    };
+    let output = reconcile(&[]);
+    assert_eq!(output.status.code(), Some(3), "discrepancies found");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("reconcile --json is JSON");
+    assert_eq!(report["published_checked"], 5);
+    assert_eq!(report["missing_count"], 2);
+    assert_eq!(
+        report["missing"],
+        serde_json::json!([ids[3].to_string(), ids[4].to_string()])
+    );
+    assert_eq!(report["duplicated_count"], 1);
+    assert_eq!(report["duplicated"][0]["message_id"], ids[2].to_string());
+    assert_eq!(report["duplicated"][0]["duplicates"], 1);
+
+    // Once they are processed, the check passes.
+    for i in [3, 4] {
+        sqlx::query(
+            "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
+             values ('billing', $1, 'orders', 'applied', now())",
+        )
+        .bind(ids[i])
+        .execute(&consumer_db.pool)
+        .await
+        .expect("inbox row");
+    }
+    let output = reconcile(&["--grace", "0s"]);
+    assert_eq!(output.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        report["published_checked"], 6,
+        "no grace: the newest counts too"
+    );
+}

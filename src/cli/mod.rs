@@ -4,6 +4,8 @@ mod bench;
 mod cleanup;
 mod dead;
 mod migrate;
+mod reconcile;
+mod replay;
 mod run;
 mod status;
 
@@ -21,6 +23,22 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for a bad command line or bad configuration: fix the input, do not retry.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when `postbox reconcile` finds published messages a consumer never processed.
+pub const EXIT_DISCREPANCY: u8 = 3;
+
+/// Parses a point in time: RFC 3339, or a duration meaning that long ago (`2h`, `7d`).
+fn parse_when(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(time.with_timezone(&chrono::Utc));
+    }
+    let ago = humantime::parse_duration(value).map_err(|_| {
+        format!(
+            "expected an RFC 3339 time (2026-11-23T10:00:00Z) or a duration ago (2h): {value:?}"
+        )
+    })?;
+    let ago = chrono::Duration::from_std(ago).map_err(|e| e.to_string())?;
+    Ok(chrono::Utc::now() - ago)
+}
 
 /// postbox: a transactional outbox relay for Postgres and RabbitMQ.
 ///
@@ -74,6 +92,15 @@ pub enum Command {
     /// The relay does the same every relay.cleanup_interval. Pending and dead rows are never
     /// deleted.
     Cleanup(cleanup::CleanupArgs),
+    /// Publish retained events again, with their original message ids (consumers with an
+    /// inbox absorb what they already processed). Says how many first; --dry-run stops there.
+    ///
+    /// The rows become pending again and the running relay publishes them. Rows already
+    /// deleted by retention cannot be replayed.
+    Replay(replay::ReplayArgs),
+    /// Compare a consumer's inbox with the outbox: published messages it never processed
+    /// (exit 3 if any) and messages delivered to it more than once.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 /// Prints a fatal error for the user; never panics, even when stderr is closed.
@@ -99,6 +126,8 @@ impl Cli {
             Command::Status(args) => status::run(settings, args).await,
             Command::Dead(args) => dead::run(settings, args).await,
             Command::Cleanup(args) => cleanup::run(settings, args).await,
+            Command::Replay(args) => replay::run(settings, args).await,
+            Command::Reconcile(args) => reconcile::run(settings, args).await,
         };
         match result {
             Ok(()) => ExitCode::from(EXIT_OK),
@@ -106,6 +135,7 @@ impl Cli {
                 report(&error);
                 ExitCode::from(match error {
                     Error::Config { .. } | Error::ConfigLoad(_) => EXIT_USAGE,
+                    Error::Discrepancy(_) => EXIT_DISCREPANCY,
                     _ => EXIT_FAILURE,
                 })
             }

@@ -308,3 +308,33 @@ fn bind<'q>(
         .bind(receipt.partition_key)
         .bind(receipt.version)
 }
+
+/// Of `message_ids`, those `consumer` has no inbox row for.
+pub async fn missing(
+    pool: &sqlx::PgPool,
+    consumer: &str,
+    message_ids: &[Uuid],
+) -> Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "select m.id from unnest($2::uuid[]) as m(id) \
+         where not exists (select 1 from postbox.inbox i \
+                           where i.consumer = $1 and i.message_id = m.id)",
+    )
+    .bind(consumer)
+    .bind(message_ids)
+    .fetch_all(pool)
+    .await
+    .context("looking for unprocessed message ids in postbox.inbox")
+}
+
+/// `consumer`'s messages delivered more than once, with how often: `(message_id, duplicates)`.
+pub async fn duplicated(pool: &sqlx::PgPool, consumer: &str) -> Result<Vec<(Uuid, i32)>> {
+    sqlx::query_as(
+        "select message_id, duplicates from postbox.inbox \
+         where consumer = $1 and duplicates > 0 order by first_received_at",
+    )
+    .bind(consumer)
+    .fetch_all(pool)
+    .await
+    .context("reading duplicated message ids from postbox.inbox")
+}

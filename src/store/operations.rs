@@ -229,3 +229,95 @@ pub async fn cleanup_batch<'e, E: PgExecutor<'e>>(
         .context("deleting old published rows from postbox.outbox")?
         .rows_affected())
 }
+
+/// Which retained rows a replay or a reconciliation covers.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Lowest id (inclusive).
+    pub from_id: Option<i64>,
+    /// Highest id (inclusive).
+    pub to_id: Option<i64>,
+    /// Written at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Written before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Only this routing key.
+    pub routing_key: Option<String>,
+}
+
+// Published rows in the selection (parameters $1 to $5; callers add theirs from $6).
+const SELECTED: &str = r#"
+published_at is not null
+and ($1::bigint is null or id >= $1)
+and ($2::bigint is null or id <= $2)
+and ($3::timestamptz is null or created_at >= $3)
+and ($4::timestamptz is null or created_at < $4)
+and ($5::text is null or routing_key = $5)
+"#;
+
+fn selected<'q>(
+    sql: String,
+    selection: &'q Selection,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(selection.from_id)
+        .bind(selection.to_id)
+        .bind(selection.since)
+        .bind(selection.until)
+        .bind(selection.routing_key.as_deref())
+}
+
+/// Published rows in `selection` (what a replay would republish).
+pub async fn count_replayable(pool: &PgPool, selection: &Selection) -> Result<i64> {
+    let row = selected(
+        format!("select count(*) from postbox.outbox where {SELECTED}"),
+        selection,
+    )
+    .fetch_one(pool)
+    .await
+    .context("counting rows to replay")?;
+    Ok(row.get(0))
+}
+
+/// Makes up to `limit` published rows of `selection` pending again (original message ids,
+/// a fresh set of attempts), lowest ids first; returns how many. The relay republishes them.
+pub async fn replay_batch(pool: &PgPool, selection: &Selection, limit: i64) -> Result<u64> {
+    Ok(selected(
+        format!(
+            "update postbox.outbox set published_at = null, attempts = 0, available_at = now() \
+             where id in (select id from postbox.outbox where {SELECTED} order by id limit $6 \
+             for update skip locked)"
+        ),
+        selection,
+    )
+    .bind(limit)
+    .execute(pool)
+    .await
+    .context("queueing rows for replay")?
+    .rows_affected())
+}
+
+/// One page of published message ids of `selection`, published before `published_before`,
+/// with ids above `after_id`, in id order: `(id, message_id)`.
+pub async fn published_ids(
+    pool: &PgPool,
+    selection: &Selection,
+    published_before: DateTime<Utc>,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<(i64, Uuid)>> {
+    let rows = selected(
+        format!(
+            "select id, message_id from postbox.outbox where {SELECTED} \
+             and published_at < $6 and id > $7 order by id limit $8"
+        ),
+        selection,
+    )
+    .bind(published_before)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading published message ids")?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
