@@ -62,6 +62,9 @@ pub struct RelaySettings {
     /// How often the relay deletes published rows older than `retention`.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+    /// How often the relay refreshes its row in `postbox.relays`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
 }
 
 const DEFAULTS: &str = r#"
@@ -82,6 +85,7 @@ retry_max_delay = "5m"
 shutdown_timeout = "30s"
 retention = "7d"
 cleanup_interval = "5m"
+heartbeat_interval = "10s"
 "#;
 
 impl Settings {
@@ -154,6 +158,7 @@ impl Settings {
             ("relay.retry_initial_delay", relay.retry_initial_delay),
             ("relay.retry_max_delay", relay.retry_max_delay),
             ("relay.cleanup_interval", relay.cleanup_interval),
+            ("relay.heartbeat_interval", relay.heartbeat_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(

@@ -48,7 +48,10 @@ async fn migrate_twice_is_harmless() {
         .fetch_one(&db.pool)
         .await
         .expect("migrations table");
-    assert_eq!(applied, 2, "both outbox migrations, once each");
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/outbox"))
+        .expect("migrations folder")
+        .count();
+    assert_eq!(applied as usize, files, "every outbox migration, once");
     assert_eq!(db.count("true").await, 0);
     let inbox: i64 = sqlx::query_scalar("select count(*) from postbox.inbox")
         .fetch_one(&db.pool)
@@ -96,7 +99,8 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
             "_migrations_outbox",
             "inbox",
             "inbox_versions",
-            "outbox"
+            "outbox",
+            "relays"
         ]
     );
     let output = postbox_command()

@@ -520,3 +520,30 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
         "no grace: the newest counts too"
     );
 }
+
+#[tokio::test]
+async fn running_relays_are_listed_until_they_stop() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.relay.heartbeat_interval = Duration::from_millis(100);
+    let relay = RunningRelay::start(settings).await;
+    let (pid, open_batches): (i32, i32) = wait_until("the relay registered", DEADLINE, || async {
+        sqlx::query_as("select pid, open_batches from postbox.relays_alive")
+            .fetch_optional(&db.pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(pid as u32, std::process::id());
+    assert_eq!(open_batches, 0, "idle");
+    let json: Value =
+        serde_json::from_str(&stdout(&postbox(&db, &["status", "--json"]))).expect("status --json");
+    assert_eq!(json["relays_alive"], 1);
+    relay.stop().await;
+    let left: i64 = sqlx::query_scalar("select count(*) from postbox.relays")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count relays");
+    assert_eq!(left, 0, "a clean stop removes the relay's row");
+}

@@ -293,8 +293,10 @@ async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64, u64) {
     settings.relay.batch_size = batch_size;
     settings.relay.max_in_flight_batches = 1;
     settings.relay.poll_interval = Duration::from_secs(600);
-    // Retention's periodic delete is not part of the per-batch budget.
+    // Retention's periodic delete is not part of the per-batch budget; the heartbeat only
+    // registers (at start) and deregisters (at stop) within the test.
     settings.relay.retention = Duration::ZERO;
+    settings.relay.heartbeat_interval = Duration::from_secs(600);
     let relay = RunningRelay::start(settings).await;
     let relay_stats = relay.stats.clone();
     inbox.take(rows, DEADLINE).await;
@@ -319,9 +321,9 @@ async fn statements_per_batch_do_not_grow_with_batch_size() {
             claims - batches
         );
         assert_eq!(batches, 5);
-        // LISTEN at start and UNLISTEN at stop; per batch BEGIN, claim, mark, COMMIT; per empty
-        // claim (the relay looking for more before it goes idle) BEGIN, claim, ROLLBACK.
-        // Nothing per row.
-        assert_eq!(statements, 2 + 4 * batches + 3 * (claims - batches));
+        // LISTEN and registration at start, UNLISTEN and deregistration at stop; per batch
+        // BEGIN, claim, mark, COMMIT; per empty claim (the relay looking for more before it
+        // goes idle) BEGIN, claim, ROLLBACK. Nothing per row.
+        assert_eq!(statements, 4 + 4 * batches + 3 * (claims - batches));
     }
 }

@@ -22,6 +22,7 @@ pub struct StatusArgs {
 struct Status {
     #[serde(flatten)]
     outbox: operations::OutboxStatus,
+    relays_alive: i64,
     inbox: Vec<operations::InboxSummary>,
 }
 
@@ -29,6 +30,7 @@ pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
     let pool = store::connect(&settings, 1).await?;
     let status = Status {
         outbox: operations::status(&pool).await?,
+        relays_alive: store::relays::alive(&pool).await?,
         inbox: operations::inbox_summary(&pool).await?,
     };
     pool.close().await;
@@ -55,6 +57,10 @@ fn render(status: &Status) -> String {
         o.pending, o.pending_due, o.scheduled, o.retrying, o.dead, o.published,
         o.oldest_pending_age_seconds
     );
+    out.push_str(&format!(
+        "  relays     {:>10}  (alive)\n",
+        status.relays_alive
+    ));
     if !status.inbox.is_empty() {
         out.push_str(&format!(
             "inbox\n  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11}\n",

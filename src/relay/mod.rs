@@ -16,6 +16,7 @@ mod batch;
 mod claimer;
 mod completer;
 mod confirmer;
+mod heartbeat;
 mod listener;
 mod publisher;
 mod retention;
@@ -207,13 +208,22 @@ impl Relay {
             settings.cleanup_interval,
             shutdown.clone(),
         ));
+        // Claimed batches waiting for the broker window are locked already, so the next
+        // publish never waits for a claim; marked batches free their slot.
+        let slots = Arc::new(Semaphore::new(3 * in_flight));
+        let heartbeat = tokio::spawn(heartbeat::run(
+            self.pool.clone(),
+            settings.heartbeat_interval,
+            self.stats.clone(),
+            slots.clone(),
+            3 * in_flight,
+            shutdown.clone(),
+        ));
         let claimer = Claimer {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
-            // Claimed batches waiting for the broker window are locked already, so the next
-            // publish never waits for a claim; marked batches free their slot.
-            slots: Arc::new(Semaphore::new(3 * in_flight)),
+            slots,
             wake: wake.clone(),
             stats: self.stats.clone(),
             scan: claimer::Scan::default(),
@@ -263,7 +273,7 @@ impl Relay {
         hard_stop.cancel();
         for task in claimers
             .into_iter()
-            .chain([listener, cleaner, publisher, confirmer])
+            .chain([listener, cleaner, heartbeat, publisher, confirmer])
         {
             let _ = task.await;
         }

@@ -5,6 +5,7 @@ pub mod inbox;
 mod nodelay;
 pub mod operations;
 pub mod outbox;
+pub mod relays;
 
 pub use nodelay::without_nagle;
 
