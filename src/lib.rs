@@ -16,6 +16,7 @@
 //! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
 //! - [`metrics`]: the HTTP listener for Prometheus metrics, liveness and readiness.
 //! - [`config`]: settings from defaults, a TOML file and the environment.
+//! - [`trace`]: W3C `traceparent`, carried from the enqueue to the consumer's handler.
 //! - [`cli`]: the `postbox` command's subcommands.
 //! - [`bench`]: `postbox bench`, the relay measured against the broker's ceiling.
 
@@ -31,6 +32,7 @@ pub mod reconnect;
 pub mod relay;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::Settings;
 pub use error::{Error, Result};

@@ -51,13 +51,14 @@ impl Handler for Recorder {
             let _: Deposit = message.json()?;
         }
         sqlx::query(
-            "insert into applied (message_id, partition_key, outbox_id, attempt) \
-             values ($1, $2, $3, $4)",
+            "insert into applied (message_id, partition_key, outbox_id, attempt, trace_id) \
+             values ($1, $2, $3, $4, $5)",
         )
         .bind(message.message_id())
         .bind(message.partition_key())
         .bind(message.outbox_id())
         .bind(message.attempt() as i32)
+        .bind(message.traceparent().map(|t| t.trace_id))
         .execute(&mut **tx)
         .await?;
         if let Some((started, release)) = &self.gate {
@@ -75,7 +76,7 @@ async fn subscriber() -> Subscriber {
     let sub = Subscriber::start().await;
     sqlx::query(
         "create table applied (seq bigserial primary key, message_id uuid not null, \
-         partition_key text, outbox_id bigint, attempt int not null)",
+         partition_key text, outbox_id bigint, attempt int not null, trace_id text)",
     )
     .execute(&sub.db.pool)
     .await
@@ -656,7 +657,9 @@ async fn relay_to_consumer_end_to_end_in_key_order() {
         messages.push(
             postbox::Message::json(sub.queue.as_str(), &serde_json::json!({ "n": i }))
                 .expect("json payload")
-                .partition_key(format!("key-{}", i % 7)),
+                .partition_key(format!("key-{}", i % 7))
+                .traceparent(&format!("00-{:032x}-00f067aa0ba902b7-01", i + 1))
+                .expect("valid traceparent"),
         );
     }
     let mut tx = harness.db.pool.begin().await.expect("begin");
@@ -694,6 +697,15 @@ async fn relay_to_consumer_end_to_end_in_key_order() {
         assert!(previous < Some(outbox_id), "key {key} applied out of order");
     }
     assert_eq!(last.len(), 7);
+    // Each producer's trace context reached its handler.
+    let traced: Vec<(i64, Option<String>)> =
+        sqlx::query_as("select outbox_id, trace_id from applied order by outbox_id")
+            .fetch_all(&sub.db.pool)
+            .await
+            .expect("trace ids");
+    for (outbox_id, trace_id) in traced {
+        assert_eq!(trace_id, Some(format!("{outbox_id:032x}")));
+    }
 }
 
 #[tokio::test]

@@ -221,3 +221,12 @@ async fn claim_ids(db: &TestDb) -> Vec<i64> {
     tx.rollback().await.expect("rollback");
     rows.iter().map(|r| r.id).collect()
 }
+
+#[test]
+fn a_malformed_traceparent_is_refused_with_its_value() {
+    let message = Message::json("orders", &serde_json::json!({})).expect("json");
+    let error = message
+        .traceparent("00-abc-def-01")
+        .expect_err("malformed traceparent");
+    assert!(error.to_string().contains("00-abc-def-01"), "{error}");
+}

@@ -82,6 +82,12 @@ impl Incoming {
         self.header_i64(HEADER_OUTBOX_ID)
     }
 
+    /// The producer's trace context, if the message carries a valid `traceparent`.
+    pub fn traceparent(&self) -> Option<crate::trace::TraceParent> {
+        self.header_str(crate::trace::HEADER)
+            .and_then(crate::trace::TraceParent::parse)
+    }
+
     /// The raw payload.
     pub fn payload(&self) -> &[u8] {
         &self.payload

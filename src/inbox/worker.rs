@@ -10,6 +10,7 @@ use lapin::Acker;
 use lapin::BasicProperties;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::dead_letter::{Cause, DeadLetters};
 use super::receive::{receive, Status};
@@ -325,9 +326,20 @@ impl<H: Handler> Worker<H> {
             }
             Status::New { failed_attempts } => {
                 incoming.attempt = failed_attempts.saturating_add(1);
+                // The handler's span continues the producer's trace.
+                let trace = incoming.traceparent();
+                let span = tracing::info_span!(
+                    "postbox.handle",
+                    consumer = %shared.name,
+                    message_id = %receipt.message_id,
+                    attempt = incoming.attempt,
+                    trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+                    parent_id = trace.as_ref().map(|t| t.parent_id.as_str()),
+                );
                 shared
                     .handler
                     .handle(&mut tx, incoming)
+                    .instrument(span)
                     .await
                     .map_err(Failed::Handler)?;
                 Some(Outcome::Applied)

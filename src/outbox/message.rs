@@ -110,6 +110,19 @@ impl Message {
         self
     }
 
+    /// The W3C trace context of the code writing the event (`traceparent`, as your tracing
+    /// system formats it). It travels as the `traceparent` header; the consumer library
+    /// continues the trace in its handler span. A malformed value is refused, naming it.
+    pub fn traceparent(self, value: &str) -> crate::Result<Self> {
+        if crate::trace::TraceParent::parse(value).is_none() {
+            return Err(crate::Error::InvalidMessage(format!(
+                "traceparent {value:?} is not a W3C version-00 trace context \
+                 (00-<32 hex>-<16 hex>-<2 hex>)"
+            )));
+        }
+        Ok(self.header(crate::trace::HEADER, value.trim()))
+    }
+
     /// An explicit message id. Without one, Postgres assigns a random UUID.
     pub fn message_id(mut self, id: Uuid) -> Self {
         self.message_id = Some(id);

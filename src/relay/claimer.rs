@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::batch::Batch;
 use crate::error::{Context, Result};
@@ -116,7 +117,11 @@ impl Claimer {
                     Err(_) => return, // semaphore closed: the relay is shutting down
                 },
             };
-            match self.claim_once(permit).await {
+            match self
+                .claim_once(permit)
+                .instrument(tracing::debug_span!("postbox.claim"))
+                .await
+            {
                 Ok(Claimed::Batch { batch, full }) => {
                     errors = connection_backoff();
                     idle = !full;

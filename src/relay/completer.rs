@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
+use tracing::Instrument;
 
 use super::batch::Decided;
 use super::Stats;
+
 use crate::error::{Context, Result};
 use crate::store::outbox::{self, Completion};
 
@@ -72,7 +74,12 @@ impl Completer {
         if completions.is_empty() {
             tx.rollback().await.context("releasing a batch")?;
         } else {
-            outbox::complete(&mut tx, &completions).await?;
+            outbox::complete(&mut tx, &completions)
+                .instrument(tracing::debug_span!(
+                    "postbox.mark",
+                    rows = completions.len()
+                ))
+                .await?;
             tx.commit().await.context("committing a batch")?;
         }
         self.stats.record(published, retried, dead, released);

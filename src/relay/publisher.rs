@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::batch::{Batch, Published, Sent};
 use crate::amqp::{self, message::outgoing, Broker};
@@ -73,7 +74,10 @@ impl Publisher {
                 break;
             };
             let got_window = std::time::Instant::now();
-            let published = publish_batch(&channel, batch, window).await;
+            let rows = batch.rows.len();
+            let published = publish_batch(&channel, batch, window)
+                .instrument(tracing::debug_span!("postbox.publish", rows))
+                .await;
             tracing::trace!(
                 wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
                 wait_window_ms = (got_window - got_batch).as_secs_f64() * 1e3,
