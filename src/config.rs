@@ -62,6 +62,9 @@ pub struct RelaySettings {
     /// How often the relay deletes published rows older than `retention`.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round: `auto` (when the
+    /// server's autovacuum is off), `always` or `never`.
+    pub vacuum: String,
     /// How often the relay refreshes its row in `postbox.relays`.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -86,6 +89,7 @@ shutdown_timeout = "30s"
 retention = "7d"
 cleanup_interval = "5m"
 heartbeat_interval = "10s"
+vacuum = "auto"
 "#;
 
 impl Settings {
@@ -167,6 +171,13 @@ impl Settings {
                     "a duration above zero, such as \"500ms\" or \"2s\"",
                 ));
             }
+        }
+        if !["auto", "always", "never"].contains(&relay.vacuum.as_str()) {
+            return Err(invalid(
+                "relay.vacuum",
+                &relay.vacuum,
+                "auto, always or never",
+            ));
         }
         if relay.retry_max_delay < relay.retry_initial_delay {
             return Err(invalid(

@@ -88,6 +88,9 @@ pub(super) async fn run_all(
             ms(quantile(&latencies, 0.99))
         ),
     });
+    if options.soak_seconds > 0 {
+        report.cases.push(soak(env, settings, options).await?);
+    }
     let mut dedup = Vec::new();
     for rep in 0..options.repetitions {
         let rate = inbox_dedup_once(env, options, rep).await?;
@@ -108,6 +111,86 @@ pub(super) async fn run_all(
         ),
     });
     Ok(report)
+}
+
+/// Published rows are deleted this long after publishing during the soak.
+const SOAK_RETENTION: Duration = Duration::from_secs(5);
+
+/// Steady load with retention on: does the outbox stop growing? Producers commit
+/// `soak_rate` rows/s in 100 ms ticks; the relay publishes them and deletes rows published more
+/// than `SOAK_RETENTION` ago every second. Reports the table's size (heap, indexes, TOAST).
+async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<CaseResult> {
+    let queue = env.queue("classic").await?;
+    let mut relay_settings = relay_settings(settings, env, options);
+    relay_settings.relay.retention = SOAK_RETENTION;
+    relay_settings.relay.cleanup_interval = Duration::from_secs(1);
+    let relay = start_relay(&relay_settings).await?;
+    let per_tick = (options.soak_rate / 10).max(1);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(u64::from(options.soak_seconds));
+    let mut next_tick = start;
+    let mut next_sample = start;
+    let mut sizes: Vec<(f64, i64)> = Vec::new();
+    while Instant::now() < end {
+        if Instant::now() >= next_sample {
+            let size: i64 = sqlx::query_scalar("select pg_total_relation_size('postbox.outbox')")
+                .fetch_one(&env.pool)
+                .await
+                .context("reading the outbox size")?;
+            sizes.push((start.elapsed().as_secs_f64(), size));
+            next_sample += Duration::from_secs(1);
+        }
+        sqlx::query(
+            "insert into postbox.outbox (routing_key, payload)
+             select $1, repeat('x', $2) from generate_series(1, $3)",
+        )
+        .bind(&queue)
+        .bind(options.payload_size as i32)
+        .bind(per_tick as i32)
+        .execute(&env.pool)
+        .await
+        .context("soak insert")?;
+        next_tick += Duration::from_millis(100);
+        tokio::time::sleep_until(next_tick.into()).await;
+    }
+    let published = relay.stats().published();
+    let _ = relay.stop().await;
+    sqlx::query("delete from postbox.outbox")
+        .execute(&env.pool)
+        .await
+        .context("clearing the outbox")?;
+    env.delete_queue(&queue).await;
+    let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+    let at = |fraction: f64| {
+        let t = options.soak_seconds as f64 * fraction;
+        sizes
+            .iter()
+            .find(|(s, _)| *s >= t)
+            .or(sizes.last())
+            .map(|(_, b)| mib(*b))
+            .unwrap_or(0.0)
+    };
+    let peak = sizes.iter().map(|(_, b)| mib(*b)).fold(0.0, f64::max);
+    let (third, two_thirds, last) = (at(1.0 / 3.0), at(2.0 / 3.0), at(1.0));
+    progress(&format!(
+        "soak: outbox {third:.1} → {two_thirds:.1} → {last:.1} MiB (peak {peak:.1}), {published} published"
+    ));
+    Ok(CaseResult {
+        case: "retention soak".into(),
+        queue_type: "classic".into(),
+        value: last,
+        min: third,
+        max: peak,
+        unit: "MiB".into(),
+        ratio_to_ceiling: None,
+        note: format!(
+            "outbox size after {}s at {} rows/s, retention {}s: {third:.1} MiB at 1/3, \
+             {two_thirds:.1} at 2/3, {last:.1} at the end (range: 1/3 size to peak); {published} published",
+            options.soak_seconds,
+            options.soak_rate,
+            SOAK_RETENTION.as_secs()
+        ),
+    })
 }
 
 /// Message ids per inbox transaction in the dedup case.

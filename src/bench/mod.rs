@@ -37,6 +37,10 @@ pub struct BenchOptions {
     pub repetitions: u32,
     /// Single events sent to an idle relay for the latency case.
     pub latency_samples: u32,
+    /// Length of the retention soak (0: skipped).
+    pub soak_seconds: u32,
+    /// Rows per second committed during the soak.
+    pub soak_rate: u32,
 }
 
 /// Runs every case and returns the report.

@@ -29,6 +29,13 @@ pub struct BenchArgs {
     /// Runs per throughput case; the median and min–max are reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: u32,
+    /// Also run the retention soak for this many seconds: producers commit --soak-rate rows/s
+    /// while the relay publishes and deletes rows older than 5 s; reports the outbox's size.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub soak: u32,
+    /// Rows per second committed during the soak.
+    #[arg(long, default_value_t = 2_000)]
+    pub soak_rate: u32,
     /// A few seconds' smoke run: 2,000 messages, one repetition, classic queue only.
     #[arg(long)]
     pub quick: bool,
@@ -49,6 +56,8 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
         },
         repetitions: args.repetitions.max(1),
         latency_samples: 50,
+        soak_seconds: args.soak,
+        soak_rate: args.soak_rate.max(1),
     };
     if args.quick {
         options.messages = 2_000;

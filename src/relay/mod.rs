@@ -206,6 +206,7 @@ impl Relay {
             self.pool.clone(),
             settings.retention,
             settings.cleanup_interval,
+            settings.vacuum.clone(),
             shutdown.clone(),
         ));
         // Claimed batches waiting for the broker window are locked already, so the next

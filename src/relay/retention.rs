@@ -17,21 +17,48 @@ pub async fn cleanup(pool: &PgPool, older_than: Duration) -> Result<u64> {
         .await
 }
 
-/// Runs [`cleanup`] every `interval` until `shutdown`; a zero `retention` keeps everything.
+/// Runs [`cleanup`] every `interval` until `shutdown` (a zero `retention` keeps everything),
+/// and vacuums the outbox after each round when `vacuum` says so (`auto`: when the server's
+/// autovacuum is off, which would otherwise leave every deleted and every marked row's old
+/// version in the table for good).
 pub(crate) async fn run(
     pool: PgPool,
     retention: Duration,
     interval: Duration,
+    vacuum: String,
     shutdown: CancellationToken,
 ) {
-    if retention.is_zero() {
+    let vacuum = match vacuum.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => match operations::autovacuum_on(&pool).await {
+            Ok(on) => !on,
+            Err(error) => {
+                tracing::warn!(%error, "relay: cannot tell whether autovacuum is on; not vacuuming");
+                false
+            }
+        },
+    };
+    if retention.is_zero() && !vacuum {
         return;
     }
+    if vacuum {
+        tracing::info!(
+            "relay: autovacuum is off for postbox.outbox; the relay vacuums it after each cleanup"
+        );
+    }
     loop {
-        match cleanup(&pool, retention).await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "relay: old published rows deleted"),
-            Err(error) => tracing::warn!(%error, "relay: outbox cleanup failed"),
+        if !retention.is_zero() {
+            match cleanup(&pool, retention).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "relay: old published rows deleted"),
+                Err(error) => tracing::warn!(%error, "relay: outbox cleanup failed"),
+            }
+        }
+        if vacuum {
+            if let Err(error) = operations::vacuum(&pool).await {
+                tracing::warn!(%error, "relay: vacuum failed");
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

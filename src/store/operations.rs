@@ -321,3 +321,25 @@ pub async fn published_ids(
     .context("reading published message ids")?;
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
+
+/// Whether autovacuum will vacuum `postbox.outbox`: on for the server and not disabled for the
+/// table.
+pub async fn autovacuum_on(pool: &PgPool) -> Result<bool> {
+    sqlx::query_scalar(
+        "select current_setting('autovacuum')::bool \
+            and not coalesce('autovacuum_enabled=false' = any(c.reloptions), false) \
+         from pg_class c where c.oid = 'postbox.outbox'::regclass",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading the autovacuum setting")
+}
+
+/// `VACUUM (ANALYZE)` of the outbox: makes the space of deleted and superseded rows reusable.
+pub async fn vacuum(pool: &PgPool) -> Result<()> {
+    sqlx::query("vacuum (analyze) postbox.outbox")
+        .execute(pool)
+        .await
+        .context("vacuuming postbox.outbox")?;
+    Ok(())
+}
