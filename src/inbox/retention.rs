@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ConsumerOptions;
 use crate::error::Result;
-use crate::store::{self, inbox};
+use crate::store::{self, inbox, operations};
 
 /// Deletes decided inbox rows older than `older_than` (of `consumer`, or of every consumer when
 /// `None`), [`CLEANUP_BATCH`](crate::store::CLEANUP_BATCH) rows per statement, until none is left. Rows of messages still
@@ -47,11 +47,22 @@ pub(crate) async fn run(
     let Some(window) = options.dedup_window else {
         return;
     };
+    // Without autovacuum nothing else would make deleted rows' space reusable.
+    let vacuum = matches!(
+        operations::autovacuum_on(&pool, operations::HotTable::Inbox).await,
+        Ok(false)
+    );
     loop {
         match cleanup(&pool, Some(&consumer), window).await {
             Ok(0) => {}
             Ok(deleted) => {
                 tracing::info!(consumer, deleted, "consumer: old inbox rows deleted");
+                if vacuum {
+                    if let Err(error) = operations::vacuum(&pool, operations::HotTable::Inbox).await
+                    {
+                        tracing::warn!(%error, "consumer: vacuum failed");
+                    }
+                }
             }
             Err(error) => tracing::warn!(%error, "consumer: inbox cleanup failed"),
         }

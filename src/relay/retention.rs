@@ -31,7 +31,7 @@ pub(crate) async fn run(
     let vacuum = match vacuum.as_str() {
         "always" => true,
         "never" => false,
-        _ => match operations::autovacuum_on(&pool).await {
+        _ => match operations::autovacuum_on(&pool, operations::HotTable::Outbox).await {
             Ok(on) => !on,
             Err(error) => {
                 tracing::warn!(%error, "relay: cannot tell whether autovacuum is on; not vacuuming");
@@ -56,7 +56,7 @@ pub(crate) async fn run(
             }
         }
         if vacuum {
-            if let Err(error) = operations::vacuum(&pool).await {
+            if let Err(error) = operations::vacuum(&pool, operations::HotTable::Outbox).await {
                 tracing::warn!(%error, "relay: vacuum failed");
             }
         }

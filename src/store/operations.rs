@@ -322,24 +322,45 @@ pub async fn published_ids(
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
-/// Whether autovacuum will vacuum `postbox.outbox`: on for the server and not disabled for the
-/// table.
-pub async fn autovacuum_on(pool: &PgPool) -> Result<bool> {
+/// A table postbox may vacuum itself.
+#[derive(Debug, Clone, Copy)]
+pub enum HotTable {
+    /// `postbox.outbox`.
+    Outbox,
+    /// `postbox.inbox`.
+    Inbox,
+}
+
+impl HotTable {
+    fn name(self) -> &'static str {
+        match self {
+            HotTable::Outbox => "postbox.outbox",
+            HotTable::Inbox => "postbox.inbox",
+        }
+    }
+}
+
+/// Whether autovacuum will vacuum `table`: on for the server and not disabled for the table.
+pub async fn autovacuum_on(pool: &PgPool, table: HotTable) -> Result<bool> {
     sqlx::query_scalar(
         "select current_setting('autovacuum')::bool \
             and not coalesce('autovacuum_enabled=false' = any(c.reloptions), false) \
-         from pg_class c where c.oid = 'postbox.outbox'::regclass",
+         from pg_class c where c.oid = $1::regclass",
     )
+    .bind(table.name())
     .fetch_one(pool)
     .await
     .context("reading the autovacuum setting")
 }
 
-/// `VACUUM (ANALYZE)` of the outbox: makes the space of deleted and superseded rows reusable.
-pub async fn vacuum(pool: &PgPool) -> Result<()> {
-    sqlx::query("vacuum (analyze) postbox.outbox")
-        .execute(pool)
-        .await
-        .context("vacuuming postbox.outbox")?;
+/// `VACUUM (ANALYZE)` of `table`: makes the space of deleted and superseded rows reusable.
+pub async fn vacuum(pool: &PgPool, table: HotTable) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "vacuum (analyze) {}",
+        table.name()
+    )))
+    .execute(pool)
+    .await
+    .context(format!("vacuuming {}", table.name()))?;
     Ok(())
 }
