@@ -46,6 +46,9 @@ pub struct RelaySettings {
     pub confirm_timeout: Duration,
     /// Failed attempts after which a row is marked dead.
     pub max_attempts: u32,
+    /// A dead row parks its partition key: the key's later rows wait until an operator
+    /// releases or retries it (`false`: they go on, out of order with the dead one).
+    pub dead_rows_park_keys: bool,
     /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_initial_delay: Duration,
@@ -83,6 +86,7 @@ max_in_flight_batches = 4
 poll_interval = "1s"
 confirm_timeout = "30s"
 max_attempts = 10
+dead_rows_park_keys = true
 retry_initial_delay = "1s"
 retry_max_delay = "5m"
 shutdown_timeout = "30s"

@@ -547,3 +547,97 @@ async fn running_relays_are_listed_until_they_stop() {
         .expect("count relays");
     assert_eq!(left, 0, "a clean stop removes the relay's row");
 }
+
+/// A relay that gives up after one attempt, a test queue with a consumer, and a first row of
+/// key "k" that dies (no such queue).
+async fn with_a_dead_row_on_key_k(
+    park: bool,
+) -> (TestDb, Rabbit, String, common::Inbox, RunningRelay, i64) {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let inbox = rabbit.consume(&queue).await;
+    let mut settings = db.settings();
+    settings.relay.max_attempts = 1;
+    settings.relay.dead_rows_park_keys = park;
+    let relay = RunningRelay::start(settings).await;
+    let poison = postbox::Message::json("no-such-queue-postbox-test", &serde_json::json!({}))
+        .expect("json")
+        .partition_key("k");
+    let dead_id = postbox::enqueue(&db.pool, &poison)
+        .await
+        .expect("enqueue")
+        .id
+        .expect("new row");
+    wait_until("the first row of k dead", DEADLINE, || async {
+        (db.count("dead_at is not null").await == 1).then_some(())
+    })
+    .await;
+    (db, rabbit, queue, inbox, relay, dead_id)
+}
+
+async fn enqueue_keyed(db: &TestDb, queue: &str, key: &str, n: i64) -> String {
+    let message = postbox::Message::json(queue, &serde_json::json!({ "n": n }))
+        .expect("json")
+        .partition_key(key);
+    postbox::enqueue(&db.pool, &message)
+        .await
+        .expect("enqueue")
+        .message_id
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
+    let (db, _rabbit, queue, mut inbox, relay, dead_id) = with_a_dead_row_on_key_k(true).await;
+    let b = enqueue_keyed(&db, &queue, "k", 1).await;
+    let c = enqueue_keyed(&db, &queue, "k", 2).await;
+    let other = enqueue_keyed(&db, &queue, "j", 3).await;
+    let first = inbox.take(1, DEADLINE).await;
+    assert_eq!(
+        first[0].message_id.as_deref(),
+        Some(other.as_str()),
+        "other keys flow"
+    );
+    assert!(
+        inbox.drain_for(Duration::from_millis(500)).await.is_empty(),
+        "k's later rows wait behind its dead row"
+    );
+    let parked: (String, i64, String, i64) = sqlx::query_as(
+        "select partition_key, dead_id, reason, rows_waiting from postbox.parked_keys",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("one parked key");
+    assert_eq!((parked.0.as_str(), parked.1, parked.3), ("k", dead_id, 2));
+    assert!(parked.2.contains("unroutable"), "{}", parked.2);
+
+    let text = stdout(&postbox(&db, &["dead", "release", "--key", "k"]));
+    assert!(text.contains("1 dead row(s) released"), "{text}");
+    let released = inbox.take(2, DEADLINE).await;
+    let ids: Vec<&str> = released
+        .iter()
+        .map(|r| r.message_id.as_deref().expect("message id"))
+        .collect();
+    assert_eq!(ids, [b.as_str(), c.as_str()], "in key order");
+    relay.stop().await;
+    let parked: i64 = sqlx::query_scalar("select count(*) from postbox.parked_keys")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(parked, 0);
+    assert_eq!(
+        db.count("dead_at is not null").await,
+        1,
+        "the dead row stays dead"
+    );
+}
+
+#[tokio::test]
+async fn with_parking_off_a_dead_row_releases_its_key_at_once() {
+    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(false).await;
+    let b = enqueue_keyed(&db, &queue, "k", 1).await;
+    let arrived = inbox.take(1, DEADLINE).await;
+    assert_eq!(arrived[0].message_id.as_deref(), Some(b.as_str()));
+    relay.stop().await;
+}

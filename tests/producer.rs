@@ -215,7 +215,7 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
 /// Runs one claim in its own transaction and rolls it back; returns the claimed ids.
 async fn claim_ids(db: &TestDb) -> Vec<i64> {
     let mut tx = db.pool.begin().await.expect("begin");
-    let rows = postbox::store::outbox::claim(&mut tx, 100, 0)
+    let rows = postbox::store::outbox::claim(&mut tx, 100, 0, true)
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");

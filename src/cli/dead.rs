@@ -44,6 +44,19 @@ pub enum DeadCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Let parked keys move on: their dead rows stay dead (unpublished), the later rows of the
+    /// key are published. With --id, all named rows must be dead and unreleased (exit 2).
+    Release {
+        /// A dead row's id (repeatable).
+        #[arg(long = "id", value_name = "ID", conflicts_with_all = ["key", "all"])]
+        ids: Vec<i64>,
+        /// Every dead row of this partition key.
+        #[arg(long, value_name = "KEY", conflicts_with = "all")]
+        key: Option<String>,
+        /// Every dead row.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 pub(super) async fn run(settings: Settings, args: DeadArgs) -> Result<()> {
@@ -51,6 +64,7 @@ pub(super) async fn run(settings: Settings, args: DeadArgs) -> Result<()> {
     let result = match args.command {
         DeadCommand::List { limit, json } => list(&pool, limit, json).await,
         DeadCommand::Retry { ids, all } => retry(&pool, (!all).then_some(ids)).await,
+        DeadCommand::Release { ids, key, all } => release(&pool, ids, key, all).await,
     };
     pool.close().await;
     result
@@ -105,6 +119,7 @@ async fn retry(pool: &sqlx::PgPool, ids: Option<Vec<i64>>) -> Result<()> {
             });
         }
     }
+    operations::wake_relays(&mut *tx).await?;
     tx.commit().await.context("committing the retry")?;
     let _ = writeln!(
         std::io::stdout(),
@@ -122,6 +137,42 @@ async fn retry(pool: &sqlx::PgPool, ids: Option<Vec<i64>>) -> Result<()> {
                     .join(", ")
             )
         }
+    );
+    Ok(())
+}
+
+async fn release(pool: &sqlx::PgPool, ids: Vec<i64>, key: Option<String>, all: bool) -> Result<()> {
+    if ids.is_empty() && key.is_none() && !all {
+        return Err(Error::Config {
+            setting: "postbox dead release",
+            value: String::new(),
+            reason: "name the rows: --id ID, --key KEY or --all".into(),
+        });
+    }
+    let mut tx = pool.begin().await.context("beginning the release")?;
+    let ids = (!ids.is_empty()).then_some(ids);
+    let released = operations::release_dead(&mut *tx, ids.as_deref(), key.as_deref()).await?;
+    if let Some(ids) = &ids {
+        let not_dead: Vec<String> = ids
+            .iter()
+            .filter(|id| !released.contains(id))
+            .map(i64::to_string)
+            .collect();
+        if !not_dead.is_empty() {
+            tx.rollback().await.context("rolling back the release")?;
+            return Err(Error::Config {
+                setting: "--id",
+                value: not_dead.join(", "),
+                reason: "not a dead, unreleased row; nothing was changed".into(),
+            });
+        }
+    }
+    operations::wake_relays(&mut *tx).await?;
+    tx.commit().await.context("committing the release")?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "{} dead row(s) released; their keys move on",
+        released.len()
     );
     Ok(())
 }

@@ -224,6 +224,7 @@ impl Relay {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
+            park_keys: settings.dead_rows_park_keys,
             slots,
             wake: wake.clone(),
             stats: self.stats.clone(),

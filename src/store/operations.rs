@@ -182,7 +182,7 @@ pub async fn dead(pool: &PgPool, limit: i64) -> Result<Vec<DeadRow>> {
 // died until the next attempt overwrites or the publish succeeds.
 const RETRY_DEAD: &str = r#"
 update postbox.outbox
-set dead_at = null, attempts = 0, available_at = now()
+set dead_at = null, released_at = null, attempts = 0, available_at = now()
 where dead_at is not null and ($1::bigint[] is null or id = any($1))
 returning id
 "#;
@@ -198,6 +198,40 @@ pub async fn retry_dead<'e, E: PgExecutor<'e>>(
         .fetch_all(executor)
         .await
         .context("retrying dead rows")
+}
+
+// The key moves on past the dead row, which stays dead and unpublished.
+const RELEASE_DEAD: &str = r#"
+update postbox.outbox
+set released_at = now()
+where dead_at is not null and released_at is null
+  and ($1::bigint[] is null or id = any($1))
+  and ($2::text is null or partition_key = $2)
+returning id
+"#;
+
+/// Releases parked keys: dead rows in `ids` or of `partition_key`, or all of them when both
+/// are `None`. Returns the ids released.
+pub async fn release_dead<'e, E: PgExecutor<'e>>(
+    executor: E,
+    ids: Option<&[i64]>,
+    partition_key: Option<&str>,
+) -> Result<Vec<i64>> {
+    sqlx::query_scalar(RELEASE_DEAD)
+        .bind(ids)
+        .bind(partition_key)
+        .fetch_all(executor)
+        .await
+        .context("releasing dead rows")
+}
+
+/// Wakes running relays (as a commit into the outbox does).
+pub async fn wake_relays<'e, E: PgExecutor<'e>>(executor: E) -> Result<()> {
+    sqlx::query("select pg_notify('postbox_outbox', '')")
+        .execute(executor)
+        .await
+        .context("notifying the relays")?;
+    Ok(())
 }
 
 // Oldest first, a small batch per statement, skipping rows someone holds: no long locks, and

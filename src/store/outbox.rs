@@ -130,14 +130,23 @@ keys as (
     select distinct partition_key from candidates where partition_key is not null
 ),
 limits as (
+    -- least() skips nulls: the first pending row held elsewhere, or the first dead row that
+    -- parks the key ($3), whichever comes first
     select k.partition_key,
-           (select p.id
-            from postbox.outbox p
-            where p.partition_key = k.partition_key
-              and p.published_at is null and p.dead_at is null
-              and p.id not in (select id from candidates)
-            order by p.id
-            limit 1) as first_outside
+           least(
+               (select p.id
+                from postbox.outbox p
+                where p.partition_key = k.partition_key
+                  and p.published_at is null and p.dead_at is null
+                  and p.id not in (select id from candidates)
+                order by p.id
+                limit 1),
+               (select d.id
+                from postbox.outbox d
+                where $3 and d.partition_key = k.partition_key
+                  and d.dead_at is not null and d.released_at is null
+                order by d.id
+                limit 1)) as first_outside
     from keys k
 )
 select c.id, c.message_id, c.exchange, c.routing_key, c.partition_key, c.payload,
@@ -152,10 +161,17 @@ order by c.id
 /// locked until it ends. A key's rows are taken only up to its first pending row outside the
 /// batch, wherever that row is, so `from_id` never lets a key's later row overtake an earlier
 /// one.
-pub async fn claim(tx: &mut PgConnection, limit: u32, from_id: i64) -> Result<Vec<ClaimedRow>> {
+/// With `park_keys`, a key's dead (unreleased) row holds back the key's later rows too.
+pub async fn claim(
+    tx: &mut PgConnection,
+    limit: u32,
+    from_id: i64,
+    park_keys: bool,
+) -> Result<Vec<ClaimedRow>> {
     let rows = sqlx::query(CLAIM)
         .bind(i64::from(limit))
         .bind(from_id)
+        .bind(park_keys)
         .fetch_all(tx)
         .await
         .context("claiming a batch from postbox.outbox")?;
