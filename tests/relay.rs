@@ -328,3 +328,53 @@ async fn statements_per_batch_do_not_grow_with_batch_size() {
         assert_eq!(statements, 4 + 4 * batches + 3 * (claims - batches));
     }
 }
+
+#[tokio::test]
+async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let mut settings = db.settings();
+    // Small batches, so both relays take turns many times over the same keys.
+    settings.relay.batch_size = 25;
+    let first = RunningRelay::start(settings.clone()).await;
+    let second = RunningRelay::start(settings).await;
+    let messages: Vec<Message> = (0..2000)
+        .map(|i| {
+            Message::json(queue.as_str(), &serde_json::json!({ "n": i }))
+                .expect("json")
+                .partition_key(format!("key-{}", i % 20))
+        })
+        .collect();
+    for chunk in messages.chunks(100) {
+        postbox::enqueue_many(&db.pool, chunk)
+            .await
+            .expect("enqueue");
+    }
+    let received = inbox.take(2000, DEADLINE).await;
+    assert!(
+        inbox.drain_for(Duration::from_millis(300)).await.is_empty(),
+        "nothing published twice"
+    );
+    let (a, b) = (first.stats.published(), second.stats.published());
+    first.stop().await;
+    second.stop().await;
+    assert_eq!(a + b, 2000);
+    assert!(a > 0 && b > 0, "both relays worked: {a} and {b}");
+    let ids: HashSet<_> = received.iter().map(|r| r.message_id.clone()).collect();
+    assert_eq!(ids.len(), 2000, "each message once");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for message in &received {
+        let key = match message.header("x-postbox-partition-key") {
+            Some(AMQPValue::LongString(k)) => String::from_utf8_lossy(k.as_bytes()).into_owned(),
+            other => panic!("partition key header: {other:?}"),
+        };
+        let id = message.outbox_id();
+        let previous = last.insert(key.clone(), id);
+        assert!(
+            previous < Some(id),
+            "key {key}: {previous:?} arrived before {id}"
+        );
+    }
+}
