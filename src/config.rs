@@ -65,12 +65,23 @@ pub struct RelaySettings {
     /// How often the relay deletes published rows older than `retention`.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
-    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round: `auto` (when the
-    /// server's autovacuum is off), `always` or `never`.
-    pub vacuum: String,
+    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round.
+    pub vacuum: Vacuum,
     /// How often the relay refreshes its row in `postbox.relays`.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+}
+
+/// When the relay vacuums the outbox itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vacuum {
+    /// Only where autovacuum is off for the table (nothing else would reclaim dead rows).
+    Auto,
+    /// After every cleanup round.
+    Always,
+    /// Never: autovacuum (or the operator) takes care of it.
+    Never,
 }
 
 const DEFAULTS: &str = r#"
@@ -175,13 +186,6 @@ impl Settings {
                     "a duration above zero, such as \"500ms\" or \"2s\"",
                 ));
             }
-        }
-        if !["auto", "always", "never"].contains(&relay.vacuum.as_str()) {
-            return Err(invalid(
-                "relay.vacuum",
-                &relay.vacuum,
-                "auto, always or never",
-            ));
         }
         if relay.retry_max_delay < relay.retry_initial_delay {
             return Err(invalid(

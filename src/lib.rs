@@ -12,6 +12,7 @@
 //! - [`outbox`]: the producer API: [`Message`], [`enqueue`], deterministic ids.
 //! - [`inbox`]: the consumer library: effectively-once handlers over an inbox table.
 //! - [`relay`]: the claim → publish → confirm → mark pipeline.
+//! - [`retry`]: the backoff schedule shared by relay and consumer.
 //! - [`store`]: every SQL statement, one file per table, and [`migrate`].
 //! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
 //! - [`metrics`]: the HTTP listener for Prometheus metrics, liveness and readiness.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod reconnect;
 pub mod relay;
+pub mod retry;
 pub mod store;
 pub mod telemetry;
 pub mod trace;

@@ -40,7 +40,7 @@ where
         match result {
             Ok(value) => {
                 if failures > 0 {
-                    tracing::info!(failures, "{what}: connected");
+                    tracing::info!(failures, "{what}: ok again");
                 }
                 return Some(value);
             }

@@ -13,7 +13,8 @@ use common::proxy::Proxy;
 use common::{relay_headers, wait_until, Harness, Subscriber};
 use lapin::types::{AMQPValue, FieldTable};
 use postbox::inbox::{
-    ConsumerOptions, Handler, HandlerError, Incoming, MalformedPolicy, VersionedUpsert, Versioning,
+    ConsumerHandle, ConsumerOptions, ConsumerStats, Handler, HandlerError, Incoming,
+    MalformedPolicy, VersionedUpsert, Versioning,
 };
 use sqlx::{Postgres, Transaction};
 use tokio::sync::Notify;
@@ -31,6 +32,19 @@ struct Recorder {
     gate: Option<(Arc<Notify>, Arc<Notify>)>,
     /// Deserialize the payload as this JSON shape.
     typed: bool,
+}
+
+impl Recorder {
+    /// A recorder whose runs signal `started` and then wait for `release`.
+    fn gated() -> (Self, Arc<Notify>, Arc<Notify>) {
+        let started = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let recorder = Self {
+            gate: Some((started.clone(), release.clone())),
+            ..Self::default()
+        };
+        (recorder, started, release)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -70,6 +84,47 @@ impl Handler for Recorder {
             None => Ok(()),
         }
     }
+}
+
+/// Waits until `done` holds for the consumer's counters; returns them.
+async fn wait_for(
+    consumer: &ConsumerHandle,
+    what: &str,
+    done: impl Fn(&ConsumerStats) -> bool,
+) -> Arc<ConsumerStats> {
+    let stats = consumer.stats();
+    wait_until(what, DEADLINE, || {
+        let ready = done(&stats);
+        async move { ready.then_some(()) }
+    })
+    .await;
+    stats
+}
+
+/// Waits until `done` holds for the consumer's counters, then stops it; returns the counters.
+async fn stop_when(
+    consumer: ConsumerHandle,
+    what: &str,
+    done: impl Fn(&ConsumerStats) -> bool,
+) -> Arc<ConsumerStats> {
+    let stats = wait_for(&consumer, what, done).await;
+    consumer.stop().await.expect("consumer stops");
+    stats
+}
+
+/// Message `id` arrives in the dead-letter queue, the consumer records it (then stops), and its
+/// inbox row says dead_lettered.
+async fn expect_dead_letter(sub: &mut Subscriber, consumer: ConsumerHandle, id: Uuid) {
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(dead[0].message_id.as_deref(), Some(id.to_string().as_str()));
+    stop_when(consumer, "dead letter recorded", |stats| {
+        stats.dead_lettered() == 1
+    })
+    .await;
+    assert_eq!(
+        sub.inbox_row("billing", id).await.0.as_deref(),
+        Some("dead_lettered")
+    );
 }
 
 async fn subscriber() -> Subscriber {
@@ -118,12 +173,10 @@ async fn each_message_takes_effect_once_and_duplicates_are_counted() {
             )
             .await;
     }
-    let stats = consumer.stats();
-    wait_until("20 applied and 5 duplicates", DEADLINE, || async {
-        (stats.applied() == 20 && stats.duplicates() == 5).then_some(())
+    stop_when(consumer, "20 applied and 5 duplicates", |stats| {
+        stats.applied() == 20 && stats.duplicates() == 5
     })
     .await;
-    consumer.stop().await.expect("consumer stops");
 
     assert_eq!(
         recorder.runs.load(Ordering::SeqCst),
@@ -150,24 +203,14 @@ async fn consumers_with_different_names_each_apply_the_message() {
         .await;
     let first = Recorder::default();
     let billing = sub.consumer("billing", first.clone(), sub.options());
-    let stats = billing.stats();
-    wait_until("billing applied", DEADLINE, || async {
-        (stats.applied() == 1).then_some(())
-    })
-    .await;
-    billing.stop().await.expect("stops");
+    stop_when(billing, "billing applied", |stats| stats.applied() == 1).await;
     // The same id under another consumer name is new to that consumer.
     sub.rabbit
         .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
         .await;
     let second = Recorder::default();
     let shipping = sub.consumer("shipping", second.clone(), sub.options());
-    let stats = shipping.stats();
-    wait_until("shipping applied", DEADLINE, || async {
-        (stats.applied() == 1).then_some(())
-    })
-    .await;
-    shipping.stop().await.expect("stops");
+    stop_when(shipping, "shipping applied", |stats| stats.applied() == 1).await;
     assert_eq!(first.runs.load(Ordering::SeqCst), 1);
     assert_eq!(second.runs.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -184,12 +227,7 @@ async fn consumers_with_different_names_each_apply_the_message() {
 async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
     let sub = subscriber().await;
     let proxy = Proxy::tcp("127.0.0.1:5672").await;
-    let started = Arc::new(Notify::new());
-    let release = Arc::new(Notify::new());
-    let recorder = Recorder {
-        gate: Some((started.clone(), release.clone())),
-        ..Recorder::default()
-    };
+    let (recorder, started, release) = Recorder::gated();
     let consumer = sub.consumer_via(
         sub.db.pool.clone(),
         &proxy.redirect(&common::amqp_url()),
@@ -208,14 +246,12 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
     // is not behind the proxy) but the ack cannot reach the broker, which redelivers.
     proxy.cut();
     release.notify_one();
-    let stats = consumer.stats();
-    wait_until(
+    let stats = stop_when(
+        consumer,
         "the redelivery recognized as a duplicate",
-        DEADLINE,
-        || async { (stats.duplicates() == 1).then_some(()) },
+        |stats| stats.duplicates() == 1,
     )
     .await;
-    consumer.stop().await.expect("consumer stops");
 
     assert_eq!(recorder.runs.load(Ordering::SeqCst), 1, "handler ran once");
     assert_eq!(applied(&sub).await.len(), 1, "its write took effect once");
@@ -268,9 +304,8 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
         dead.header("x-postbox-attempts"),
         Some(&AMQPValue::LongLongInt(3))
     );
-    let stats = consumer.stats();
-    wait_until("dead letter recorded", DEADLINE, || async {
-        (stats.dead_lettered() == 1).then_some(())
+    let stats = wait_for(&consumer, "dead letter recorded", |stats| {
+        stats.dead_lettered() == 1
     })
     .await;
     assert_eq!(
@@ -309,12 +344,10 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
             b"{}",
         )
         .await;
-    let stats = consumer.stats();
-    wait_until("good applied, poison absorbed", DEADLINE, || async {
-        (stats.applied() == 1 && stats.duplicates() == 1).then_some(())
+    stop_when(consumer, "good applied, poison absorbed", |stats| {
+        stats.applied() == 1 && stats.duplicates() == 1
     })
     .await;
-    consumer.stop().await.expect("stops");
     assert_eq!(healthy.runs.load(Ordering::SeqCst), 1);
     assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
 }
@@ -342,22 +375,11 @@ async fn attempts_are_remembered_across_restarts() {
     sub.rabbit
         .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
         .await;
-    let dead = sub.dead_letters.take(1, DEADLINE).await;
-    assert_eq!(dead[0].message_id.as_deref(), Some(id.to_string().as_str()));
-    let stats = consumer.stats();
-    wait_until("dead letter recorded", DEADLINE, || async {
-        (stats.dead_lettered() == 1).then_some(())
-    })
-    .await;
-    consumer.stop().await.expect("stops");
+    expect_dead_letter(&mut sub, consumer, id).await;
     assert_eq!(
         recorder.runs.load(Ordering::SeqCst),
         0,
         "not run a third time"
-    );
-    assert_eq!(
-        sub.inbox_row("billing", id).await.0.as_deref(),
-        Some("dead_lettered")
     );
 }
 
@@ -378,12 +400,7 @@ async fn permanent_failures_are_dead_lettered_without_retries() {
         dead[0].header("x-postbox-attempts"),
         Some(&AMQPValue::LongLongInt(1))
     );
-    let stats = consumer.stats();
-    wait_until("recorded", DEADLINE, || async {
-        (stats.dead_lettered() == 1).then_some(())
-    })
-    .await;
-    consumer.stop().await.expect("stops");
+    let stats = stop_when(consumer, "recorded", |stats| stats.dead_lettered() == 1).await;
     assert_eq!(recorder.runs.load(Ordering::SeqCst), 1);
     assert_eq!(stats.failures(), 0);
 }
@@ -417,12 +434,10 @@ async fn malformed_messages_follow_the_policy() {
     assert_eq!(dead[0].payload, b"no id");
     assert!(error(0).contains("no message_id"), "{}", error(0));
     assert!(error(1).contains("not the expected JSON"), "{}", error(1));
-    let stats = consumer.stats();
-    wait_until("both dead-lettered", DEADLINE, || async {
-        (stats.dead_lettered() == 2).then_some(())
+    stop_when(consumer, "both dead-lettered", |stats| {
+        stats.dead_lettered() == 2
     })
     .await;
-    consumer.stop().await.expect("stops");
     assert_eq!(
         recorder.runs.load(Ordering::SeqCst),
         1,
@@ -443,12 +458,7 @@ async fn malformed_messages_follow_the_policy() {
     sub.rabbit
         .publish(&sub.queue, Some(discarded), relay_headers(3, None), b"[]")
         .await;
-    let stats = consumer.stats();
-    wait_until("discarded", DEADLINE, || async {
-        (stats.discarded() == 1).then_some(())
-    })
-    .await;
-    consumer.stop().await.expect("stops");
+    stop_when(consumer, "discarded", |stats| stats.discarded() == 1).await;
     assert_eq!(
         sub.inbox_row("billing", discarded).await.0.as_deref(),
         Some("discarded")
@@ -553,12 +563,10 @@ async fn a_late_event_never_overwrites_newer_state() {
             &deposit("acc-2", 10),
         )
         .await;
-    let stats = consumer.stats();
-    wait_until("two applied, one stale", DEADLINE, || async {
-        (stats.applied() == 2 && stats.stale() == 1).then_some(())
+    stop_when(consumer, "two applied, one stale", |stats| {
+        stats.applied() == 2 && stats.stale() == 1
     })
     .await;
-    consumer.stop().await.expect("stops");
     assert_eq!(balance(&sub, "acc-1").await, (5, 50));
     assert_eq!(balance(&sub, "acc-2").await, (1, 10));
     assert_eq!(
@@ -612,12 +620,10 @@ async fn versions_from_a_header_and_the_upsert_guard() {
             &deposit("acc-1", 10),
         )
         .await;
-    let stats = consumer.stats();
-    wait_until("one applied, one stale", DEADLINE, || async {
-        (stats.applied() == 1 && stats.stale() == 1).then_some(())
+    stop_when(consumer, "one applied, one stale", |stats| {
+        stats.applied() == 1 && stats.stale() == 1
     })
     .await;
-    consumer.stop().await.expect("stops");
     assert_eq!(balance(&sub, "acc-1").await, (2, 20));
 
     // With the inbox's check off, the versioned upsert alone keeps the newer state.
@@ -634,12 +640,10 @@ async fn versions_from_a_header_and_the_upsert_guard() {
             &deposit("acc-1", 99),
         )
         .await;
-    let stats = consumer.stats();
-    wait_until("applied without effect", DEADLINE, || async {
-        (stats.applied() == 1).then_some(())
+    stop_when(consumer, "applied without effect", |stats| {
+        stats.applied() == 1
     })
     .await;
-    consumer.stop().await.expect("stops");
     assert_eq!(
         balance(&sub, "acc-1").await,
         (2, 20),
@@ -674,12 +678,7 @@ async fn relay_to_consumer_end_to_end_in_key_order() {
         ..sub.options()
     };
     let consumer = sub.consumer("projection", recorder.clone(), options);
-    let stats = consumer.stats();
-    wait_until("all 200 applied", DEADLINE, || async {
-        (stats.applied() == 200).then_some(())
-    })
-    .await;
-    consumer.stop().await.expect("stops");
+    let stats = stop_when(consumer, "all 200 applied", |stats| stats.applied() == 200).await;
     harness.relay.stop().await;
 
     let rows = applied(&sub).await;
@@ -711,12 +710,7 @@ async fn relay_to_consumer_end_to_end_in_key_order() {
 #[tokio::test]
 async fn stopping_lets_the_running_handler_commit() {
     let sub = subscriber().await;
-    let started = Arc::new(Notify::new());
-    let release = Arc::new(Notify::new());
-    let recorder = Recorder {
-        gate: Some((started.clone(), release.clone())),
-        ..Recorder::default()
-    };
+    let (recorder, started, release) = Recorder::gated();
     let consumer = sub.consumer("billing", recorder.clone(), sub.options());
     let stats = consumer.stats();
     let id = Uuid::new_v4();
@@ -1103,12 +1097,7 @@ async fn cleanup_deletes_only_old_decided_rows() {
 #[tokio::test]
 async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
     let sub = subscriber().await;
-    let started = Arc::new(Notify::new());
-    let never = Arc::new(Notify::new());
-    let recorder = Recorder {
-        gate: Some((started.clone(), never)),
-        ..Recorder::default()
-    };
+    let (recorder, started, _never_released) = Recorder::gated();
     let options = ConsumerOptions {
         shutdown_timeout: Duration::from_millis(200),
         ..sub.options()
@@ -1160,14 +1149,116 @@ async fn the_default_dead_letter_queue_is_declared_by_the_consumer() {
             b"{}",
         )
         .await;
-    let stats = consumer.stats();
-    wait_until("dead-lettered", DEADLINE, || async {
-        (stats.dead_lettered() == 1).then_some(())
+    stop_when(consumer, "dead-lettered", |stats| {
+        stats.dead_lettered() == 1
     })
     .await;
-    consumer.stop().await.expect("stops");
     let dead_queue = format!("{}.dead", sub.queue);
     let in_dead_queue = sub.rabbit.ready(&dead_queue).await;
     sub.rabbit.delete_queue(&dead_queue).await;
     assert_eq!(in_dead_queue, 1);
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_published_waits_unacked_until_it_can() {
+    let mut sub = subscriber().await;
+    // The dead-letter exchange does not exist yet: publishing to it closes the channel.
+    let exchange = format!("postbox-test-{}", Uuid::new_v4().simple());
+    let options = ConsumerOptions {
+        dead_letter: postbox::inbox::DeadLetter::Exchange {
+            exchange: exchange.clone(),
+            routing_key: sub.dead_letter_queue.clone(),
+        },
+        ..sub.options()
+    };
+    let recorder = Recorder {
+        fail: Some(HandlerError::permanent),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), options);
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    wait_until("the handler failed", DEADLINE, || async {
+        (recorder.runs.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert!(sub
+        .dead_letters
+        .drain_for(Duration::from_millis(300))
+        .await
+        .is_empty());
+    assert_eq!(consumer.stats().dead_lettered(), 0, "not acked meanwhile");
+
+    // The operator creates the exchange: the waiting dead letter goes out, then the ack.
+    sub.rabbit
+        .exchange_to(&exchange, &sub.dead_letter_queue)
+        .await;
+    expect_dead_letter(&mut sub, consumer, id).await;
+    assert_eq!(
+        recorder.runs.load(Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
+}
+
+#[tokio::test]
+async fn two_instances_receiving_one_id_at_once_apply_it_once() {
+    let sub = subscriber().await;
+    let (first, started, release) = Recorder::gated();
+    // One unacked delivery each, so the second copy must go to the second instance.
+    let options = ConsumerOptions {
+        prefetch: 1,
+        ..sub.options()
+    };
+    let a = sub.consumer("billing", first.clone(), options.clone());
+    let id = Uuid::new_v4();
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .expect("first instance's handler started");
+    let second = Recorder::default();
+    let b = sub.consumer("billing", second.clone(), options);
+    sub.rabbit
+        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
+        .await;
+    // The second instance's claim waits on the inbox row the first one holds.
+    wait_until(
+        "the second claim blocked on the row lock",
+        DEADLINE,
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity \
+             where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&sub.db.pool)
+            .await
+            .ok()?;
+            (waiting >= 1).then_some(())
+        },
+    )
+    .await;
+    release.notify_one();
+    let (a_stats, b_stats) = (a.stats(), b.stats());
+    wait_until("applied once, absorbed once", DEADLINE, || async {
+        (a_stats.applied() == 1 && b_stats.duplicates() == 1).then_some(())
+    })
+    .await;
+    a.stop().await.expect("stops");
+    b.stop().await.expect("stops");
+    assert_eq!(first.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        second.runs.load(Ordering::SeqCst),
+        0,
+        "the second never ran the handler"
+    );
+    assert_eq!(applied(&sub).await.len(), 1);
+    assert_eq!(
+        sub.inbox_row("billing", id).await,
+        (Some("applied".into()), 1, 0)
+    );
 }

@@ -415,9 +415,19 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
     ));
     assert!(text.contains("0 published event(s)"), "{text}");
 
+    // One row per statement while the relay republishes them: each row is replayed once,
+    // not again after its republication.
     let text = stdout(&postbox(
         &db,
-        &["replay", "--from-id", &from, "--to-id", &to],
+        &[
+            "replay",
+            "--from-id",
+            &from,
+            "--to-id",
+            &to,
+            "--batch-size",
+            "1",
+        ],
     ));
     assert!(text.contains("3 event(s) pending again"), "{text}");
     let replayed = inbox.take(3, DEADLINE).await;
@@ -612,6 +622,12 @@ async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
     assert_eq!((parked.0.as_str(), parked.1, parked.3), ("k", dead_id, 2));
     assert!(parked.2.contains("unroutable"), "{}", parked.2);
 
+    let output = postbox(&db, &["dead", "release"]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "release needs --id, --key or --all"
+    );
     let text = stdout(&postbox(&db, &["dead", "release", "--key", "k"]));
     assert!(text.contains("1 dead row(s) released"), "{text}");
     let released = inbox.take(2, DEADLINE).await;

@@ -155,11 +155,7 @@ async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<
     }
     let published = relay.stats().published();
     let _ = relay.stop().await;
-    sqlx::query("delete from postbox.outbox")
-        .execute(&env.pool)
-        .await
-        .context("clearing the outbox")?;
-    env.delete_queue(&queue).await;
+    env.clear(&queue).await?;
     let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
     let at = |fraction: f64| {
         let t = options.soak_seconds as f64 * fraction;
@@ -331,11 +327,7 @@ async fn drain_once(
     }
     let rate = target as f64 / start.elapsed().as_secs_f64();
     let _ = relay.stop().await;
-    sqlx::query("delete from postbox.outbox")
-        .execute(&env.pool)
-        .await
-        .context("clearing the outbox")?;
-    env.delete_queue(&queue).await;
+    env.clear(&queue).await?;
     Ok(rate)
 }
 

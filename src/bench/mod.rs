@@ -129,6 +129,16 @@ impl Env {
         Ok(name)
     }
 
+    /// Empties the outbox and deletes `queue`, ready for the next case.
+    pub async fn clear(&self, queue: &str) -> Result<()> {
+        sqlx::query("delete from postbox.outbox")
+            .execute(&self.pool)
+            .await
+            .context("clearing the outbox")?;
+        self.delete_queue(queue).await;
+        Ok(())
+    }
+
     /// Deletes a queue now (its messages would otherwise slow the next case down).
     pub async fn delete_queue(&self, name: &str) {
         let _ = self

@@ -46,6 +46,7 @@ pub enum DeadCommand {
     },
     /// Let parked keys move on: their dead rows stay dead (unpublished), the later rows of the
     /// key are published. With --id, all named rows must be dead and unreleased (exit 2).
+    #[command(group(clap::ArgGroup::new("rows").required(true).args(["ids", "key", "all"])))]
     Release {
         /// A dead row's id (repeatable).
         #[arg(long = "id", value_name = "ID", conflicts_with_all = ["key", "all"])]
@@ -64,7 +65,7 @@ pub(super) async fn run(settings: Settings, args: DeadArgs) -> Result<()> {
     let result = match args.command {
         DeadCommand::List { limit, json } => list(&pool, limit, json).await,
         DeadCommand::Retry { ids, all } => retry(&pool, (!all).then_some(ids)).await,
-        DeadCommand::Release { ids, key, all } => release(&pool, ids, key, all).await,
+        DeadCommand::Release { ids, key, .. } => release(&pool, ids, key).await,
     };
     pool.close().await;
     result
@@ -103,70 +104,29 @@ async fn list(pool: &sqlx::PgPool, limit: i64, json: bool) -> Result<()> {
 async fn retry(pool: &sqlx::PgPool, ids: Option<Vec<i64>>) -> Result<()> {
     let mut tx = pool.begin().await.context("beginning the retry")?;
     let revived = operations::retry_dead(&mut *tx, ids.as_deref()).await?;
-    if let Some(ids) = &ids {
-        let not_dead: Vec<String> = ids
-            .iter()
-            .filter(|id| !revived.contains(id))
-            .map(i64::to_string)
-            .collect();
-        if !not_dead.is_empty() {
-            tx.rollback().await.context("rolling back the retry")?;
-            return Err(Error::Config {
-                setting: "--id",
-                value: not_dead.join(", "),
-                reason: "not a dead row (no such id, or pending or published); nothing was changed"
-                    .into(),
-            });
-        }
-    }
+    every_named_row(
+        ids.as_deref(),
+        &revived,
+        "not a dead row (no such id, or pending or published)",
+    )?;
     operations::wake_relays(&mut *tx).await?;
     tx.commit().await.context("committing the retry")?;
+    let listed: Vec<String> = revived.iter().map(i64::to_string).collect();
     let _ = writeln!(
         std::io::stdout(),
-        "{} dead row(s) pending again{}",
+        "{} dead row(s) pending again{}{}",
         revived.len(),
-        if revived.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ": {}",
-                revived
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
+        if listed.is_empty() { "" } else { ": " },
+        listed.join(", ")
     );
     Ok(())
 }
 
-async fn release(pool: &sqlx::PgPool, ids: Vec<i64>, key: Option<String>, all: bool) -> Result<()> {
-    if ids.is_empty() && key.is_none() && !all {
-        return Err(Error::Config {
-            setting: "postbox dead release",
-            value: String::new(),
-            reason: "name the rows: --id ID, --key KEY or --all".into(),
-        });
-    }
+async fn release(pool: &sqlx::PgPool, ids: Vec<i64>, key: Option<String>) -> Result<()> {
     let mut tx = pool.begin().await.context("beginning the release")?;
     let ids = (!ids.is_empty()).then_some(ids);
     let released = operations::release_dead(&mut *tx, ids.as_deref(), key.as_deref()).await?;
-    if let Some(ids) = &ids {
-        let not_dead: Vec<String> = ids
-            .iter()
-            .filter(|id| !released.contains(id))
-            .map(i64::to_string)
-            .collect();
-        if !not_dead.is_empty() {
-            tx.rollback().await.context("rolling back the release")?;
-            return Err(Error::Config {
-                setting: "--id",
-                value: not_dead.join(", "),
-                reason: "not a dead, unreleased row; nothing was changed".into(),
-            });
-        }
-    }
+    every_named_row(ids.as_deref(), &released, "not a dead, unreleased row")?;
     operations::wake_relays(&mut *tx).await?;
     tx.commit().await.context("committing the release")?;
     let _ = writeln!(
@@ -175,4 +135,23 @@ async fn release(pool: &sqlx::PgPool, ids: Vec<i64>, key: Option<String>, all: b
         released.len()
     );
     Ok(())
+}
+
+/// With `--id`, all named rows must have changed; otherwise the caller's transaction is
+/// dropped (rolled back) and the error names the others.
+fn every_named_row(named: Option<&[i64]>, changed: &[i64], why: &str) -> Result<()> {
+    let missing: Vec<String> = named
+        .unwrap_or_default()
+        .iter()
+        .filter(|id| !changed.contains(id))
+        .map(i64::to_string)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config {
+        setting: "--id",
+        value: missing.join(", "),
+        reason: format!("{why}; nothing was changed"),
+    })
 }

@@ -31,11 +31,11 @@ pub struct ReplayArgs {
     /// Say how many events would be replayed, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Rows made pending per statement: each batch commits on its own, so the relay starts
+    /// publishing while a long replay is still being queued.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch_size: i64,
 }
-
-/// Rows queued per statement: each batch commits on its own, so the relay starts publishing
-/// while a long replay is still being queued.
-const REPLAY_BATCH: i64 = 5_000;
 
 pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
     let selection = operations::Selection {
@@ -46,6 +46,7 @@ pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
         routing_key: args.routing_key,
     };
     let pool = store::connect(&settings, 1).await?;
+    let started = operations::now(&pool).await?;
     let count = operations::count_replayable(&pool, &selection).await?;
     let mut out = std::io::stdout();
     let _ = writeln!(
@@ -62,7 +63,7 @@ pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
     }
     let mut queued = 0;
     loop {
-        let n = operations::replay_batch(&pool, &selection, REPLAY_BATCH).await?;
+        let n = operations::replay_batch(&pool, &selection, started, args.batch_size).await?;
         queued += n;
         if n == 0 {
             break;

@@ -179,6 +179,7 @@ impl<H: Handler> Consumer<H> {
             queue,
             name,
             handler,
+            retry: options.retry_policy(),
             options,
             stats,
         });
@@ -219,7 +220,7 @@ impl<H: Handler> Consumer<H> {
 
 /// One broker connection's worth of consuming.
 struct Session {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: lapin::Channel,
     deliveries: lapin::Consumer,
     dead_letters: Arc<DeadLetters>,
@@ -227,9 +228,9 @@ struct Session {
 
 impl Session {
     async fn open<H>(broker: &Broker, connection_name: &str, shared: &Shared<H>) -> Result<Self> {
-        let connection = broker.connect(connection_name).await?;
+        let connection = Arc::new(broker.connect(connection_name).await?);
         let dead_letters =
-            Arc::new(DeadLetters::open(&connection, &shared.options, &shared.queue).await?);
+            Arc::new(DeadLetters::open(connection.clone(), &shared.options, &shared.queue).await?);
         let channel = connection
             .create_channel()
             .await

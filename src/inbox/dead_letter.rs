@@ -2,7 +2,10 @@
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use std::sync::Arc;
+
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Mutex;
 
 use super::ConsumerOptions;
 use crate::amqp::confirm_channel;
@@ -31,9 +34,12 @@ pub(crate) struct Cause<'a> {
     pub attempts: u32,
 }
 
-/// A confirm-mode channel to the dead-letter destination.
+/// A confirm-mode channel to the dead-letter destination. A channel-level error (an exchange
+/// that does not exist, say) closes the channel; the next publish opens a new one on the same
+/// connection, so fixing the topology is enough for the stuck message to go out.
 pub(crate) struct DeadLetters {
-    channel: Channel,
+    connection: Arc<Connection>,
+    channel: Mutex<Channel>,
     exchange: ShortString,
     routing_key: ShortString,
 }
@@ -42,11 +48,11 @@ impl DeadLetters {
     /// Opens a channel on `connection` and declares the dead-letter queue if the consumer owns
     /// it.
     pub async fn open(
-        connection: &Connection,
+        connection: Arc<Connection>,
         options: &ConsumerOptions,
         queue: &str,
     ) -> Result<Self> {
-        let channel = confirm_channel(connection).await?;
+        let channel = confirm_channel(&connection).await?;
         let (exchange, routing_key) = options.dead_letter_target(queue);
         let short = |value: String, setting: &'static str| {
             ShortString::try_new(value.as_str()).map_err(|e| Error::Config {
@@ -74,7 +80,8 @@ impl DeadLetters {
                 ))?;
         }
         Ok(Self {
-            channel,
+            connection,
+            channel: Mutex::new(channel),
             exchange,
             routing_key,
         })
@@ -110,8 +117,14 @@ impl DeadLetters {
                 self.routing_key.as_str()
             )
         };
-        let confirmation = self
-            .channel
+        let channel = {
+            let mut channel = self.channel.lock().await;
+            if !channel.status().connected() {
+                *channel = confirm_channel(&self.connection).await?;
+            }
+            channel.clone()
+        };
+        let confirmation = channel
             .basic_publish(
                 self.exchange.clone(),
                 self.routing_key.clone(),

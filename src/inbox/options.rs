@@ -163,7 +163,7 @@ impl ConsumerOptions {
             ));
         }
         if let Some(window) = self.dedup_window {
-            let horizon = super::retention::retry_horizon(self);
+            let horizon = self.retry_policy().horizon();
             if window <= horizon {
                 return Err(Error::Config {
                     setting: "consumer.dedup_window",
@@ -203,6 +203,15 @@ impl ConsumerOptions {
             }
         }
         Ok(())
+    }
+
+    /// The schedule of handler retries these options describe.
+    pub(crate) fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy::new(
+            self.max_attempts,
+            self.retry_initial_delay,
+            self.retry_max_delay,
+        )
     }
 
     /// Exchange and routing key dead letters of `queue` are published with.

@@ -46,9 +46,12 @@ pub enum Status {
 /// # Ok(()) }
 /// ```
 pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Status> {
-    let failed_attempts = match inbox::claim(conn, receipt).await? {
+    // A first sighting is recorded as applied by the claim itself; one that failed before
+    // still needs its outcome.
+    let (failed_attempts, recorded) = match inbox::claim(conn, receipt).await? {
         Claim::Duplicate(_) => return Ok(Status::Duplicate),
-        Claim::New { attempts } => u32::try_from(attempts).unwrap_or(0),
+        Claim::First => (0, true),
+        Claim::Undecided { attempts } => (u32::try_from(attempts).unwrap_or(0), false),
     };
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
         let newer =
@@ -59,7 +62,9 @@ pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<S
             return Ok(Status::Stale);
         }
     }
-    inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
+    if !recorded {
+        inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
+    }
     Ok(Status::New { failed_attempts })
 }
 

@@ -25,18 +25,6 @@ pub async fn cleanup(pool: &PgPool, consumer: Option<&str>, older_than: Duration
     .await
 }
 
-/// The longest a message can keep coming back through this consumer's own retries: the sum of
-/// its retry delays at their jittered maximum (twice the nominal delay).
-pub(crate) fn retry_horizon(options: &ConsumerOptions) -> Duration {
-    let mut delay = options.retry_initial_delay;
-    let mut total = Duration::ZERO;
-    for _ in 1..options.max_attempts {
-        total = total.saturating_add(delay.min(options.retry_max_delay) * 2);
-        delay = delay.saturating_mul(2);
-    }
-    total
-}
-
 /// Runs [`cleanup`] for `consumer` every `options.cleanup_interval` until `shutdown`.
 pub(crate) async fn run(
     pool: PgPool,

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use lapin::BasicProperties;
@@ -16,7 +15,9 @@ use super::dead_letter::{Cause, DeadLetters};
 use super::receive::{receive, Status};
 use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
 use super::{HandlerError, Versioning};
-use crate::reconnect::connection_backoff;
+use crate::error::Context;
+use crate::reconnect::{connection_backoff, until_ok};
+use crate::retry::RetryPolicy;
 use crate::store::inbox::{self, Outcome, Receipt};
 
 /// A delivery on its way to a worker.
@@ -41,6 +42,8 @@ pub(crate) struct Shared<H> {
     pub name: String,
     pub handler: H,
     pub options: ConsumerOptions,
+    /// The schedule of handler retries, from `options`.
+    pub retry: RetryPolicy,
     pub stats: Arc<ConsumerStats>,
 }
 
@@ -242,17 +245,13 @@ impl<H: Handler> Worker<H> {
                         .await;
                 }
                 Err(Failed::Database(error)) => {
-                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(%error, retry_in = ?delay, "consumer: postgres unavailable");
-                    self.pause(delay).await;
+                    self.outage(&mut outages, &error).await;
                     continue;
                 }
+                // The handler's own queries lost Postgres: an outage, not the message's fault,
+                // so no attempt is counted.
                 Err(Failed::Handler(failure)) if lost_connection(&failure) => {
-                    // The handler's own queries lost Postgres: an outage, not the message's
-                    // fault, so no attempt is counted.
-                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %failure, retry_in = ?delay, "consumer: postgres connection lost in the handler");
-                    self.pause(delay).await;
+                    self.outage(&mut outages, &failure).await;
                     continue;
                 }
                 Err(Failed::Handler(failure)) => failure,
@@ -272,31 +271,40 @@ impl<H: Handler> Worker<H> {
                 FailureKind::Transient => {}
             }
             self.count(Counter::Failures);
-            let attempts = match inbox::record_failure(&shared.pool, &receipt, &error).await {
-                Ok(Some(attempts)) => attempts,
+            let failures = match inbox::record_failure(&shared.pool, &receipt, &error).await {
+                Ok(Some(attempts)) => u32::try_from(attempts).unwrap_or(u32::MAX),
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
+                // Not recorded, so not counted: an outage must not dead-letter messages.
                 Err(db_error) => {
-                    // Not recorded, so not counted: an outage must not dead-letter messages.
-                    let delay = outages.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(handler_error = %error, %db_error, retry_in = ?delay, "consumer: handler failed and postgres is unavailable");
-                    self.pause(delay).await;
+                    self.outage(&mut outages, &db_error).await;
                     continue;
                 }
             };
-            if u32::try_from(attempts).unwrap_or(u32::MAX) >= shared.options.max_attempts {
+            if shared.retry.exhausted(failures) {
                 return self
-                    .dead_letter(&incoming, Some(&receipt), &error, incoming.attempt)
+                    .dead_letter(&incoming, Some(&receipt), &error, failures)
                     .await;
             }
-            let delay = retry_delay(&shared.options, attempts);
+            let delay = shared.retry.delay(failures);
             tracing::warn!(
-                message_id = %incoming.message_id, queue = %shared.queue, attempt = attempts,
+                message_id = %incoming.message_id, queue = %shared.queue, attempt = failures,
                 max_attempts = shared.options.max_attempts, retry_in = ?delay, %error,
                 "consumer: handler failed; retrying"
             );
             self.pause(delay).await;
         }
+    }
+
+    /// Waits out a Postgres outage (the next delay of `outages`), unless the session ends.
+    async fn outage(
+        &self,
+        outages: &mut impl Iterator<Item = Duration>,
+        error: &(dyn std::fmt::Display + Sync),
+    ) {
+        let delay = outages.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(%error, retry_in = ?delay, "consumer: postgres unavailable; not counted as an attempt");
+        self.pause(delay).await;
     }
 
     /// One transaction: claim the id, check the version, run the handler, record the outcome.
@@ -310,7 +318,8 @@ impl<H: Handler> Worker<H> {
             .pool
             .begin()
             .await
-            .map_err(|e| Failed::Database(db("beginning the inbox transaction", e)))?;
+            .context("beginning the inbox transaction")
+            .map_err(Failed::Database)?;
         let status = receive(&mut tx, receipt).await.map_err(Failed::Database)?;
         let outcome = match status {
             Status::Duplicate => None,
@@ -319,7 +328,7 @@ impl<H: Handler> Worker<H> {
                 Some(Outcome::Stale)
             }
             // Rolled back with `tx`: the dead-letter path records the outcome.
-            Status::New { failed_attempts } if failed_attempts >= shared.options.max_attempts => {
+            Status::New { failed_attempts } if shared.retry.exhausted(failed_attempts) => {
                 return Ok(Decision::Exhausted {
                     attempts: failed_attempts,
                 });
@@ -347,7 +356,8 @@ impl<H: Handler> Worker<H> {
         };
         tx.commit()
             .await
-            .map_err(|e| Failed::Handler(HandlerError::transient(db("committing", e))))?;
+            .context("committing the inbox transaction")
+            .map_err(|e| Failed::Handler(HandlerError::transient(e)))?;
         Ok(match outcome {
             None => Decision::Duplicate,
             Some(outcome) => Decision::Decided(outcome),
@@ -414,17 +424,14 @@ impl<H: Handler> Worker<H> {
             error,
             attempts,
         };
-        let mut delays = connection_backoff();
-        while let Err(publish_error) = self
-            .dead_letters
-            .publish(&incoming.payload, &incoming.properties, &cause)
-            .await
-        {
-            let delay = delays.next().unwrap_or(Duration::from_secs(10));
-            tracing::warn!(error = %publish_error, retry_in = ?delay, "consumer: dead-lettering failed; the message stays unacked");
-            if !self.pause(delay).await {
-                return false;
-            }
+        // Until the broker confirms: the original stays unacked meanwhile, so nothing is lost.
+        let published = until_ok("consumer: dead-lettering", &self.session, || {
+            self.dead_letters
+                .publish(&incoming.payload, &incoming.properties, &cause)
+        })
+        .await;
+        if published.is_none() {
+            return false;
         }
         tracing::warn!(message_id = %incoming.message_id, queue = %shared.queue, consumer = %shared.name, attempts, error, "consumer: message dead-lettered");
         if let Some(receipt) = receipt {
@@ -439,19 +446,11 @@ impl<H: Handler> Worker<H> {
     /// Records an outcome decided outside the handler's transaction, retrying while Postgres
     /// is down. Returns false if the session ended first.
     async fn record(&self, receipt: &Receipt<'_>, outcome: Outcome, error: &str) -> bool {
-        let mut delays = connection_backoff();
-        loop {
-            match inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error)).await {
-                Ok(()) => return true,
-                Err(db_error) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %db_error, retry_in = ?delay, "consumer: could not record the outcome");
-                    if !self.pause(delay).await {
-                        return false;
-                    }
-                }
-            }
-        }
+        until_ok("consumer: recording the outcome", &self.session, || {
+            inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error))
+        })
+        .await
+        .is_some()
     }
 
     /// Sleeps for `delay` unless the session ends first; returns whether it slept in full.
@@ -461,19 +460,6 @@ impl<H: Handler> Worker<H> {
             _ = tokio::time::sleep(delay) => true,
         }
     }
-}
-
-/// The delay after the `attempts`-th failed run.
-fn retry_delay(options: &ConsumerOptions, attempts: i32) -> Duration {
-    let index = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
-    ExponentialBuilder::new()
-        .with_min_delay(options.retry_initial_delay)
-        .with_max_delay(options.retry_max_delay)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(index)
-        .unwrap_or(options.retry_max_delay)
 }
 
 /// Whether a transient failure is Postgres going away (connection refused, reset, pool
@@ -503,13 +489,6 @@ fn lost_connection(failure: &HandlerError) -> bool {
         source = error.source();
     }
     false
-}
-
-fn db(context: &str, error: sqlx::Error) -> crate::Error {
-    crate::Error::Database {
-        context: context.into(),
-        source: error,
-    }
 }
 
 /// The consumer's counters, by name.

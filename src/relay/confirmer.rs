@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Decided, Published, Sent};
-use super::retry::RetryPolicy;
+use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
 /// Turns confirms into completions: acked → published; nacked, returned or not confirmed in

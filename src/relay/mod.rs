@@ -22,9 +22,9 @@ mod publisher;
 mod retention;
 mod retry;
 
+pub use crate::retry::RetryPolicy;
 pub use listener::CHANNEL;
 pub use retention::cleanup;
-pub use retry::RetryPolicy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -206,7 +206,7 @@ impl Relay {
             self.pool.clone(),
             settings.retention,
             settings.cleanup_interval,
-            settings.vacuum.clone(),
+            settings.vacuum,
             shutdown.clone(),
         ));
         // Claimed batches waiting for the broker window are locked already, so the next

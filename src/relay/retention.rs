@@ -5,6 +5,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Vacuum;
 use crate::error::Result;
 use crate::store::{self, operations};
 
@@ -25,19 +26,21 @@ pub(crate) async fn run(
     pool: PgPool,
     retention: Duration,
     interval: Duration,
-    vacuum: String,
+    vacuum: Vacuum,
     shutdown: CancellationToken,
 ) {
-    let vacuum = match vacuum.as_str() {
-        "always" => true,
-        "never" => false,
-        _ => match operations::autovacuum_on(&pool, operations::HotTable::Outbox).await {
-            Ok(on) => !on,
-            Err(error) => {
-                tracing::warn!(%error, "relay: cannot tell whether autovacuum is on; not vacuuming");
-                false
+    let vacuum = match vacuum {
+        Vacuum::Always => true,
+        Vacuum::Never => false,
+        Vacuum::Auto => {
+            match operations::autovacuum_on(&pool, operations::HotTable::Outbox).await {
+                Ok(on) => !on,
+                Err(error) => {
+                    tracing::warn!(%error, "relay: cannot tell whether autovacuum is on; not vacuuming");
+                    false
+                }
             }
-        },
+        }
     };
     if retention.is_zero() && !vacuum {
         return;

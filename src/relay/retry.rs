@@ -1,21 +1,12 @@
-//! The retry policy: pure decisions, so they are tested without a broker.
-
-use std::time::Duration;
-
-use backon::{BackoffBuilder, ExponentialBuilder};
+//! What becomes of a failed row: retry after a backoff, or dead. Pure decisions, so they are
+//! tested without a broker.
 
 use crate::config::RelaySettings;
+use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
-/// Decides what becomes of a failed row: retry after a backoff, or dead.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    max_attempts: u32,
-    backoff: ExponentialBuilder,
-}
-
 impl RetryPolicy {
-    /// The policy the settings describe.
+    /// The relay's policy, from its settings.
     pub fn from_settings(settings: &RelaySettings) -> Self {
         Self::new(
             settings.max_attempts,
@@ -24,39 +15,26 @@ impl RetryPolicy {
         )
     }
 
-    /// Exponential backoff from `initial` doubling up to `max`, with jitter; dead after
-    /// `max_attempts` failed attempts.
-    pub fn new(max_attempts: u32, initial: Duration, max: Duration) -> Self {
-        Self {
-            max_attempts,
-            backoff: ExponentialBuilder::new()
-                .with_min_delay(initial)
-                .with_max_delay(max)
-                .with_jitter()
-                .without_max_times(),
-        }
-    }
-
     /// The completion for a row that failed with `error` after `attempts_before` earlier
     /// failed attempts.
     pub fn after_failure(&self, attempts_before: i32, error: String) -> Completion {
-        let attempts = u32::try_from(attempts_before)
+        let failures = u32::try_from(attempts_before)
             .unwrap_or(0)
             .saturating_add(1);
-        if attempts >= self.max_attempts {
+        if self.exhausted(failures) {
             return Completion::Dead { error };
         }
-        let retry_after = self
-            .backoff
-            .build()
-            .nth(attempts as usize - 1)
-            .unwrap_or(Duration::from_secs(1));
-        Completion::Retry { error, retry_after }
+        Completion::Retry {
+            error,
+            retry_after: self.delay(failures),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

@@ -61,8 +61,12 @@ impl Outcome {
 /// The result of claiming a message id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// Not decided yet: process it. `attempts` failed runs came before.
-    New {
+    /// Seen for the first time: the row is written, already marked applied (it commits with
+    /// the handler's writes or rolls back with them).
+    First,
+    /// Seen before but not decided: failed runs (`attempts`) came before. The outcome still
+    /// has to be set.
+    Undecided {
         /// Failed handler runs recorded so far.
         attempts: i32,
     },
@@ -70,16 +74,19 @@ pub enum Claim {
     Duplicate(Outcome),
 }
 
-// A concurrent delivery of the same id waits on the row lock this takes until the first
-// transaction ends, then sees its outcome: two consumers never both run the handler.
+// One statement in the common case. A new id is inserted as applied; `xmax = 0` tells a fresh
+// insert from a conflict (the row of a conflicting insert has been locked, so its xmax is set),
+// and for a conflict the returned outcome is the one stored before, since the update leaves it
+// alone. A concurrent delivery of the same id waits on the row lock until the first transaction
+// ends, then sees its outcome: two consumers never both run the handler.
 const CLAIM: &str = r#"
 insert into postbox.inbox as i
-    (consumer, message_id, queue, routing_key, partition_key, version)
-values ($1, $2, $3, $4, $5, $6)
+    (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at)
+values ($1, $2, $3, $4, $5, $6, 'applied', now())
 on conflict (consumer, message_id) do update
     set duplicates = i.duplicates + (i.outcome is not null)::int,
         last_received_at = now()
-returning i.outcome, i.attempts
+returning (i.xmax = 0) as inserted, i.outcome, i.attempts
 "#;
 
 /// Claims `receipt`'s message id inside the handler's transaction.
@@ -88,11 +95,13 @@ pub async fn claim(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Cla
         .fetch_one(conn)
         .await
         .context("claiming a message id in postbox.inbox")?;
-    let outcome: Option<String> = row.get(0);
-    let attempts: i32 = row.get(1);
+    let inserted: bool = row.get(0);
+    let outcome: Option<String> = row.get(1);
+    let attempts: i32 = row.get(2);
     Ok(match outcome.as_deref().and_then(Outcome::parse) {
+        _ if inserted => Claim::First,
         Some(outcome) => Claim::Duplicate(outcome),
-        None => Claim::New { attempts },
+        None => Claim::Undecided { attempts },
     })
 }
 

@@ -313,17 +313,33 @@ pub async fn count_replayable(pool: &PgPool, selection: &Selection) -> Result<i6
     Ok(row.get(0))
 }
 
-/// Makes up to `limit` published rows of `selection` pending again (original message ids,
-/// a fresh set of attempts), lowest ids first; returns how many. The relay republishes them.
-pub async fn replay_batch(pool: &PgPool, selection: &Selection, limit: i64) -> Result<u64> {
+/// The database's clock, so that bounds compare with `published_at` as Postgres wrote it.
+pub async fn now(pool: &PgPool) -> Result<DateTime<Utc>> {
+    sqlx::query_scalar("select now()")
+        .fetch_one(pool)
+        .await
+        .context("reading the database clock")
+}
+
+/// Makes up to `limit` rows of `selection` that were published before `published_before`
+/// pending again (original message ids, a fresh set of attempts), lowest ids first; returns how
+/// many. The relay republishes them; the bound keeps a long replay from taking the rows it
+/// already replayed (and the relay republished meanwhile) a second time.
+pub async fn replay_batch(
+    pool: &PgPool,
+    selection: &Selection,
+    published_before: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64> {
     Ok(selected(
         format!(
             "update postbox.outbox set published_at = null, attempts = 0, available_at = now() \
-             where id in (select id from postbox.outbox where {SELECTED} order by id limit $6 \
-             for update skip locked)"
+             where id in (select id from postbox.outbox where {SELECTED} and published_at < $6 \
+             order by id limit $7 for update skip locked)"
         ),
         selection,
     )
+    .bind(published_before)
     .bind(limit)
     .execute(pool)
     .await

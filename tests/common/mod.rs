@@ -351,6 +351,33 @@ impl Rabbit {
             .expect("publish test message");
     }
 
+    /// Declares the direct exchange `name` routing key `queue` to `queue`. It is auto-deleted
+    /// once its binding goes with the test's exclusive queue.
+    pub async fn exchange_to(&self, name: &str, queue: &str) {
+        self.channel
+            .exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare test exchange");
+        self.channel
+            .queue_bind(
+                queue.into(),
+                name.into(),
+                queue.into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind test queue");
+    }
+
     /// Deletes `queue` (for queues a test's code under test declared durable).
     pub async fn delete_queue(&self, queue: &str) {
         self.channel
