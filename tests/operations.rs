@@ -309,11 +309,12 @@ async fn metrics_health_and_readiness_over_http() {
         postbox::enqueue(&db.pool, &message).await.expect("enqueue");
     }
     inbox.take(3, DEADLINE).await;
-    let metrics = wait_until("published counted", DEADLINE, || async {
-        http_get(port, "/metrics")
-            .await
-            .map(|r| r.1)
-            .filter(|m| m.contains("postbox_published_total 3"))
+    // The gauges are read when scraped and the counters move after the mark commits: wait for
+    // a scrape that has seen both.
+    let metrics = wait_until("published counted and marked", DEADLINE, || async {
+        http_get(port, "/metrics").await.map(|r| r.1).filter(|m| {
+            m.contains("postbox_published_total 3") && m.contains("postbox_pending_rows 0")
+        })
     })
     .await;
     for expected in [

@@ -340,6 +340,11 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
     settings.relay.batch_size = 25;
     let first = RunningRelay::start(settings.clone()).await;
     let second = RunningRelay::start(settings).await;
+    // Both ready before the work arrives, so that both can claim from the first commit on.
+    wait_until("both relays connected to the broker", DEADLINE, || async {
+        (first.stats.broker_connected() && second.stats.broker_connected()).then_some(())
+    })
+    .await;
     let messages: Vec<Message> = (0..2000)
         .map(|i| {
             Message::json(queue.as_str(), &serde_json::json!({ "n": i }))
