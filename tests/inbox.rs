@@ -153,24 +153,12 @@ async fn each_message_takes_effect_once_and_duplicates_are_counted() {
     let consumer = sub.consumer("billing", recorder.clone(), sub.options());
     let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
     for (i, id) in ids.iter().enumerate() {
-        sub.rabbit
-            .publish(
-                &sub.queue,
-                Some(*id),
-                relay_headers(i as i64 + 1, None),
-                b"{}",
-            )
+        sub.send(*id, relay_headers(i as i64 + 1, None), b"{}")
             .await;
     }
     // A relay retry after a lost confirm, a replay: the same ids again.
     for (i, id) in ids.iter().take(5).enumerate() {
-        sub.rabbit
-            .publish(
-                &sub.queue,
-                Some(*id),
-                relay_headers(i as i64 + 1, None),
-                b"{}",
-            )
+        sub.send(*id, relay_headers(i as i64 + 1, None), b"{}")
             .await;
     }
     stop_when(consumer, "20 applied and 5 duplicates", |stats| {
@@ -198,16 +186,12 @@ async fn each_message_takes_effect_once_and_duplicates_are_counted() {
 async fn consumers_with_different_names_each_apply_the_message() {
     let sub = subscriber().await;
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     let first = Recorder::default();
     let billing = sub.consumer("billing", first.clone(), sub.options());
     stop_when(billing, "billing applied", |stats| stats.applied() == 1).await;
     // The same id under another consumer name is new to that consumer.
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     let second = Recorder::default();
     let shipping = sub.consumer("shipping", second.clone(), sub.options());
     stop_when(shipping, "shipping applied", |stats| stats.applied() == 1).await;
@@ -236,9 +220,7 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
         sub.options(),
     );
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(7, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(7, None), b"{}").await;
     tokio::time::timeout(DEADLINE, started.notified())
         .await
         .expect("handler started");
@@ -281,9 +263,7 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
     let poison = Uuid::new_v4();
     let mut headers = relay_headers(1, Some("acc-1"));
     headers.insert("x-trace".into(), AMQPValue::LongString("kept".into()));
-    sub.rabbit
-        .publish(&sub.queue, Some(poison), headers, b"{\"poison\":true}")
-        .await;
+    sub.send(poison, headers, b"{\"poison\":true}").await;
 
     let dead = sub.dead_letters.take(1, DEADLINE).await;
     let dead = &dead[0];
@@ -328,21 +308,8 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
     let healthy = Recorder::default();
     let consumer = sub.consumer("billing", healthy.clone(), sub.options());
     let good = Uuid::new_v4();
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(good),
-            relay_headers(2, Some("acc-2")),
-            b"{}",
-        )
-        .await;
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(poison),
-            relay_headers(1, Some("acc-1")),
-            b"{}",
-        )
+    sub.send(good, relay_headers(2, Some("acc-2")), b"{}").await;
+    sub.send(poison, relay_headers(1, Some("acc-1")), b"{}")
         .await;
     stop_when(consumer, "good applied, poison absorbed", |stats| {
         stats.applied() == 1 && stats.duplicates() == 1
@@ -372,9 +339,7 @@ async fn attempts_are_remembered_across_restarts() {
         ..sub.options()
     };
     let consumer = sub.consumer("billing", recorder.clone(), options);
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     expect_dead_letter(&mut sub, consumer, id).await;
     assert_eq!(
         recorder.runs.load(Ordering::SeqCst),
@@ -392,9 +357,7 @@ async fn permanent_failures_are_dead_lettered_without_retries() {
     };
     let consumer = sub.consumer("billing", recorder.clone(), sub.options());
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     let dead = sub.dead_letters.take(1, DEADLINE).await;
     assert_eq!(
         dead[0].header("x-postbox-attempts"),
@@ -418,13 +381,7 @@ async fn malformed_messages_follow_the_policy() {
         .publish(&sub.queue, None, FieldTable::default(), b"no id")
         .await;
     let bad_json = Uuid::new_v4();
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(bad_json),
-            relay_headers(2, None),
-            b"{\"account\":1}",
-        )
+    sub.send(bad_json, relay_headers(2, None), b"{\"account\":1}")
         .await;
     let dead = sub.dead_letters.take(2, DEADLINE).await;
     let error = |i: usize| match dead[i].header("x-postbox-error") {
@@ -455,9 +412,7 @@ async fn malformed_messages_follow_the_policy() {
     };
     let consumer = sub.consumer("billing", recorder.clone(), options);
     let discarded = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(discarded), relay_headers(3, None), b"[]")
-        .await;
+    sub.send(discarded, relay_headers(3, None), b"[]").await;
     stop_when(consumer, "discarded", |stats| stats.discarded() == 1).await;
     assert_eq!(
         sub.inbox_row("billing", discarded).await.0.as_deref(),
@@ -538,31 +493,25 @@ async fn a_late_event_never_overwrites_newer_state() {
     let newer = Uuid::new_v4();
     let older = Uuid::new_v4();
     let other_key = Uuid::new_v4();
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(newer),
-            relay_headers(5, Some("acc-1")),
-            &deposit("acc-1", 50),
-        )
-        .await;
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(older),
-            relay_headers(3, Some("acc-1")),
-            &deposit("acc-1", 30),
-        )
-        .await;
+    sub.send(
+        newer,
+        relay_headers(5, Some("acc-1")),
+        &deposit("acc-1", 50),
+    )
+    .await;
+    sub.send(
+        older,
+        relay_headers(3, Some("acc-1")),
+        &deposit("acc-1", 30),
+    )
+    .await;
     // Another key's lower position is not stale: versions are per key.
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(other_key),
-            relay_headers(1, Some("acc-2")),
-            &deposit("acc-2", 10),
-        )
-        .await;
+    sub.send(
+        other_key,
+        relay_headers(1, Some("acc-2")),
+        &deposit("acc-2", 10),
+    )
+    .await;
     stop_when(consumer, "two applied, one stale", |stats| {
         stats.applied() == 2 && stats.stale() == 1
     })
@@ -604,21 +553,9 @@ async fn versions_from_a_header_and_the_upsert_guard() {
         ..sub.options()
     };
     let consumer = sub.consumer("ledger", handler.clone(), options);
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(Uuid::new_v4()),
-            with_version(10, 2),
-            &deposit("acc-1", 20),
-        )
+    sub.send(Uuid::new_v4(), with_version(10, 2), &deposit("acc-1", 20))
         .await;
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(Uuid::new_v4()),
-            with_version(11, 1),
-            &deposit("acc-1", 10),
-        )
+    sub.send(Uuid::new_v4(), with_version(11, 1), &deposit("acc-1", 10))
         .await;
     stop_when(consumer, "one applied, one stale", |stats| {
         stats.applied() == 1 && stats.stale() == 1
@@ -632,13 +569,7 @@ async fn versions_from_a_header_and_the_upsert_guard() {
         ..sub.options()
     };
     let consumer = sub.consumer("ledger-raw", handler.clone(), options);
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(Uuid::new_v4()),
-            with_version(12, 1),
-            &deposit("acc-1", 99),
-        )
+    sub.send(Uuid::new_v4(), with_version(12, 1), &deposit("acc-1", 99))
         .await;
     stop_when(consumer, "applied without effect", |stats| {
         stats.applied() == 1
@@ -714,9 +645,7 @@ async fn stopping_lets_the_running_handler_commit() {
     let consumer = sub.consumer("billing", recorder.clone(), sub.options());
     let stats = consumer.stats();
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     tokio::time::timeout(DEADLINE, started.notified())
         .await
         .expect("handler started");
@@ -801,9 +730,7 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
         .expect("pre-apply");
     tx.commit().await.expect("commit");
     for id in &ids {
-        sub.rabbit
-            .publish(&sub.queue, Some(*id), relay_headers(1, None), b"{}")
-            .await;
+        sub.send(*id, relay_headers(1, None), b"{}").await;
     }
     let poison = ids[30];
     let handler = BatchRecorder {
@@ -880,9 +807,7 @@ async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
     );
     let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
     for (i, id) in ids.iter().enumerate() {
-        sub.rabbit
-            .publish(&sub.queue, Some(*id), relay_headers(i as i64, None), b"{}")
-            .await;
+        sub.send(*id, relay_headers(i as i64, None), b"{}").await;
     }
     // Cut every Postgres connection three times while messages are in flight.
     for threshold in [50, 120, 200] {
@@ -1104,9 +1029,7 @@ async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
     };
     let consumer = sub.consumer("billing", recorder.clone(), options);
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     tokio::time::timeout(DEADLINE, started.notified())
         .await
         .expect("handler started");
@@ -1141,13 +1064,7 @@ async fn the_default_dead_letter_queue_is_declared_by_the_consumer() {
         ..Recorder::default()
     };
     let consumer = sub.consumer("billing", recorder, options);
-    sub.rabbit
-        .publish(
-            &sub.queue,
-            Some(Uuid::new_v4()),
-            relay_headers(1, None),
-            b"{}",
-        )
+    sub.send(Uuid::new_v4(), relay_headers(1, None), b"{}")
         .await;
     stop_when(consumer, "dead-lettered", |stats| {
         stats.dead_lettered() == 1
@@ -1177,9 +1094,7 @@ async fn a_dead_letter_that_cannot_be_published_waits_unacked_until_it_can() {
     };
     let consumer = sub.consumer("billing", recorder.clone(), options);
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     wait_until("the handler failed", DEADLINE, || async {
         (recorder.runs.load(Ordering::SeqCst) == 1).then_some(())
     })
@@ -1215,17 +1130,13 @@ async fn two_instances_receiving_one_id_at_once_apply_it_once() {
     };
     let a = sub.consumer("billing", first.clone(), options.clone());
     let id = Uuid::new_v4();
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     tokio::time::timeout(DEADLINE, started.notified())
         .await
         .expect("first instance's handler started");
     let second = Recorder::default();
     let b = sub.consumer("billing", second.clone(), options);
-    sub.rabbit
-        .publish(&sub.queue, Some(id), relay_headers(1, None), b"{}")
-        .await;
+    sub.send(id, relay_headers(1, None), b"{}").await;
     // The second instance's claim waits on the inbox row the first one holds.
     wait_until(
         "the second claim blocked on the row lock",

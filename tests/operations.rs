@@ -392,44 +392,25 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
     })
     .await;
     let (from, to) = (ids[1].0.to_string(), ids[3].0.to_string());
+    // Rows 2 to 4, plus `extra` options.
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--from-id", from.as_str(), "--to-id", to.as_str()];
+        args.extend_from_slice(extra);
+        stdout(&postbox(&db, &args))
+    };
 
-    let text = stdout(&postbox(
-        &db,
-        &["replay", "--from-id", &from, "--to-id", &to, "--dry-run"],
-    ));
+    let text = replay(&["--dry-run"]);
     assert!(
         text.contains("3 published event(s)") && text.contains("dry run"),
         "{text}"
     );
     assert!(inbox.drain_for(Duration::from_millis(300)).await.is_empty());
-    let text = stdout(&postbox(
-        &db,
-        &[
-            "replay",
-            "--from-id",
-            &from,
-            "--to-id",
-            &to,
-            "--routing-key",
-            "elsewhere",
-        ],
-    ));
+    let text = replay(&["--routing-key", "elsewhere"]);
     assert!(text.contains("0 published event(s)"), "{text}");
 
     // One row per statement while the relay republishes them: each row is replayed once,
     // not again after its republication.
-    let text = stdout(&postbox(
-        &db,
-        &[
-            "replay",
-            "--from-id",
-            &from,
-            "--to-id",
-            &to,
-            "--batch-size",
-            "1",
-        ],
-    ));
+    let text = replay(&["--batch-size", "1"]);
     assert!(text.contains("3 event(s) pending again"), "{text}");
     let replayed = inbox.take(3, DEADLINE).await;
     let got: Vec<String> = replayed

@@ -448,6 +448,13 @@ impl Subscriber {
         }
     }
 
+    /// Publishes message `id` to the consumer's queue, as the relay would.
+    pub async fn send(&self, id: Uuid, headers: FieldTable, payload: &[u8]) {
+        self.rabbit
+            .publish(&self.queue, Some(id), headers, payload)
+            .await;
+    }
+
     /// Quick retries, dead letters to the test's own queue.
     pub fn options(&self) -> postbox::inbox::ConsumerOptions {
         postbox::inbox::ConsumerOptions {
