@@ -44,11 +44,26 @@ pub struct RelaySettings {
     /// How long a batch may wait for its publisher confirms before its rows count as failed.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// Payloads larger than this many bytes are marked dead without being sent (a broker
+    /// refuses messages above its `max_message_size`, by closing the channel). The default,
+    /// 16 MiB, is RabbitMQ 4's `max_message_size`; 3.x allows 128 MiB.
+    pub max_message_bytes: usize,
+    /// How long rows claimed by a relay that stopped responding (paused, partitioned, hung with
+    /// its connection open) stay locked: Postgres ends such a session after this long idle in
+    /// its transaction, and other relays take its rows. Must exceed `confirm_timeout`, since a
+    /// batch's transaction sits idle while it waits for confirms.
+    #[serde(with = "humantime_serde")]
+    pub takeover_timeout: Duration,
     /// Failed attempts after which a row is marked dead.
     pub max_attempts: u32,
     /// A dead row parks its partition key: the key's later rows wait until an operator
     /// releases or retries it (`false`: they go on, out of order with the dead one).
     pub dead_rows_park_keys: bool,
+    /// Rows of one partition key a batch may carry. `1` (the default): a key has one message
+    /// in flight at a time, so a failed row is always retried before its key's next row goes
+    /// out. More: faster for keys with many events at once, but if a row fails after a later
+    /// row of its key in the same batch was confirmed, the retry arrives after that row.
+    pub max_rows_per_key: u32,
     /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_initial_delay: Duration,
@@ -97,7 +112,10 @@ max_in_flight_batches = 4
 poll_interval = "1s"
 confirm_timeout = "30s"
 max_attempts = 10
+max_message_bytes = 16777216
+takeover_timeout = "90s"
 dead_rows_park_keys = true
+max_rows_per_key = 1
 retry_initial_delay = "1s"
 retry_max_delay = "5m"
 shutdown_timeout = "30s"
@@ -166,6 +184,27 @@ impl Settings {
                 "relay.max_in_flight_batches",
                 relay.max_in_flight_batches,
                 "a whole number from 1 to 64",
+            ));
+        }
+        if !(1..=relay.batch_size).contains(&relay.max_rows_per_key) {
+            return Err(invalid(
+                "relay.max_rows_per_key",
+                relay.max_rows_per_key,
+                "a whole number from 1 to relay.batch_size",
+            ));
+        }
+        if !(1..=512 * 1024 * 1024).contains(&relay.max_message_bytes) {
+            return Err(invalid(
+                "relay.max_message_bytes",
+                relay.max_message_bytes,
+                "a whole number of bytes from 1 to 536870912 (RabbitMQ's hard limit, 512 MiB)",
+            ));
+        }
+        if relay.takeover_timeout < relay.confirm_timeout + Duration::from_secs(1) {
+            return Err(invalid(
+                "relay.takeover_timeout",
+                humantime::format_duration(relay.takeover_timeout),
+                "at least relay.confirm_timeout + 1s (a batch waits for its confirms that long)",
             ));
         }
         if relay.max_attempts == 0 {

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
+use postbox::store::outbox::KeyRules;
 use postbox::{deterministic_id, enqueue, enqueue_many, Message};
 
 #[test]
@@ -210,12 +211,24 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
 
     let claimed = claim_ids(&db).await;
     assert_eq!(claimed, [ids[1], ids[2], ids[3], ids[4]]);
+    // The default takes one row per key: the key's next row waits for this one's outcome.
+    assert_eq!(claim_ids_with(&db, 1).await, [ids[1], ids[3]]);
+    assert_eq!(claim_ids_with(&db, 2).await, [ids[1], ids[2], ids[3]]);
 }
 
-/// Runs one claim in its own transaction and rolls it back; returns the claimed ids.
+/// Runs one claim taking runs of up to 100 rows per key in its own transaction and rolls it
+/// back; returns the claimed ids.
 async fn claim_ids(db: &TestDb) -> Vec<i64> {
+    claim_ids_with(db, 100).await
+}
+
+async fn claim_ids_with(db: &TestDb, rows_per_key: u32) -> Vec<i64> {
+    let keys = KeyRules {
+        park_keys: true,
+        rows_per_key,
+    };
     let mut tx = db.pool.begin().await.expect("begin");
-    let rows = postbox::store::outbox::claim(&mut tx, 100, 0, true)
+    let rows = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");

@@ -23,8 +23,11 @@ pub(crate) struct Batch {
 pub(crate) enum Sent {
     /// Handed to the broker; the confirm is still to come.
     Confirm(PublisherConfirm),
-    /// The row itself is at fault (or the broker refused it): counts as a failed attempt.
+    /// The broker refused the publish: counts as a failed attempt.
     Failed(String),
+    /// The row can never be sent as it is (not valid AMQP, beyond the broker's limits): dead
+    /// at once, since retrying cannot help until someone changes the row or the limits.
+    Refused(String),
     /// Not published because of the connection or shutdown: goes back without using an attempt.
     Released,
 }

@@ -19,8 +19,8 @@ pub(crate) struct Claimer {
     pub pool: PgPool,
     pub batch_size: u32,
     pub poll_interval: Duration,
-    /// Dead rows park their key (see `relay.dead_rows_park_keys`).
-    pub park_keys: bool,
+    /// What a batch may take of each partition key.
+    pub keys: outbox::KeyRules,
     /// Free in-flight slots; a batch holds one until it is marked.
     pub slots: Arc<Semaphore>,
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
@@ -159,7 +159,7 @@ impl Claimer {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let from = self.scan.start();
-        let rows = outbox::claim(&mut tx, self.batch_size, from, self.park_keys).await?;
+        let rows = outbox::claim(&mut tx, self.batch_size, from, self.keys).await?;
         self.stats.record_claim();
         metrics::counter!("postbox_claims_total").increment(1);
         metrics::histogram!("postbox_claim_seconds").record(started.elapsed().as_secs_f64());

@@ -11,7 +11,8 @@ use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
 /// Turns confirms into completions: acked → published; nacked, returned or not confirmed in
-/// time → retry or dead per the policy; lost with the connection → released untouched.
+/// time → retry or dead per the policy; refused before sending → dead; lost with the
+/// connection → released untouched.
 pub(crate) struct Confirmer {
     pub confirm_timeout: Duration,
     pub policy: RetryPolicy,
@@ -55,6 +56,10 @@ impl Confirmer {
         for (row, sent) in batch.rows.iter().zip(sent) {
             let failure = match sent {
                 Sent::Released => continue,
+                Sent::Refused(error) => {
+                    completions.push((row.id, Completion::Dead { error }));
+                    continue;
+                }
                 Sent::Failed(error) => error,
                 Sent::Confirm(confirm) => {
                     match tokio::time::timeout_at(deadline, confirm).await {

@@ -224,7 +224,7 @@ impl Relay {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
-            park_keys: settings.dead_rows_park_keys,
+            keys: crate::store::outbox::KeyRules::from_settings(&settings),
             slots,
             wake: wake.clone(),
             stats: self.stats.clone(),
@@ -239,7 +239,13 @@ impl Relay {
             .collect();
         drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));
-        let publisher = tokio::spawn(Publisher::new(self.broker, window, self.stats.clone()).run(
+        let publisher = Publisher::new(
+            self.broker,
+            window,
+            self.stats.clone(),
+            settings.max_message_bytes,
+        );
+        let publisher = tokio::spawn(publisher.run(
             claimed_rx,
             published_tx,
             shutdown.clone(),

@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::batch::{Batch, Published, Sent};
-use crate::amqp::{self, message::outgoing, Broker};
+use crate::amqp::message::{outgoing, Outgoing};
+use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
+use crate::store::outbox::ClaimedRow;
 
 /// Publishes batches in the order they were claimed, on one confirm-mode channel, so the
 /// broker sees each key's rows in id order.
@@ -19,15 +21,23 @@ pub(crate) struct Publisher {
     /// Batches published whose confirms are not all in yet: the broker-side window.
     pub window: Arc<Semaphore>,
     stats: Arc<super::Stats>,
+    /// Payloads above this are refused without trying (`relay.max_message_bytes`).
+    max_message_bytes: usize,
     connection: Option<(Connection, Channel)>,
 }
 
 impl Publisher {
-    pub fn new(broker: Broker, window: Arc<Semaphore>, stats: Arc<super::Stats>) -> Self {
+    pub fn new(
+        broker: Broker,
+        window: Arc<Semaphore>,
+        stats: Arc<super::Stats>,
+        max_message_bytes: usize,
+    ) -> Self {
         Self {
             broker,
             window,
             stats,
+            max_message_bytes,
             connection: None,
         }
     }
@@ -70,12 +80,16 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
-            let Some(channel) = self.channel(&shutdown).await else {
+            let Some((channel, frame_max)) = self.channel(&shutdown).await else {
                 break;
             };
             let got_window = std::time::Instant::now();
             let rows = batch.rows.len();
-            let published = publish_batch(&channel, batch, window)
+            let limits = Limits {
+                max_message_bytes: self.max_message_bytes,
+                frame_max,
+            };
+            let published = publish_batch(&channel, batch, window, limits)
                 .instrument(tracing::debug_span!("postbox.publish", rows))
                 .await;
             tracing::trace!(
@@ -108,12 +122,12 @@ impl Publisher {
         }
     }
 
-    /// The open channel, reconnecting (with backoff, across nodes) when there is none; `None`
-    /// if `stop` is cancelled first.
-    async fn channel(&mut self, stop: &CancellationToken) -> Option<Channel> {
+    /// The open channel and the connection's negotiated frame size, reconnecting (with
+    /// backoff, across nodes) when there is none; `None` if `stop` is cancelled first.
+    async fn channel(&mut self, stop: &CancellationToken) -> Option<(Channel, usize)> {
         if let Some((connection, channel)) = &self.connection {
             if connection.status().connected() && channel.status().connected() {
-                return Some(channel.clone());
+                return Some((channel.clone(), frame_max(connection)));
             }
             tracing::warn!("rabbitmq: connection lost; reconnecting");
             self.connection = None;
@@ -126,15 +140,55 @@ impl Publisher {
             Ok((connection, channel))
         })
         .await?;
-        let channel = pair.1.clone();
+        let channel = (pair.1.clone(), frame_max(&pair.0));
         self.connection = Some(pair);
         self.stats.set_broker_up(true);
         Some(channel)
     }
 }
 
+fn frame_max(connection: &Connection) -> usize {
+    usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX)
+}
+
+/// What the broker accepts. A message beyond either limit makes the broker close the channel
+/// or the connection, which would fail the whole batch again and again: such a row is refused
+/// up front instead, and it alone is marked dead.
+#[derive(Clone, Copy)]
+struct Limits {
+    max_message_bytes: usize,
+    /// The properties (headers included) travel in one frame of at most this many bytes.
+    frame_max: usize,
+}
+
+impl Limits {
+    fn check(&self, row: &ClaimedRow, message: &Outgoing) -> Result<(), String> {
+        if row.payload.len() > self.max_message_bytes {
+            return Err(format!(
+                "payload of {} bytes exceeds relay.max_message_bytes ({}); raise it only as far \
+                 as the broker's max_message_size allows",
+                row.payload.len(),
+                self.max_message_bytes
+            ));
+        }
+        if message.properties_bytes > self.frame_max {
+            return Err(format!(
+                "headers and properties take up to {} bytes, more than the broker's frame_max \
+                 ({} bytes) allows for them: move the data into the payload",
+                message.properties_bytes, self.frame_max
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Publishes each row (mandatory, persistent) and collects the pending confirms.
-async fn publish_batch(channel: &Channel, batch: Batch, window: OwnedSemaphorePermit) -> Published {
+async fn publish_batch(
+    channel: &Channel,
+    batch: Batch,
+    window: OwnedSemaphorePermit,
+    limits: Limits,
+) -> Published {
     let mut sent = Vec::with_capacity(batch.rows.len());
     let mut broken = false;
     for row in &batch.rows {
@@ -142,10 +196,13 @@ async fn publish_batch(channel: &Channel, batch: Batch, window: OwnedSemaphorePe
             sent.push(Sent::Released);
             continue;
         }
-        let message = match outgoing(row) {
+        let message = match outgoing(row).and_then(|message| {
+            limits.check(row, &message)?;
+            Ok(message)
+        }) {
             Ok(message) => message,
             Err(reason) => {
-                sent.push(Sent::Failed(format!("cannot be sent as AMQP: {reason}")));
+                sent.push(Sent::Refused(format!("cannot be sent as AMQP: {reason}")));
                 continue;
             }
         };

@@ -82,8 +82,9 @@ pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
 }
 
 /// Opens a pool of up to `max_connections` to the configured database. Relay sessions carry an
-/// `application_name` (visible in `pg_stat_activity`) and an `idle_in_transaction_session_timeout`
-/// well above the confirm timeout, so rows locked by a relay that hangs are freed by Postgres.
+/// `application_name` (visible in `pg_stat_activity`) and `relay.takeover_timeout` as their
+/// `idle_in_transaction_session_timeout`, so rows locked by a relay that hangs are freed by
+/// Postgres, and the hung relay, its session gone, can no longer mark them.
 /// They commit with `synchronous_commit = off`: everything a relay session writes (published,
 /// retry and dead marks) can be lost in a Postgres crash without losing an event, since an
 /// unmarked row is published again, so marks need not wait for the WAL flush, which on a disk
@@ -92,7 +93,7 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
     use crate::error::Context;
     use std::str::FromStr;
 
-    let idle_timeout_ms = (settings.relay.confirm_timeout.as_millis() * 2 + 30_000).to_string();
+    let idle_timeout_ms = settings.relay.takeover_timeout.as_millis().to_string();
     let options = sqlx::postgres::PgConnectOptions::from_str(&settings.database_url)
         .context("parsing database_url")?
         .application_name("postbox")

@@ -111,10 +111,12 @@ pub struct ClaimedRow {
 
 // Candidates are the first due pending rows in id order that no other batch has locked. Of a
 // partition key, only the rows before its first pending row *outside* this batch are kept (that
-// row is in flight in another batch, locked there, or waiting for a retry): so a key's rows go
-// out as a contiguous run in id order, a key is never in flight in two batches, and a failing
-// row holds back only its own key. Candidates dropped here stay locked until this transaction
-// ends, which is harmless: their key is blocked anyway.
+// row is in flight in another batch, locked there, or waiting for a retry), and of those at most
+// the first $4: so a key's rows go out as a contiguous run in id order, a key is never in flight
+// in two batches, and a failing row holds back only its own key. With $4 = 1 a key has one
+// message in flight at a time, so a row that fails can never be overtaken by its key's next row
+// (confirmed in the same batch before the failed one is retried). Candidates dropped here stay
+// locked until this transaction ends, which is harmless: their key is blocked anyway.
 const CLAIM: &str = r#"
 with candidates as (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
@@ -149,29 +151,52 @@ limits as (
                 limit 1)) as first_outside
     from keys k
 )
-select c.id, c.message_id, c.exchange, c.routing_key, c.partition_key, c.payload,
-       c.payload_bytes, c.content_type, c.headers, c.created_at, c.attempts
-from candidates c
-left join limits l on l.partition_key = c.partition_key
-where c.partition_key is null or l.first_outside is null or c.id < l.first_outside
-order by c.id
+select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
+       content_type, headers, created_at, attempts
+from (
+    select c.*, row_number() over (partition by c.partition_key order by c.id) as key_rank
+    from candidates c
+    left join limits l on l.partition_key = c.partition_key
+    where c.partition_key is null or l.first_outside is null or c.id < l.first_outside
+) kept
+where partition_key is null or key_rank <= $4
+order by id
 "#;
+
+/// Which of a partition key's pending rows a claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRules {
+    /// A dead (unreleased) row holds back its key's later rows (`relay.dead_rows_park_keys`).
+    pub park_keys: bool,
+    /// At most this many rows of one key per batch (`relay.max_rows_per_key`).
+    pub rows_per_key: u32,
+}
+
+impl KeyRules {
+    /// The rules in the relay's settings.
+    pub fn from_settings(settings: &crate::config::RelaySettings) -> Self {
+        Self {
+            park_keys: settings.dead_rows_park_keys,
+            rows_per_key: settings.max_rows_per_key,
+        }
+    }
+}
 
 /// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
 /// locked until it ends. A key's rows are taken only up to its first pending row outside the
 /// batch, wherever that row is, so `from_id` never lets a key's later row overtake an earlier
-/// one.
-/// With `park_keys`, a key's dead (unreleased) row holds back the key's later rows too.
+/// one. `keys` limits what is taken of each key.
 pub async fn claim(
     tx: &mut PgConnection,
     limit: u32,
     from_id: i64,
-    park_keys: bool,
+    keys: KeyRules,
 ) -> Result<Vec<ClaimedRow>> {
     let rows = sqlx::query(CLAIM)
         .bind(i64::from(limit))
         .bind(from_id)
-        .bind(park_keys)
+        .bind(keys.park_keys)
+        .bind(i64::from(keys.rows_per_key))
         .fetch_all(tx)
         .await
         .context("claiming a batch from postbox.outbox")?;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod checker;
 pub mod proxy;
 
 use std::future::Future;
@@ -19,6 +20,20 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::mpsc;
 use uuid::Uuid;
+
+/// `host:port` of a URL (to put a proxy in front of it).
+pub fn host_port(url: &str) -> String {
+    let url = url::Url::parse(url).expect("URL parses");
+    format!(
+        "{}:{}",
+        url.host_str().expect("URL has a host"),
+        url.port().unwrap_or(match url.scheme() {
+            "amqp" => 5672,
+            "amqps" => 5671,
+            _ => 5432,
+        })
+    )
+}
 
 /// Admin URL of the shared Postgres server (its `postgres` database).
 pub fn admin_database_url() -> String {
@@ -366,11 +381,16 @@ impl Rabbit {
             )
             .await
             .expect("declare test exchange");
+        self.bind(name, queue, queue).await;
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key` too.
+    pub async fn bind(&self, exchange: &str, queue: &str, routing_key: &str) {
         self.channel
             .queue_bind(
                 queue.into(),
-                name.into(),
-                queue.into(),
+                exchange.into(),
+                routing_key.into(),
                 lapin::options::QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -567,6 +587,15 @@ impl Inbox {
         out
     }
 
+    /// Whatever has arrived by now, without waiting.
+    pub fn received_so_far(&mut self) -> Vec<Received> {
+        let mut out = Vec::new();
+        while let Ok(received) = self.rx.try_recv() {
+            out.push(received);
+        }
+        out
+    }
+
     /// Whatever arrives within `window` (for asserting that nothing more comes).
     pub async fn drain_for(&mut self, window: Duration) -> Vec<Received> {
         let mut out = Vec::new();
@@ -588,4 +617,84 @@ pub fn postbox_command() -> Command {
     }
     command.env("RUST_LOG", "postbox=info");
     command
+}
+
+/// `postbox run` as a child process, its stderr in a log file under the cargo target's tmp
+/// directory (named in panics); killed when dropped.
+pub struct RelayProcess {
+    child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl RelayProcess {
+    /// Starts `postbox run` against `database_url` and the test broker, with `env` on top
+    /// (`POSTBOX_RELAY__BATCH_SIZE` and the like).
+    pub fn spawn(database_url: &str, env: &[(&str, &str)]) -> Self {
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("relay-{}.log", Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).expect("create relay log");
+        let mut command = postbox_command();
+        command
+            .arg("run")
+            .env("DATABASE_URL", database_url)
+            .env("AMQP_URL", amqp_url())
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn postbox run");
+        Self { child, log }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the relay");
+    }
+
+    /// SIGKILL: no chance to finish or release anything.
+    pub fn kill(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGSTOP: the process hangs with its connections open.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// SIGTERM, then waits up to `deadline` for the exit; returns the exit code.
+    pub async fn stop(mut self, deadline: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let log = self.log.clone();
+        let status = wait_until(
+            &format!("the relay to exit (log: {log:?})"),
+            deadline,
+            || {
+                let status = self.child.try_wait().expect("try_wait");
+                async move { status }
+            },
+        )
+        .await;
+        status.code()
+    }
+
+    /// The relay's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

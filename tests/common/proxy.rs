@@ -1,6 +1,6 @@
 //! A TCP proxy between a client and a real service, for fault injection without touching the
-//! shared server: `cut()` drops every open connection (as a crash or a network partition
-//! would). In front of Postgres it also counts the statements the client sends:
+//! shared server: `cut()` drops every open connection (as a crash would), `stall()` holds every
+//! byte in both directions until `resume()` or `cut()` (a network partition). In front of Postgres it also counts the statements the client sends:
 //! simple-protocol `Query` ('Q') and extended-protocol `Execute` ('E') messages, what actually
 //! crosses the wire, so a test can assert how many statements the relay sends.
 
@@ -17,6 +17,8 @@ pub struct Proxy {
     statements: Arc<AtomicU64>,
     /// Cancelled by `cut()`; connections accepted afterwards get a fresh token.
     generation: Arc<Mutex<CancellationToken>>,
+    /// `true` while stalled; forwarding waits for it to turn `false`.
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 /// The Postgres flavour: same proxy, statements counted.
@@ -41,16 +43,19 @@ impl Proxy {
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let counter = statements.clone();
         let current = generation.clone();
+        let (stalled, _) = tokio::sync::watch::channel(false);
+        let gate = stalled.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let counter = count_statements.then(|| counter.clone());
                 let cut = current.lock().expect("proxy lock").clone();
+                let gate = gate.subscribe();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
                         tokio::select! {
                             _ = cut.cancelled() => {}
-                            _ = pipe(client, server, counter) => {}
+                            _ = pipe(client, server, counter, gate) => {}
                         }
                     }
                 });
@@ -60,7 +65,19 @@ impl Proxy {
             port,
             statements,
             generation,
+            stalled,
         }
+    }
+
+    /// Holds every byte in flight, both ways, on open and new connections, until `resume()`
+    /// or `cut()`: the peers see a silent network, not a closed one.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Lets held bytes through again.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     /// Drops every connection open now; new connections are accepted as before.
@@ -68,6 +85,7 @@ impl Proxy {
         let mut current = self.generation.lock().expect("proxy lock");
         current.cancel();
         *current = CancellationToken::new();
+        self.stalled.send_replace(false);
     }
 
     /// Statements sent through the proxy so far.
@@ -91,31 +109,46 @@ impl Proxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, counter: Option<Arc<AtomicU64>>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let upstream = async move {
-        let mut parser = Parser::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if let Some(counter) = &counter {
-                counter.fetch_add(parser.feed(&buf[..n]), Ordering::SeqCst);
-            }
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    counter: Option<Arc<AtomicU64>>,
+    gate: tokio::sync::watch::Receiver<bool>,
+) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let mut parser = Parser::default();
+    let upstream = forward(client_read, server_write, gate.clone(), |bytes| {
+        if let Some(counter) = &counter {
+            counter.fetch_add(parser.feed(bytes), Ordering::SeqCst);
         }
-        let _ = server_write.shutdown().await;
-    };
-    let downstream = async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
-    };
+    });
+    let downstream = forward(server_read, client_write, gate, |_| {});
     tokio::join!(upstream, downstream);
+}
+
+/// Copies `from` to `to`, holding each chunk while the gate says stalled.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+    mut inspect: impl FnMut(&[u8]),
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if gate.wait_for(|stalled| !stalled).await.is_err() {
+            break;
+        }
+        inspect(&buf[..n]);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Splits the client's byte stream into protocol messages. The startup phase has untyped

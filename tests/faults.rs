@@ -1,0 +1,459 @@
+//! The fault suite: faults injected at the relay against the real Postgres and RabbitMQ
+//! (connections cut or stalled through a TCP proxy, relay processes killed or paused), then
+//! the checker compares what arrived with what was committed. Each scenario prints its counts
+//! (`cargo test --test faults -- --nocapture` shows them).
+
+mod common;
+
+use std::time::Duration;
+
+use common::checker::{assert_settled, in_flight_rows, Committed};
+use common::proxy::Proxy;
+use common::{
+    admin_database_url, amqp_url, host_port, wait_until, Inbox, Rabbit, Received, RelayProcess,
+    RunningRelay, TestDb,
+};
+use postbox::Message;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Commits `rows` events to `queue` over `keys` partition keys, every tenth row unkeyed.
+async fn backlog(db: &TestDb, queue: &str, rows: usize, keys: usize) -> Committed {
+    let messages: Vec<Message> = (0..rows)
+        .map(|n| {
+            let message = Message::text(queue, n.to_string());
+            if n % 10 == 9 {
+                message
+            } else {
+                message.partition_key(format!("key-{}", n % keys))
+            }
+        })
+        .collect();
+    for chunk in messages.chunks(5_000) {
+        postbox::enqueue_many(&db.pool, chunk)
+            .await
+            .expect("commit backlog");
+    }
+    Committed::read(db).await
+}
+
+async fn published(db: &TestDb) -> i64 {
+    db.count("published_at is not null").await
+}
+
+/// Waits until at least `n` rows are marked published.
+async fn published_at_least(db: &TestDb, n: i64) {
+    wait_until(&format!("{n} rows published"), LONG, || async {
+        (published(db).await >= n).then_some(())
+    })
+    .await;
+}
+
+/// Everything committed, received at least once, plus whatever duplicates trail in.
+async fn receive_all(
+    inbox: &mut Inbox,
+    committed: &Committed,
+    mut so_far: Vec<Received>,
+) -> Vec<Received> {
+    let mut missing = committed.ids();
+    for received in &so_far {
+        if let Some(id) = &received.message_id {
+            missing.remove(id);
+        }
+    }
+    so_far.extend(inbox.until_all(&missing, LONG).await);
+    so_far
+}
+
+/// Relay settings for the process-based scenarios: small batches, so a kill lands mid-stream.
+const SMALL_BATCHES: &[(&str, &str)] = &[("POSTBOX_RELAY__BATCH_SIZE", "50")];
+
+fn small_batch_settings(db: &TestDb) -> postbox::config::RelaySettings {
+    let mut settings = db.settings().relay;
+    settings.batch_size = 50;
+    settings
+}
+
+#[tokio::test]
+async fn broker_connection_cut_mid_batch_repeatedly() {
+    const ROWS: usize = 6_000;
+    const CUTS: usize = 5;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 50).await;
+    let broker = Proxy::tcp(&host_port(&amqp_url())).await;
+    let mut settings = db.settings();
+    settings.amqp_url = broker.redirect(&amqp_url());
+    settings.relay.batch_size = 100;
+    let relay = RunningRelay::start(settings.clone()).await;
+
+    for cut in 1..=CUTS {
+        published_at_least(&db, (cut * ROWS / (CUTS + 1)) as i64).await;
+        broker.cut();
+    }
+    let received = receive_all(&mut inbox, &committed, Vec::new()).await;
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    let released = relay.stats.released();
+    relay.stop().await;
+    committed.check(&received).assert_sound(
+        "broker connection cut 5x mid-batch",
+        CUTS * in_flight_rows(&settings.relay),
+    );
+    println!("rows released unmarked by the cuts: {released}");
+}
+
+#[tokio::test]
+async fn database_connection_cut_between_publish_and_mark() {
+    const ROWS: usize = 4_000;
+    const CUTS: usize = 3;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 40).await;
+    let postgres = Proxy::start(host_port(&admin_database_url())).await;
+    let mut settings = db.settings();
+    settings.database_url = postgres.url_for(&db.url);
+    settings.relay.batch_size = 100;
+    let relay = RunningRelay::start(settings.clone()).await;
+
+    let mut received = Vec::new();
+    for cut in 1..=CUTS {
+        published_at_least(&db, (cut * ROWS / (CUTS + 2)) as i64).await;
+        // Stall Postgres so marks hang while publishes and confirms go on; cut once the
+        // consumer holds a message whose row is not marked: the fault lands exactly between
+        // the broker's confirm and the mark.
+        let mut landed = false;
+        for _ in 0..10 {
+            postgres.stall();
+            landed = delivered_but_unmarked(&db, &mut inbox, &mut received).await;
+            if landed {
+                break;
+            }
+            // Nothing was in flight: let the relay make progress, then try again.
+            postgres.resume();
+            published_at_least(&db, published(&db).await + 1).await;
+        }
+        assert!(landed, "never caught a delivered row unmarked");
+        postgres.cut();
+    }
+    let received = receive_all(&mut inbox, &committed, received).await;
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    relay.stop().await;
+    let report = committed.check(&received);
+    report.assert_sound(
+        "Postgres cut 3x between publish and mark",
+        CUTS * in_flight_rows(&settings.relay),
+    );
+    assert!(
+        report.duplicates > 0,
+        "rows delivered but not marked are published again"
+    );
+}
+
+/// Collects arrivals for up to 5 s until one of them is a row not marked published.
+async fn delivered_but_unmarked(
+    db: &TestDb,
+    inbox: &mut Inbox,
+    received: &mut Vec<Received>,
+) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        let new = inbox.received_so_far();
+        let ids: Vec<uuid::Uuid> = new
+            .iter()
+            .filter_map(|r| r.message_id.as_deref()?.parse().ok())
+            .collect();
+        received.extend(new);
+        let unmarked: i64 = sqlx::query_scalar(
+            "select count(*) from postbox.outbox where published_at is null and message_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count unmarked");
+        if unmarked > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn relay_killed_mid_batch_twenty_times() {
+    const ROWS: usize = 20_000;
+    const KILLS: usize = 20;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 100).await;
+
+    let mut before = 0;
+    for _ in 0..KILLS {
+        let relay = RelayProcess::spawn(&db.url, SMALL_BATCHES);
+        published_at_least(&db, before + 1).await;
+        relay.kill();
+        before = published(&db).await;
+    }
+    assert!(
+        before < ROWS as i64,
+        "the backlog ran out before the last kill; the kills were not mid-stream"
+    );
+    println!("published across {KILLS} killed relays: {before} of {ROWS}");
+    let last = RelayProcess::spawn(&db.url, SMALL_BATCHES);
+    let received = receive_all(&mut inbox, &committed, Vec::new()).await;
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    assert_eq!(last.stop(LONG).await, Some(0));
+    committed.check(&received).assert_sound(
+        "relay SIGKILLed 20x mid-batch",
+        KILLS * in_flight_rows(&small_batch_settings(&db)),
+    );
+}
+
+/// `relays` relays share 10,000 events over 100 keys; one of them is killed mid-stream.
+async fn relays_race_and_one_is_killed(relays: usize) {
+    const ROWS: usize = 10_000;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 100).await;
+
+    let mut running: Vec<RelayProcess> = (0..relays)
+        .map(|_| RelayProcess::spawn(&db.url, SMALL_BATCHES))
+        .collect();
+    published_at_least(&db, ROWS as i64 / 4).await;
+    running.remove(0).kill();
+    let received = receive_all(&mut inbox, &committed, Vec::new()).await;
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    for relay in running {
+        assert_eq!(relay.stop(LONG).await, Some(0));
+    }
+    committed.check(&received).assert_sound(
+        &format!("{relays} relays racing, one SIGKILLed"),
+        in_flight_rows(&small_batch_settings(&db)),
+    );
+}
+
+#[tokio::test]
+async fn two_relays_race_and_one_is_killed() {
+    relays_race_and_one_is_killed(2).await;
+}
+
+#[tokio::test]
+async fn three_relays_race_and_one_is_killed() {
+    relays_race_and_one_is_killed(3).await;
+}
+
+/// Rows of `db` claimed (row-locked) by some session right now.
+async fn locked_rows(db: &TestDb) -> i64 {
+    let mut tx = db.pool.begin().await.expect("begin");
+    let free: i64 = sqlx::query_scalar(
+        "select count(*) from (select id from postbox.outbox where published_at is null \
+         and dead_at is null for update skip locked) free",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("count free rows");
+    tx.rollback().await.expect("rollback");
+    db.count("published_at is null and dead_at is null").await - free
+}
+
+#[tokio::test]
+async fn a_paused_relay_loses_its_rows_after_the_takeover_timeout_and_cannot_mark_them() {
+    const ROWS: usize = 3_000;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 30).await;
+    let env = [
+        ("POSTBOX_RELAY__BATCH_SIZE", "50"),
+        ("POSTBOX_RELAY__CONFIRM_TIMEOUT", "1s"),
+        ("POSTBOX_RELAY__TAKEOVER_TIMEOUT", "3s"),
+    ];
+
+    let paused = RelayProcess::spawn(&db.url, &env);
+    let mut held = 0;
+    for _ in 0..50 {
+        published_at_least(&db, published(&db).await + 1).await;
+        paused.pause();
+        held = locked_rows(&db).await;
+        if held > 0 {
+            break;
+        }
+        paused.resume();
+    }
+    assert!(held > 0, "never paused the relay while it held rows");
+    let paused_at = std::time::Instant::now();
+    let other = RelayProcess::spawn(&db.url, &env);
+    let received = receive_all(&mut inbox, &committed, Vec::new()).await;
+    println!(
+        "paused relay held {held} rows; all delivered {:.1}s after the pause",
+        paused_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    let marks: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("select id, published_at from postbox.outbox order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read marks");
+
+    // The paused relay wakes up holding claims that Postgres ended: it may publish what it
+    // had in hand (duplicates), but none of its marks can land.
+    paused.resume();
+    assert_eq!(paused.stop(LONG).await, Some(0));
+    let after: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("select id, published_at from postbox.outbox order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read marks");
+    assert_eq!(marks, after, "a relay whose claim expired changed a mark");
+    assert_eq!(other.stop(LONG).await, Some(0));
+    committed.check(&received).assert_sound(
+        "relay paused past the takeover timeout",
+        in_flight_rows(&small_batch_settings(&db)),
+    );
+}
+
+/// Commits `messages` in one transaction; returns their outbox ids.
+async fn commit(db: &TestDb, messages: &[Message]) -> Vec<i64> {
+    postbox::enqueue_many(&db.pool, messages)
+        .await
+        .expect("commit")
+        .iter()
+        .map(|e| e.id.expect("new row"))
+        .collect()
+}
+
+/// Key `k`'s first event is unroutable until a binding appears; its two later events and ten
+/// other keys' events are routable. Returns the outbox ids of the key's events in arrival order.
+async fn a_keys_first_event_fails_until_routable(rows_per_key: u32) -> Vec<i64> {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let exchange = format!("postbox-test-{}", uuid::Uuid::new_v4().simple());
+    rabbit.exchange_to(&exchange, &queue).await;
+    let to = |routing_key: &str, key: &str| {
+        Message::text(routing_key, key)
+            .exchange(&exchange)
+            .partition_key(key)
+    };
+    let mut messages = vec![to("not-bound-yet", "k"), to(&queue, "k"), to(&queue, "k")];
+    messages.extend((0..10).map(|n| to(&queue, &format!("other-{n}"))));
+    let ids = commit(&db, &messages).await;
+    let mut settings = db.settings();
+    settings.relay.max_rows_per_key = rows_per_key;
+    settings.relay.max_attempts = 1_000;
+    let relay = RunningRelay::start(settings).await;
+
+    // The other keys flow while k's first event fails again and again.
+    wait_until("k's first event to fail twice", LONG, || async {
+        (db.count(&format!("id = {} and attempts >= 2", ids[0]))
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let error: String = sqlx::query_scalar("select last_error from postbox.outbox where id = $1")
+        .bind(ids[0])
+        .fetch_one(&db.pool)
+        .await
+        .expect("last_error");
+    assert!(error.contains("unroutable"), "{error}");
+    // One row per key: only the other keys go out; runs: k's later rows go out too.
+    let before = if rows_per_key == 1 { 10 } else { 12 };
+    let mut arrived: Vec<i64> = inbox
+        .take(before, LONG)
+        .await
+        .iter()
+        .map(Received::outbox_id)
+        .collect();
+    rabbit.bind(&exchange, &queue, "not-bound-yet").await;
+    let rest = inbox.take(13 - before, LONG).await;
+    arrived.extend(rest.iter().map(Received::outbox_id));
+    relay.stop().await;
+    arrived.retain(|id| ids[..3].contains(id));
+    arrived
+}
+
+#[tokio::test]
+async fn a_failing_event_holds_back_only_its_key_and_is_never_overtaken() {
+    let db_ids = a_keys_first_event_fails_until_routable(1).await;
+    let mut sorted = db_ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(db_ids, sorted, "k's events arrive in commit order");
+    assert_eq!(db_ids.len(), 3);
+}
+
+/// The documented price of `relay.max_rows_per_key` > 1: a key's later rows confirmed in the
+/// same batch as its failed row are out before the retry.
+#[tokio::test]
+async fn with_runs_per_key_a_retry_arrives_after_its_keys_later_rows() {
+    let arrived = a_keys_first_event_fails_until_routable(10).await;
+    assert_eq!(arrived.len(), 3);
+    assert!(
+        arrived[0] > arrived[2],
+        "the retried first row came last: {arrived:?}"
+    );
+}
+
+#[tokio::test]
+async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let big_header = serde_json::json!("x".repeat(300_000));
+    let messages = vec![
+        // larger than relay.max_message_bytes below
+        Message::text(&queue, "y".repeat(2_000)).partition_key("too-big"),
+        Message::text(&queue, "after the big one").partition_key("too-big"),
+        // a header far beyond the broker's frame size
+        Message::text(&queue, "{}").header("blob", big_header),
+        // a header name beyond AMQP's 255 bytes
+        Message::text(&queue, "{}").header("n".repeat(300), serde_json::json!(1)),
+        Message::text(&queue, "fine").partition_key("fine"),
+    ];
+    let ids = commit(&db, &messages).await;
+    let mut settings = db.settings();
+    settings.relay.max_message_bytes = 1_000;
+    let relay = RunningRelay::start(settings).await;
+
+    let arrived = inbox.take(1, LONG).await;
+    assert_eq!(arrived[0].outbox_id(), ids[4]);
+    wait_until("the three refused rows to die", LONG, || async {
+        (db.count("dead_at is not null").await == 3).then_some(())
+    })
+    .await;
+    let dead: Vec<(i64, i32, String)> = sqlx::query_as(
+        "select id, attempts, last_error from postbox.outbox where dead_at is not null order by id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("dead rows");
+    let reasons = [
+        (ids[0], "relay.max_message_bytes"),
+        (ids[2], "frame_max"),
+        (ids[3], "header name"),
+    ];
+    for ((id, attempts, error), (expected_id, reason)) in dead.iter().zip(reasons) {
+        assert_eq!(*id, expected_id);
+        assert_eq!(*attempts, 1, "refused at once, not retried: {error}");
+        assert!(error.contains(reason), "row {id}: {error}");
+    }
+    // The oversized row parks its key; the relay itself carries on.
+    assert_eq!(
+        db.count(&format!("id = {} and published_at is null", ids[1]))
+            .await,
+        1
+    );
+    let later = commit(&db, &[Message::text(&queue, "later")]).await;
+    assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), later[0]);
+    relay.stop().await;
+}
