@@ -457,3 +457,38 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
     assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), later[0]);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn the_relay_fails_over_to_the_next_broker_node() {
+    const ROWS: usize = 3_000;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let committed = backlog(&db, &queue, ROWS, 30).await;
+    // Two "nodes": proxies in front of the one broker.
+    let first = Proxy::tcp(&host_port(&amqp_url())).await;
+    let second = Proxy::tcp(&host_port(&amqp_url())).await;
+    let mut settings = db.settings();
+    settings.amqp_url = format!(
+        "{}, {}",
+        first.redirect(&amqp_url()),
+        second.redirect(&amqp_url())
+    );
+    settings.relay.batch_size = 50;
+    let relay = RunningRelay::start(settings.clone()).await;
+
+    published_at_least(&db, ROWS as i64 / 4).await;
+    first.shut();
+    let received = receive_all(&mut inbox, &committed, Vec::new()).await;
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    assert!(
+        relay.stats.broker_connected(),
+        "connected through the second node"
+    );
+    relay.stop().await;
+    committed.check(&received).assert_sound(
+        "first broker node gone mid-stream",
+        in_flight_rows(&settings.relay),
+    );
+}

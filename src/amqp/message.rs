@@ -123,3 +123,103 @@ fn amqp_value(value: &Value) -> Result<(AMQPValue, usize), String> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::*;
+
+    /// Any JSON a `jsonb` column can hold: odd numbers, long and non-ASCII names and strings,
+    /// nesting.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,300}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,300}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    fn row() -> impl Strategy<Value = ClaimedRow> {
+        (
+            (".{0,300}", ".{0,300}", ".{0,300}"),
+            proptest::option::of(".{0,300}"),
+            prop::collection::btree_map(".{0,300}", json(), 0..6),
+            prop::collection::vec(any::<u8>(), 0..4096),
+            (any::<i64>(), any::<i32>(), any::<i64>()),
+        )
+            .prop_map(
+                |((exchange, routing_key, content_type), partition_key, headers, payload, nums)| {
+                    ClaimedRow {
+                        id: nums.0,
+                        message_id: uuid::Uuid::from_u64_pair(nums.0 as u64, nums.2 as u64),
+                        exchange,
+                        routing_key,
+                        partition_key,
+                        payload,
+                        content_type,
+                        headers: Value::Object(headers.into_iter().collect()),
+                        created_at: chrono::DateTime::from_timestamp_micros(nums.2 >> 12)
+                            .unwrap_or_default(),
+                        attempts: nums.1,
+                    }
+                },
+            )
+    }
+
+    fn encoded_len(table: &FieldTable) -> usize {
+        let serializer = lapin::types::generation::gen_field_table(table);
+        cookie_factory::gen_simple(serializer, Vec::new())
+            .map(|bytes| bytes.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    proptest! {
+        /// No row content panics; a row is refused exactly when an AMQP short string (exchange,
+        /// routing key, content type, header name) would exceed 255 bytes; and the size
+        /// estimate the relay checks against the broker's frame size is never short.
+        #[test]
+        fn any_row_becomes_a_message_or_a_reason(row in row()) {
+            let too_long = |s: &str| s.len() > 255;
+            let names_too_long = names_too_long(&row.headers);
+            let expect_refusal = too_long(&row.exchange)
+                || too_long(&row.routing_key)
+                || too_long(&row.content_type)
+                || names_too_long;
+            match outgoing(&row) {
+                Ok(message) => {
+                    prop_assert!(!expect_refusal);
+                    prop_assert_eq!(message.exchange.as_str(), row.exchange.as_str());
+                    prop_assert_eq!(message.routing_key.as_str(), row.routing_key.as_str());
+                    let headers = message.properties.headers().clone().unwrap_or_default();
+                    prop_assert!(encoded_len(&headers) + 256 <= message.properties_bytes);
+                }
+                Err(reason) => {
+                    prop_assert!(expect_refusal, "refused without cause: {}", reason);
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
+    }
+
+    fn names_too_long(value: &Value) -> bool {
+        match value {
+            Value::Object(map) => map.iter().any(|(k, v)| k.len() > 255 || names_too_long(v)),
+            Value::Array(items) => items.iter().any(names_too_long),
+            _ => false,
+        }
+    }
+}

@@ -19,6 +19,8 @@ pub struct Proxy {
     generation: Arc<Mutex<CancellationToken>>,
     /// `true` while stalled; forwarding waits for it to turn `false`.
     stalled: tokio::sync::watch::Sender<bool>,
+    /// Set by `shut()`: new connections are closed at once, as by a dead host.
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The Postgres flavour: same proxy, statements counted.
@@ -45,8 +47,14 @@ impl Proxy {
         let current = generation.clone();
         let (stalled, _) = tokio::sync::watch::channel(false);
         let gate = stalled.clone();
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let upstream = upstream.clone();
                 let counter = count_statements.then(|| counter.clone());
                 let cut = current.lock().expect("proxy lock").clone();
@@ -66,7 +74,14 @@ impl Proxy {
             statements,
             generation,
             stalled,
+            refusing,
         }
+    }
+
+    /// Cuts every connection and refuses new ones from now on: the service behind is gone.
+    pub fn shut(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut();
     }
 
     /// Holds every byte in flight, both ways, on open and new connections, until `resume()`
