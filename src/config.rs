@@ -109,7 +109,7 @@ readiness_max_lag = "0s"
 [relay]
 batch_size = 500
 max_in_flight_batches = 4
-poll_interval = "1s"
+poll_interval = "2s"
 confirm_timeout = "30s"
 max_attempts = 10
 max_message_bytes = 16777216

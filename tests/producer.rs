@@ -84,6 +84,8 @@ async fn enqueue_many_is_one_statement_in_order_and_reports_duplicates() {
 #[tokio::test]
 async fn delayed_messages_wait_for_their_time() {
     let db = TestDb::migrated().await;
+    let next_due = || postbox::store::outbox::next_due(&db.pool);
+    assert_eq!(next_due().await.expect("probe"), None, "nothing pending");
     let later = enqueue(
         &db.pool,
         &Message::text("q", "later").delay(Duration::from_secs(3600)),
@@ -98,6 +100,13 @@ async fn delayed_messages_wait_for_their_time() {
     .await
     .expect("row");
     assert!((3599.0..=3601.0).contains(&delay), "{delay}");
+    // The idle relay's probe sleeps until the row is due, rather than claiming now.
+    let wait = next_due().await.expect("probe").expect("a row pending");
+    assert!(wait > Duration::from_secs(3590), "{wait:?}");
+    enqueue(&db.pool, &Message::text("q", "now"))
+        .await
+        .expect("enqueue");
+    assert_eq!(next_due().await.expect("probe"), Some(Duration::ZERO));
 }
 
 #[tokio::test]

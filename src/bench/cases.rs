@@ -8,6 +8,9 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
+use tokio_util::sync::CancellationToken;
+
+use super::resources::{self, Usage};
 use super::{quantile, summarize, BenchOptions, CaseResult, Env, Report};
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
@@ -29,17 +32,24 @@ pub(super) async fn run_all(
         ),
         cases: Vec::new(),
     };
+    let mut ceilings = Vec::new();
     for queue_type in &options.queue_types {
         let mut ceiling = Vec::new();
         let mut drain_rates = Vec::new();
+        let mut drain_usage = Usage::default();
         for rep in 0..options.repetitions {
             // Interleaved, so that a noisy moment hurts both sides alike.
             let c = ceiling_once(env, queue_type, options).await?;
             progress(&format!("ceiling {queue_type} #{}: {c:.0} msgs/s", rep + 1));
             ceiling.push(c);
-            let d = drain_once(env, settings, queue_type, options).await?;
-            progress(&format!("drain {queue_type} #{}: {d:.0} rows/s", rep + 1));
+            let (d, usage) = drain_once(env, settings, queue_type, options, Shape::PLAIN).await?;
+            progress(&format!(
+                "drain {queue_type} #{}: {d:.0} rows/s; {}",
+                rep + 1,
+                usage.describe()
+            ));
             drain_rates.push(d);
+            drain_usage = usage;
         }
         let (c_med, c_min, c_max) = summarize(&mut ceiling);
         let (d_med, d_min, d_max) = summarize(&mut drain_rates);
@@ -61,14 +71,55 @@ pub(super) async fn run_all(
             max: d_max,
             unit: "rows/s".into(),
             ratio_to_ceiling: (c_med > 0.0).then(|| d_med / c_med),
-            note: "claim → publish → confirm → mark, rows committed first".into(),
+            note: format!(
+                "claim → publish → confirm → mark, rows committed first; last run: {}",
+                drain_usage.describe()
+            ),
+        });
+        ceilings.push((queue_type.clone(), c_med, d_med));
+    }
+    let (queue_type, ceiling, plain) = ceilings.first().cloned().unwrap_or_default();
+    for (case, shape, what) in [
+        (
+            "drain, 100 keys",
+            Shape {
+                keys: 100,
+                relays: 1,
+            },
+            "rows over 100 partition keys, one in flight per key (relay.max_rows_per_key = 1)",
+        ),
+        (
+            "drain, 2 relays",
+            Shape { keys: 0, relays: 2 },
+            "two relays (own pools and connections) sharing one backlog",
+        ),
+    ] {
+        let mut rates = Vec::new();
+        for rep in 0..options.repetitions {
+            let (rate, usage) = drain_once(env, settings, &queue_type, options, shape).await?;
+            progress(&format!(
+                "{case} {queue_type} #{}: {rate:.0} rows/s; {}",
+                rep + 1,
+                usage.describe()
+            ));
+            rates.push(rate);
+        }
+        let (med, min, max) = summarize(&mut rates);
+        report.cases.push(CaseResult {
+            case: case.into(),
+            queue_type: queue_type.clone(),
+            value: med,
+            min,
+            max,
+            unit: "rows/s".into(),
+            ratio_to_ceiling: (ceiling > 0.0).then(|| med / ceiling),
+            note: format!(
+                "{what}; {:.2} × the plain drain",
+                if plain > 0.0 { med / plain } else { 0.0 }
+            ),
         });
     }
-    let queue_type = options
-        .queue_types
-        .first()
-        .map(String::as_str)
-        .unwrap_or("classic");
+    let queue_type = queue_type.as_str();
     let mut latencies = idle_latency(env, settings, queue_type, options).await?;
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -88,6 +139,20 @@ pub(super) async fn run_all(
             ms(quantile(&latencies, 0.99))
         ),
     });
+    report
+        .cases
+        .push(super::live::idle_queries(env, settings, options, options.idle_seconds).await?);
+    report.cases.extend(
+        super::live::live_cases(
+            env,
+            settings,
+            queue_type,
+            options,
+            plain,
+            options.live_seconds,
+        )
+        .await?,
+    );
     if options.soak_seconds > 0 {
         report.cases.push(soak(env, settings, options).await?);
     }
@@ -217,7 +282,7 @@ async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-fn progress(line: &str) {
+pub(super) fn progress(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "bench: {line}");
 }
@@ -276,7 +341,7 @@ async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<(
     Ok(())
 }
 
-fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Settings {
+pub(super) fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Settings {
     let mut s = settings.clone();
     s.database_url = env.db_url.clone();
     s.relay.batch_size = options.batch_size;
@@ -284,25 +349,42 @@ fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Set
     s
 }
 
-async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
+pub(super) async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
     Ok(Relay::connect(settings).await?.spawn())
 }
 
-/// Rows committed first, then the relay started: rows/s from start to the last mark.
-async fn drain_once(
+/// What a drain's backlog and relays look like.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    /// Partition keys the rows are spread over (0: unkeyed).
+    pub keys: u32,
+    /// Relays draining side by side (each with its own pool and broker connection).
+    pub relays: usize,
+}
+
+impl Shape {
+    pub const PLAIN: Shape = Shape { keys: 0, relays: 1 };
+}
+
+/// Rows committed first, then the relay(s) started: rows/s from start to the last mark, and
+/// the resources used meanwhile.
+pub(super) async fn drain_once(
     env: &Env,
     settings: &Settings,
     queue_type: &str,
     options: &BenchOptions,
-) -> Result<f64> {
+    shape: Shape,
+) -> Result<(f64, Usage)> {
     let queue = env.queue(queue_type).await?;
     sqlx::query(
-        "insert into postbox.outbox (routing_key, payload)
-         select $1, repeat('x', $2) from generate_series(1, $3)",
+        "insert into postbox.outbox (routing_key, payload, partition_key)
+         select $1, repeat('x', $2), case when $4 > 0 then 'k' || (g % $4) end
+         from generate_series(1, $3) g",
     )
     .bind(&queue)
     .bind(options.payload_size as i32)
     .bind(options.messages as i32)
+    .bind(shape.keys as i32)
     .execute(&env.pool)
     .await
     .context("filling the backlog")?;
@@ -311,13 +393,22 @@ async fn drain_once(
         .await
         .context("vacuum before drain")?;
     let settings = relay_settings(settings, env, options);
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(resources::sample(stop_sampling.clone()));
     let start = Instant::now();
-    let relay = start_relay(&settings).await?;
+    let mut relays = Vec::with_capacity(shape.relays);
+    for _ in 0..shape.relays {
+        relays.push(start_relay(&settings).await?);
+    }
     let target = u64::from(options.messages);
     let deadline = start + Duration::from_secs(600);
-    while relay.stats().published() < target {
+    let published =
+        |relays: &[RelayHandle]| -> u64 { relays.iter().map(|r| r.stats().published()).sum() };
+    while published(&relays) < target {
         if Instant::now() > deadline {
-            let _ = relay.stop().await;
+            for relay in relays {
+                let _ = relay.stop().await;
+            }
             return Err(Error::Timeout {
                 what: "backlog drain",
                 after: Duration::from_secs(600),
@@ -326,9 +417,13 @@ async fn drain_once(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = target as f64 / start.elapsed().as_secs_f64();
-    let _ = relay.stop().await;
+    stop_sampling.cancel();
+    let usage = sampler.await.unwrap_or_default();
+    for relay in relays {
+        let _ = relay.stop().await;
+    }
     env.clear(&queue).await?;
-    Ok(rate)
+    Ok((rate, usage))
 }
 
 /// Single events into an idle relay: time from the insert to arrival at a consumer.

@@ -5,7 +5,9 @@
 //! the ceiling measured in the same run, because absolute numbers move from machine to machine.
 
 mod cases;
+mod live;
 mod report;
+mod resources;
 
 use std::time::Duration;
 
@@ -37,6 +39,10 @@ pub struct BenchOptions {
     pub repetitions: u32,
     /// Single events sent to an idle relay for the latency case.
     pub latency_samples: u32,
+    /// How long the idle relay's queries are counted.
+    pub idle_seconds: u64,
+    /// How long each live case commits at its fixed rate.
+    pub live_seconds: f64,
     /// Length of the retention soak (0: skipped).
     pub soak_seconds: u32,
     /// Rows per second committed during the soak.

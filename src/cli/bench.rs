@@ -36,7 +36,8 @@ pub struct BenchArgs {
     /// Rows per second committed during the soak.
     #[arg(long, default_value_t = 2_000)]
     pub soak_rate: u32,
-    /// A few seconds' smoke run: 2,000 messages, one repetition, classic queue only.
+    /// A smoke run of a few seconds: 2,000 messages, one repetition, classic queue only, short
+    /// idle and live windows.
     #[arg(long)]
     pub quick: bool,
     /// Also write the results as JSON to this file.
@@ -56,6 +57,8 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
         },
         repetitions: args.repetitions.max(1),
         latency_samples: 50,
+        idle_seconds: 10,
+        live_seconds: 5.0,
         soak_seconds: args.soak,
         soak_rate: args.soak_rate.max(1),
     };
@@ -64,6 +67,8 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
         options.repetitions = 1;
         options.queue_types = vec!["classic".into()];
         options.latency_samples = 5;
+        options.idle_seconds = 3;
+        options.live_seconds = 1.0;
     }
     let mut check = settings.clone();
     check.relay.batch_size = options.batch_size;

@@ -84,16 +84,30 @@ pub(crate) enum Claimed {
 
 impl Claimer {
     /// Claims until `stop` is cancelled, then returns; the publisher sees the channel close.
-    pub async fn run(self: Arc<Self>, out: mpsc::Sender<Batch>, stop: CancellationToken) {
+    /// When idle, a claimer that `polls` also wakes on the poll timer; the others wait for a
+    /// wake-up (a notification, a finished batch, or the poller finding more than one batch).
+    pub async fn run(
+        self: Arc<Self>,
+        out: mpsc::Sender<Batch>,
+        polls: bool,
+        stop: CancellationToken,
+    ) {
         let mut idle = false;
         let mut next_poll = Instant::now() + self.poll_interval;
         let mut errors = connection_backoff();
         loop {
             if idle {
+                let poll = async {
+                    if polls {
+                        tokio::time::sleep_until(next_poll.into()).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let woken_by_poll = tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = self.wake.notified() => false,
-                    _ = tokio::time::sleep_until(next_poll.into()) => true,
+                    _ = poll => true,
                 };
                 if woken_by_poll {
                     match outbox::next_due(&self.pool).await {
@@ -127,6 +141,10 @@ impl Claimer {
                 Ok(Claimed::Batch { batch, full }) => {
                     errors = connection_backoff();
                     idle = !full;
+                    if full {
+                        // more is waiting: an idle claimer may join in
+                        self.wake.notify_one();
+                    }
                     if out.send(batch).await.is_err() {
                         return;
                     }

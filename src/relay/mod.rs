@@ -234,8 +234,14 @@ impl Relay {
         // (SKIP LOCKED), and a key's rows never span two batches, so the order in which their
         // batches reach the publisher does not matter.
         let claimer = Arc::new(claimer);
+        // Only the first claimer polls when idle: an idle relay sends one probe per poll.
         let claimers: Vec<_> = (0..CLAIMERS)
-            .map(|_| tokio::spawn(claimer.clone().run(claimed_tx.clone(), shutdown.clone())))
+            .map(|n| {
+                let claimer = claimer
+                    .clone()
+                    .run(claimed_tx.clone(), n == 0, shutdown.clone());
+                tokio::spawn(claimer)
+            })
             .collect();
         drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));

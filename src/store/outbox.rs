@@ -292,7 +292,9 @@ pub async fn complete(tx: &mut PgConnection, outcomes: &[(i64, Completion)]) -> 
 }
 
 const NEXT_DUE: &str = r#"
-select greatest(0, extract(epoch from min(available_at) - clock_timestamp()))::float8
+-- null when nothing is pending (greatest() would turn that into 0, "due now"); the caller
+-- clamps rows already due to zero
+select extract(epoch from min(available_at) - clock_timestamp())::float8
 from postbox.outbox
 where published_at is null and dead_at is null
 "#;
