@@ -337,8 +337,10 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
     let mut inbox = rabbit.consume(&queue).await;
     let mut settings = db.settings();
     // Small batches of runs of a key's rows, so both relays take turns many times over the
-    // same keys. (With one row per key in flight, the relay that marks a key's row claims its
-    // next one at once, so a second relay mostly stands by: the fault suite covers that mode.)
+    // same keys; more keys than one relay can hold at once (12 open batches × 5 keys), so the
+    // second always finds work when a commit wakes it. (With one row per key in flight, the
+    // relay that marks a key's row claims its next one at once, so a second relay mostly
+    // stands by: the fault suite covers that mode.)
     settings.relay.batch_size = 25;
     settings.relay.max_rows_per_key = 5;
     let first = RunningRelay::start(settings.clone()).await;
@@ -352,7 +354,7 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
         .map(|i| {
             Message::json(queue.as_str(), &serde_json::json!({ "n": i }))
                 .expect("json")
-                .partition_key(format!("key-{}", i % 20))
+                .partition_key(format!("key-{}", i % 100))
         })
         .collect();
     for chunk in messages.chunks(100) {
