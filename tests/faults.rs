@@ -17,6 +17,31 @@ use postbox::Message;
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// A migrated database, a queue with a consumer, and `rows` events committed over `keys` keys.
+struct Scenario {
+    db: TestDb,
+    /// Owns the test's exclusive queue.
+    rabbit: Rabbit,
+    inbox: Inbox,
+    committed: Committed,
+}
+
+impl Scenario {
+    async fn start(rows: usize, keys: usize) -> Self {
+        let db = TestDb::migrated().await;
+        let rabbit = Rabbit::connect().await;
+        let queue = rabbit.queue().await;
+        let inbox = rabbit.consume(&queue).await;
+        let committed = backlog(&db, &queue, rows, keys).await;
+        Self {
+            db,
+            rabbit,
+            inbox,
+            committed,
+        }
+    }
+}
+
 /// Commits `rows` events to `queue` over `keys` partition keys, every tenth row unkeyed.
 async fn backlog(db: &TestDb, queue: &str, rows: usize, keys: usize) -> Committed {
     let messages: Vec<Message> = (0..rows)
@@ -78,11 +103,12 @@ fn small_batch_settings(db: &TestDb) -> postbox::config::RelaySettings {
 async fn broker_connection_cut_mid_batch_repeatedly() {
     const ROWS: usize = 6_000;
     const CUTS: usize = 5;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let committed = backlog(&db, &queue, ROWS, 50).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 50).await;
     let broker = Proxy::tcp(&host_port(&amqp_url())).await;
     let mut settings = db.settings();
     settings.amqp_url = broker.redirect(&amqp_url());
@@ -108,13 +134,14 @@ async fn broker_connection_cut_mid_batch_repeatedly() {
 async fn database_connection_cut_between_publish_and_mark() {
     const ROWS: usize = 4_000;
     const CUTS: usize = 3;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
     // Many keys, so claims run ahead of the publisher: batches claimed before the stall are
     // published during it, and their marks hang.
-    let committed = backlog(&db, &queue, ROWS, 1_000).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 1_000).await;
     let postgres = Proxy::start(host_port(&admin_database_url())).await;
     let mut settings = db.settings();
     settings.database_url = postgres.url_for(&db.url);
@@ -188,11 +215,12 @@ async fn delivered_but_unmarked(
 async fn relay_killed_mid_batch_twenty_times() {
     const ROWS: usize = 20_000;
     const KILLS: usize = 20;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let committed = backlog(&db, &queue, ROWS, 100).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 100).await;
 
     let mut before = 0;
     for _ in 0..KILLS {
@@ -219,11 +247,12 @@ async fn relay_killed_mid_batch_twenty_times() {
 /// `relays` relays share 10,000 events over 100 keys; one of them is killed mid-stream.
 async fn relays_race_and_one_is_killed(relays: usize) {
     const ROWS: usize = 10_000;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let committed = backlog(&db, &queue, ROWS, 100).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 100).await;
 
     let mut running: Vec<RelayProcess> = (0..relays)
         .map(|_| RelayProcess::spawn(&db.url, SMALL_BATCHES))
@@ -268,11 +297,12 @@ async fn locked_rows(db: &TestDb) -> i64 {
 #[tokio::test]
 async fn a_paused_relay_loses_its_rows_after_the_takeover_timeout_and_cannot_mark_them() {
     const ROWS: usize = 3_000;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let committed = backlog(&db, &queue, ROWS, 30).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 30).await;
     let env = [
         ("POSTBOX_RELAY__BATCH_SIZE", "50"),
         ("POSTBOX_RELAY__CONFIRM_TIMEOUT", "1s"),
@@ -463,11 +493,12 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
 #[tokio::test]
 async fn the_relay_fails_over_to_the_next_broker_node() {
     const ROWS: usize = 3_000;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
-    let committed = backlog(&db, &queue, ROWS, 30).await;
+    let Scenario {
+        db,
+        rabbit: _rabbit,
+        mut inbox,
+        committed,
+    } = Scenario::start(ROWS, 30).await;
     // Two "nodes": proxies in front of the one broker.
     let first = Proxy::tcp(&host_port(&amqp_url())).await;
     let second = Proxy::tcp(&host_port(&amqp_url())).await;

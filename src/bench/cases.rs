@@ -4,8 +4,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 
 use tokio_util::sync::CancellationToken;
@@ -434,23 +433,7 @@ async fn idle_latency(
     options: &BenchOptions,
 ) -> Result<Vec<Duration>> {
     let queue = env.queue(queue_type).await?;
-    let channel = env
-        .connection
-        .create_channel()
-        .await
-        .context("opening a consumer channel")?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "postbox-bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("consuming the latency queue")?;
+    let mut consumer = env.consume(&queue).await?;
     let relay = start_relay(&relay_settings(settings, env, options)).await?;
     let mut samples = Vec::new();
     for _ in 0..options.latency_samples {

@@ -4,8 +4,6 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 
 use super::cases::{progress, relay_settings, start_relay};
 use super::{quantile, BenchOptions, CaseResult, Env};
@@ -27,23 +25,7 @@ pub(super) async fn latency_at_rate(
     seconds: f64,
 ) -> Result<Vec<Duration>> {
     let queue = env.queue(queue_type).await?;
-    let channel = env
-        .connection
-        .create_channel()
-        .await
-        .context("opening a consumer channel")?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "postbox-bench-live".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("consuming the live queue")?;
+    let mut consumer = env.consume(&queue).await?;
     let relay = start_relay(&relay_settings(settings, env, options)).await?;
     let base = Instant::now();
     let ticks = (seconds / TICK.as_secs_f64()).ceil() as u64;

@@ -135,6 +135,29 @@ impl Env {
         Ok(name)
     }
 
+    /// Consumes `queue` (auto-ack) on a channel of its own.
+    pub async fn consume(&self, queue: &str) -> Result<lapin::Consumer> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .context("opening a consumer channel")?;
+        channel
+            .basic_consume(
+                queue.into(),
+                format!("postbox-bench-{}", Uuid::new_v4().simple())
+                    .as_str()
+                    .into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..lapin::options::BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context(format!("consuming {queue}"))
+    }
+
     /// Empties the outbox and deletes `queue`, ready for the next case.
     pub async fn clear(&self, queue: &str) -> Result<()> {
         sqlx::query("delete from postbox.outbox")
