@@ -525,3 +525,41 @@ async fn the_relay_fails_over_to_the_next_broker_node() {
         in_flight_rows(&settings.relay),
     );
 }
+
+/// The broker answers a publish to a missing exchange by closing the channel, which would fail
+/// every confirm in flight, batch after batch: the relay probes exchanges first instead.
+#[tokio::test]
+async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let missing = format!("postbox-test-missing-{}", uuid::Uuid::new_v4().simple());
+    let ids = commit(
+        &db,
+        &[
+            Message::text(&queue, "later").exchange(&missing),
+            Message::text(&queue, "fine"),
+        ],
+    )
+    .await;
+    let relay = RunningRelay::start(db.settings()).await;
+    assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), ids[1]);
+    let error = wait_until("the failure recorded", LONG, || async {
+        let error: Option<String> = sqlx::query_scalar(
+            "select last_error from postbox.outbox where id = $1 and attempts >= 1",
+        )
+        .bind(ids[0])
+        .fetch_optional(&db.pool)
+        .await
+        .expect("row")
+        .flatten();
+        error
+    })
+    .await;
+    assert!(error.contains(&missing), "{error}");
+    // Once the exchange exists, the retry goes out.
+    rabbit.exchange_to(&missing, &queue).await;
+    assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), ids[0]);
+    relay.stop().await;
+}

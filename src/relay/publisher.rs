@@ -1,6 +1,9 @@
 //! Stage 2: publish every row of a batch, without waiting for confirms in between.
 
-use lapin::options::BasicPublishOptions;
+use std::collections::{HashMap, HashSet};
+
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
 use std::sync::Arc;
 
@@ -24,6 +27,10 @@ pub(crate) struct Publisher {
     /// Payloads above this are refused without trying (`relay.max_message_bytes`).
     max_message_bytes: usize,
     connection: Option<(Connection, Channel)>,
+    /// A channel of its own for passive exchange declares (a failed one closes its channel).
+    probe: Option<Channel>,
+    /// Exchanges seen to exist on the current connection.
+    known_exchanges: HashSet<String>,
 }
 
 impl Publisher {
@@ -39,6 +46,8 @@ impl Publisher {
             stats,
             max_message_bytes,
             connection: None,
+            probe: None,
+            known_exchanges: HashSet::new(),
         }
     }
 
@@ -83,11 +92,13 @@ impl Publisher {
             let Some((channel, frame_max)) = self.channel(&shutdown).await else {
                 break;
             };
+            let missing_exchanges = self.missing_exchanges(&batch).await;
             let got_window = std::time::Instant::now();
             let rows = batch.rows.len();
             let limits = Limits {
                 max_message_bytes: self.max_message_bytes,
                 frame_max,
+                missing_exchanges: &missing_exchanges,
             };
             let published = publish_batch(&channel, batch, window, limits)
                 .instrument(tracing::debug_span!("postbox.publish", rows))
@@ -129,8 +140,24 @@ impl Publisher {
             if connection.status().connected() && channel.status().connected() {
                 return Some((channel.clone(), frame_max(connection)));
             }
+            // Whatever closed the channel (a broker-side channel error, or the connection),
+            // exchanges may have changed meanwhile: probe them again.
+            self.known_exchanges.clear();
+            self.probe = None;
+            if connection.status().connected() {
+                tracing::warn!("rabbitmq: channel closed by the broker; opening a new one");
+                if let Ok(channel) = amqp::confirm_channel(connection).await {
+                    let frame_max = frame_max(connection);
+                    self.connection = self.connection.take().map(|(c, _)| (c, channel.clone()));
+                    return Some((channel, frame_max));
+                }
+            }
             tracing::warn!("rabbitmq: connection lost; reconnecting");
-            self.connection = None;
+            if let Some((connection, _)) = self.connection.take() {
+                let _ = connection
+                    .close(200, "postbox relay reconnecting".into())
+                    .await;
+            }
             self.stats.set_broker_up(false);
         }
         let broker = &self.broker;
@@ -147,6 +174,62 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// The exchanges `batch` names that the broker says do not exist, with its reason. A
+    /// publish to a missing exchange makes the broker close the channel, failing every confirm
+    /// in flight on it, batch after batch; probed first (a passive declare on a channel of its
+    /// own, once per exchange and connection), it fails only the rows that name it, as a
+    /// counted attempt. If the probe cannot run (the connection is gone), nothing is reported
+    /// and the publish itself meets the outage.
+    async fn missing_exchanges(&mut self, batch: &Batch) -> HashMap<String, String> {
+        let mut missing = HashMap::new();
+        let Some((connection, _)) = &self.connection else {
+            return missing;
+        };
+        for row in &batch.rows {
+            let name = row.exchange.as_str();
+            if name.is_empty() || self.known_exchanges.contains(name) || missing.contains_key(name)
+            {
+                continue;
+            }
+            let probe = match &self.probe {
+                Some(probe) if probe.status().connected() => probe.clone(),
+                _ => match connection.create_channel().await {
+                    Ok(probe) => {
+                        self.probe = Some(probe.clone());
+                        probe
+                    }
+                    Err(_) => return missing,
+                },
+            };
+            let Ok(exchange) = ShortString::try_new(name) else {
+                continue; // refused later as not valid AMQP
+            };
+            let declared = probe
+                .exchange_declare(
+                    exchange,
+                    lapin::ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(()) => {
+                    self.known_exchanges.insert(name.to_string());
+                }
+                Err(error) if matches!(error.kind(), ErrorKind::ProtocolError(..)) => {
+                    missing.insert(name.to_string(), error.to_string());
+                }
+                Err(_) => return missing,
+            }
+        }
+        missing
+    }
+}
+
 fn frame_max(connection: &Connection) -> usize {
     usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX)
 }
@@ -155,13 +238,16 @@ fn frame_max(connection: &Connection) -> usize {
 /// or the connection, which would fail the whole batch again and again: such a row is refused
 /// up front instead, and it alone is marked dead.
 #[derive(Clone, Copy)]
-struct Limits {
+struct Limits<'a> {
     max_message_bytes: usize,
     /// The properties (headers included) travel in one frame of at most this many bytes.
     frame_max: usize,
+    /// Exchanges the broker said do not exist (a failed attempt, not a refusal: the exchange
+    /// may be created later).
+    missing_exchanges: &'a HashMap<String, String>,
 }
 
-impl Limits {
+impl Limits<'_> {
     fn check(&self, row: &ClaimedRow, message: &Outgoing) -> Result<(), String> {
         if row.payload.len() > self.max_message_bytes {
             return Err(format!(
@@ -187,13 +273,20 @@ async fn publish_batch(
     channel: &Channel,
     batch: Batch,
     window: OwnedSemaphorePermit,
-    limits: Limits,
+    limits: Limits<'_>,
 ) -> Published {
     let mut sent = Vec::with_capacity(batch.rows.len());
     let mut broken = false;
     for row in &batch.rows {
         if broken {
             sent.push(Sent::Released);
+            continue;
+        }
+        if let Some(reason) = limits.missing_exchanges.get(&row.exchange) {
+            sent.push(Sent::Failed(format!(
+                "exchange {:?} does not exist ({reason}); declare it, or fix the row's exchange",
+                row.exchange
+            )));
             continue;
         }
         let message = match outgoing(row).and_then(|message| {
