@@ -388,3 +388,65 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
         );
     }
 }
+
+fn messages(
+    rows: &[postbox::store::outbox::ClaimedRow],
+) -> Vec<(postbox::amqp::message::Outgoing, &[u8])> {
+    rows.iter()
+        .map(|row| {
+            (
+                postbox::amqp::message::outgoing(row).unwrap(),
+                row.payload.as_slice(),
+            )
+        })
+        .collect()
+}
+
+/// A batch queued with `publish_in_order` reaches the queue in the order given, each publish
+/// confirmed on its own; on a closed channel the first publish fails at once and nothing after
+/// it is queued.
+#[tokio::test]
+async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() {
+    use postbox::amqp::{confirm_channel, publish_in_order};
+    use postbox::store::outbox::ClaimedRow;
+
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let channel = confirm_channel(rabbit.connection()).await.unwrap();
+    let rows: Vec<ClaimedRow> = (1..=2_000)
+        .map(|id| ClaimedRow {
+            id,
+            message_id: uuid::Uuid::new_v4(),
+            exchange: String::new(),
+            routing_key: queue.clone(),
+            partition_key: Some("one-key".into()),
+            payload: format!("{{\"n\":{id}}}").into_bytes(),
+            content_type: "application/json".into(),
+            headers: serde_json::json!({}),
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+        })
+        .collect();
+    let confirms = publish_in_order(&channel, messages(&rows)).await;
+    assert_eq!(confirms.len(), rows.len());
+    for confirm in confirms {
+        let confirmation = confirm.unwrap().await.unwrap();
+        assert!(
+            matches!(confirmation, lapin::Confirmation::Ack(None)),
+            "{confirmation:?}"
+        );
+    }
+    let arrived: Vec<i64> = inbox
+        .take(rows.len(), Duration::from_secs(30))
+        .await
+        .iter()
+        .map(|received| received.outbox_id())
+        .collect();
+    assert_eq!(arrived, (1..=2_000).collect::<Vec<i64>>());
+
+    channel.close(200, "test closes it".into()).await.unwrap();
+    let results = publish_in_order(&channel, messages(&rows[..3])).await;
+    assert_eq!(results.len(), 1, "nothing is queued after a failed publish");
+    assert!(results[0].is_err());
+}

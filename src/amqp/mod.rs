@@ -79,3 +79,58 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
         .context("enabling publisher confirms")?;
     Ok(channel)
 }
+
+/// Publishes `messages` (mandatory) in the given order without waiting for each one to reach
+/// the socket before queueing the next, and returns their pending confirms in the same order.
+///
+/// lapin's `basic_publish` assigns the delivery tag and queues the frames on its first poll,
+/// then waits until its I/O thread has written them. Awaiting each publish in turn costs a
+/// hand-off between the two threads per message; polling each one once here, message by
+/// message, queues the whole batch in order (the broker sees it in that order), and the writes
+/// are then awaited together. After a publish fails at once (the channel is gone) nothing more
+/// is queued: the result is shorter than the input, and the caller treats the rest as unsent.
+pub async fn publish_in_order<'a>(
+    channel: &Channel,
+    messages: impl IntoIterator<Item = (message::Outgoing, &'a [u8])>,
+) -> Vec<lapin::Result<lapin::PublisherConfirm>> {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+
+    type Confirm = lapin::Result<lapin::PublisherConfirm>;
+    enum Queued<'p> {
+        Done(Confirm),
+        Writing(Pin<Box<dyn Future<Output = Confirm> + Send + 'p>>),
+    }
+    let mut queued = Vec::new();
+    for (message, payload) in messages {
+        let mut publish = Box::pin(channel.basic_publish(
+            message.exchange,
+            message.routing_key,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            payload,
+            message.properties,
+        ));
+        match std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await {
+            Poll::Ready(result) => {
+                let failed = result.is_err();
+                queued.push(Queued::Done(result));
+                if failed {
+                    break;
+                }
+            }
+            Poll::Pending => queued.push(Queued::Writing(publish)),
+        }
+    }
+    let mut results = Vec::with_capacity(queued.len());
+    for entry in queued {
+        results.push(match entry {
+            Queued::Done(result) => result,
+            Queued::Writing(publish) => publish.await,
+        });
+    }
+    results
+}

@@ -4,13 +4,12 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
 
 use tokio_util::sync::CancellationToken;
 
 use super::resources::{self, Usage};
 use super::{quantile, summarize, BenchOptions, CaseResult, Env, Report};
+use crate::amqp::message::outgoing;
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
 use crate::relay::{Relay, RelayHandle};
@@ -38,8 +37,12 @@ pub(super) async fn run_all(
         let mut drain_usage = Usage::default();
         for rep in 0..options.repetitions {
             // Interleaved, so that a noisy moment hurts both sides alike.
-            let c = ceiling_once(env, queue_type, options).await?;
-            progress(&format!("ceiling {queue_type} #{}: {c:.0} msgs/s", rep + 1));
+            let (c, usage) = ceiling_once(env, queue_type, options).await?;
+            progress(&format!(
+                "ceiling {queue_type} #{}: {c:.0} msgs/s; {}",
+                rep + 1,
+                usage.describe()
+            ));
             ceiling.push(c);
             let (d, usage) = drain_once(env, settings, queue_type, options, Shape::PLAIN).await?;
             progress(&format!(
@@ -78,8 +81,9 @@ pub(super) async fn run_all(
         ceilings.push((queue_type.clone(), c_med, d_med));
     }
     let (queue_type, ceiling, plain) = ceilings.first().cloned().unwrap_or_default();
-    for (case, shape, what) in [
+    for (name, case, shape, what) in [
         (
+            "keys",
             "drain, 100 keys",
             Shape {
                 keys: 100,
@@ -88,11 +92,15 @@ pub(super) async fn run_all(
             "rows over 100 partition keys, one in flight per key (relay.max_rows_per_key = 1)",
         ),
         (
+            "relays",
             "drain, 2 relays",
             Shape { keys: 0, relays: 2 },
             "two relays (own pools and connections) sharing one backlog",
         ),
     ] {
+        if !options.runs(name) {
+            continue;
+        }
         let mut rates = Vec::new();
         for rep in 0..options.repetitions {
             let (rate, usage) = drain_once(env, settings, &queue_type, options, shape).await?;
@@ -119,12 +127,121 @@ pub(super) async fn run_all(
         });
     }
     let queue_type = queue_type.as_str();
+    if options.runs("latency") {
+        report
+            .cases
+            .push(latency_case(env, settings, queue_type, options).await?);
+    }
+    if options.runs("idle") {
+        report
+            .cases
+            .push(super::live::idle_queries(env, settings, options, options.idle_seconds).await?);
+    }
+    if options.runs("live") {
+        report.cases.extend(
+            super::live::live_cases(
+                env,
+                settings,
+                queue_type,
+                options,
+                plain,
+                options.live_seconds,
+            )
+            .await?,
+        );
+    }
+    if options.soak_seconds > 0 {
+        report.cases.push(soak(env, settings, options).await?);
+    }
+    if options.runs("dedup") {
+        report
+            .cases
+            .push(super::inbox::dedup_case(env, options).await?);
+    }
+    if options.runs("consumer") {
+        report
+            .cases
+            .extend(super::inbox::consumer_cases(env, queue_type, options).await?);
+    }
+    // Last: the retained rows stay in the table until the bench database is dropped.
+    if options.history > 0 {
+        report
+            .cases
+            .push(history_case(env, settings, queue_type, options, ceiling, plain).await?);
+    }
+    Ok(report)
+}
+
+/// Retained rows are inserted this many per statement, with a progress line after each.
+const HISTORY_CHUNK: u64 = 1_000_000;
+
+/// The plain drain again, with `options.history` published rows retained in the table: the
+/// partial index on pending rows should keep claims from ever seeing them.
+async fn history_case(
+    env: &Env,
+    settings: &Settings,
+    queue_type: &str,
+    options: &BenchOptions,
+    ceiling: f64,
+    plain: f64,
+) -> Result<CaseResult> {
+    let mut filled = 0;
+    while filled < options.history {
+        let n = HISTORY_CHUNK.min(options.history - filled);
+        sqlx::query(
+            "insert into postbox.outbox
+                 (routing_key, payload, created_at, available_at, published_at)
+             select 'postbox-bench-history', repeat('x', $1), now() - interval '1 hour',
+                    now() - interval '1 hour', now() - interval '1 hour'
+             from generate_series(1, $2)",
+        )
+        .bind(options.payload_size as i32)
+        .bind(n as i64)
+        .execute(&env.pool)
+        .await
+        .context("filling the outbox with published history")?;
+        filled += n;
+        progress(&format!("history: {filled} published rows retained"));
+    }
+    let mut rates = Vec::new();
+    for rep in 0..options.repetitions {
+        let (rate, usage) = drain_once(env, settings, queue_type, options, Shape::PLAIN).await?;
+        progress(&format!(
+            "drain with history {queue_type} #{}: {rate:.0} rows/s; {}",
+            rep + 1,
+            usage.describe()
+        ));
+        rates.push(rate);
+    }
+    let (med, min, max) = summarize(&mut rates);
+    Ok(CaseResult {
+        case: format!("drain, {} history", options.history),
+        queue_type: queue_type.into(),
+        value: med,
+        min,
+        max,
+        unit: "rows/s".into(),
+        ratio_to_ceiling: (ceiling > 0.0).then(|| med / ceiling),
+        note: format!(
+            "the plain drain with {} published rows retained in the outbox; {:.2} × the plain drain",
+            options.history,
+            if plain > 0.0 { med / plain } else { 0.0 }
+        ),
+    })
+}
+
+async fn latency_case(
+    env: &Env,
+    settings: &Settings,
+    queue_type: &str,
+    options: &BenchOptions,
+) -> Result<CaseResult> {
     let mut latencies = idle_latency(env, settings, queue_type, options).await?;
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p50 = ms(quantile(&latencies, 0.5));
     progress(&format!("idle latency {queue_type}: p50 {p50:.2} ms"));
-    report.cases.push(CaseResult {
+    Ok(CaseResult {
         case: "idle latency".into(),
         queue_type: queue_type.into(),
         value: p50,
@@ -137,44 +254,7 @@ pub(super) async fn run_all(
             latencies.len(),
             ms(quantile(&latencies, 0.99))
         ),
-    });
-    report
-        .cases
-        .push(super::live::idle_queries(env, settings, options, options.idle_seconds).await?);
-    report.cases.extend(
-        super::live::live_cases(
-            env,
-            settings,
-            queue_type,
-            options,
-            plain,
-            options.live_seconds,
-        )
-        .await?,
-    );
-    if options.soak_seconds > 0 {
-        report.cases.push(soak(env, settings, options).await?);
-    }
-    let mut dedup = Vec::new();
-    for rep in 0..options.repetitions {
-        let rate = inbox_dedup_once(env, options, rep).await?;
-        progress(&format!("inbox dedup #{}: {rate:.0} msgs/s", rep + 1));
-        dedup.push(rate);
-    }
-    let (med, min, max) = summarize(&mut dedup);
-    report.cases.push(CaseResult {
-        case: "inbox dedup".into(),
-        queue_type: "-".into(),
-        value: med,
-        min,
-        max,
-        unit: "msgs/s".into(),
-        ratio_to_ceiling: None,
-        note: format!(
-            "inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates"
-        ),
-    });
-    Ok(report)
+    })
 }
 
 /// Published rows are deleted this long after publishing during the soak.
@@ -253,32 +333,21 @@ async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<
     })
 }
 
-/// Message ids per inbox transaction in the dedup case.
-const INBOX_BATCH: usize = 1_000;
-
-/// The consumer's batch claim alone: ids claimed `INBOX_BATCH` per transaction, every tenth
-/// one a duplicate of an id from the previous batch.
-async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result<f64> {
-    let consumer = format!("bench-{rep}");
-    let total = options.messages as usize;
-    let mut previous: Vec<uuid::Uuid> = Vec::new();
-    let start = Instant::now();
-    let mut done = 0;
-    while done < total {
-        let n = INBOX_BATCH.min(total - done);
-        let ids: Vec<uuid::Uuid> = (0..n)
-            .map(|i| match previous.get(i) {
-                Some(id) if i % 10 == 9 => *id,
-                _ => uuid::Uuid::now_v7(),
-            })
-            .collect();
-        let mut tx = env.pool.begin().await.context("bench: begin")?;
-        crate::inbox::receive_many(&mut tx, &consumer, "bench", &ids).await?;
-        tx.commit().await.context("bench: commit")?;
-        previous = ids;
-        done += n;
+/// A row as the relay would claim it, published to `queue` through the default exchange: the
+/// bench's own publishes carry exactly the properties and headers the relay sends.
+pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
+    crate::store::outbox::ClaimedRow {
+        id: 0,
+        message_id: uuid::Uuid::nil(),
+        exchange: String::new(),
+        routing_key: queue.into(),
+        partition_key: None,
+        payload: Vec::new(),
+        content_type: "application/json".into(),
+        headers: serde_json::json!({}),
+        created_at: chrono::Utc::now(),
+        attempts: 0,
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
 pub(super) fn progress(line: &str) {
@@ -288,34 +357,31 @@ pub(super) fn progress(line: &str) {
 
 /// Raw publishing: the same client library, persistent messages, a window of
 /// `batch_size × in_flight` unconfirmed messages.
-async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Result<f64> {
+async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Result<(f64, Usage)> {
     let queue = env.queue(queue_type).await?;
     let payload = vec![b'x'; options.payload_size];
+    let mut row = bench_row(&queue);
     let mut window: VecDeque<Vec<lapin::PublisherConfirm>> = VecDeque::new();
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(resources::sample(stop_sampling.clone()));
     let start = Instant::now();
     let mut sent = 0u32;
     while sent < options.messages {
         let n = options.batch_size.min(options.messages - sent);
-        let mut batch = Vec::with_capacity(n as usize);
+        // Published the way the relay publishes a batch: queued in order, writes awaited
+        // together.
+        let mut messages = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let confirm = env
-                .channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &payload,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_message_id(uuid::Uuid::now_v7().to_string().into()),
-                )
-                .await
-                .context("bench publish")?;
-            batch.push(confirm);
+            row.id += 1;
+            row.message_id = uuid::Uuid::now_v7();
+            let message = outgoing(&row).map_err(Error::Unconfirmed)?;
+            messages.push((message, payload.as_slice()));
         }
+        let batch = crate::amqp::publish_in_order(&env.channel, messages)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("bench publish")?;
         sent += n;
         window.push_back(batch);
         if window.len() >= options.in_flight as usize {
@@ -326,8 +392,10 @@ async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Re
         await_confirms(Some(batch)).await?;
     }
     let rate = f64::from(options.messages) / start.elapsed().as_secs_f64();
+    stop_sampling.cancel();
+    let usage = sampler.await.unwrap_or_default();
     env.delete_queue(&queue).await;
-    Ok(rate)
+    Ok((rate, usage))
 }
 
 async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<()> {

@@ -5,6 +5,7 @@
 //! the ceiling measured in the same run, because absolute numbers move from machine to machine.
 
 mod cases;
+mod inbox;
 mod live;
 mod report;
 mod resources;
@@ -47,7 +48,23 @@ pub struct BenchOptions {
     pub soak_seconds: u32,
     /// Rows per second committed during the soak.
     pub soak_rate: u32,
+    /// Published rows retained for the history case (0: skipped).
+    pub history: u64,
+    /// The optional cases to run (from [`CASES`]); ceiling and drain always run.
+    pub cases: Vec<String>,
 }
+
+impl BenchOptions {
+    fn runs(&self, case: &str) -> bool {
+        self.cases.iter().any(|c| c == case)
+    }
+}
+
+/// The cases, as `postbox bench --cases` names them. "drain" (the broker ceiling and the plain
+/// drain) always runs: the others are measured against it.
+pub const CASES: [&str; 8] = [
+    "drain", "keys", "relays", "latency", "idle", "live", "dedup", "consumer",
+];
 
 /// Runs every case and returns the report.
 pub async fn run(settings: &Settings, options: &BenchOptions) -> Result<Report> {
@@ -61,6 +78,8 @@ pub async fn run(settings: &Settings, options: &BenchOptions) -> Result<Report> 
 pub(crate) struct Env {
     pub db_name: String,
     pub db_url: String,
+    /// The broker's nodes, for clients the bench starts (consumers).
+    pub amqp_urls: Vec<String>,
     admin_url: String,
     pub pool: PgPool,
     pub connection: Connection,
@@ -102,6 +121,7 @@ impl Env {
         Ok(Self {
             db_name,
             db_url,
+            amqp_urls: settings.amqp_urls().map(String::from).collect(),
             admin_url,
             pool,
             connection,
@@ -158,9 +178,11 @@ impl Env {
             .context(format!("consuming {queue}"))
     }
 
-    /// Empties the outbox and deletes `queue`, ready for the next case.
+    /// Deletes the rows published to `queue` (the history case's retained rows stay) and the
+    /// queue, ready for the next case.
     pub async fn clear(&self, queue: &str) -> Result<()> {
-        sqlx::query("delete from postbox.outbox")
+        sqlx::query("delete from postbox.outbox where routing_key = $1")
+            .bind(queue)
             .execute(&self.pool)
             .await
             .context("clearing the outbox")?;

@@ -36,6 +36,16 @@ pub struct BenchArgs {
     /// Rows per second committed during the soak.
     #[arg(long, default_value_t = 2_000)]
     pub soak_rate: u32,
+    /// Also drain with this many published rows retained in the outbox (e.g. 10000000), against
+    /// the plain drain: claiming must not slow down as history grows. The fill takes a while
+    /// (generate_series, about a minute per few million rows here).
+    #[arg(long, default_value_t = 0, value_name = "ROWS")]
+    pub history: u64,
+    /// Which cases to run, comma-separated: drain, keys, relays, latency, idle, live, dedup,
+    /// consumer (default: all). drain (the broker ceiling and the plain drain) always runs: the others
+    /// are measured against it.
+    #[arg(long, value_delimiter = ',', value_parser = bench::CASES)]
+    pub cases: Vec<String>,
     /// A smoke run of a few seconds: 2,000 messages, one repetition, classic queue only, short
     /// idle and live windows.
     #[arg(long)]
@@ -61,6 +71,12 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
         live_seconds: 5.0,
         soak_seconds: args.soak,
         soak_rate: args.soak_rate.max(1),
+        history: args.history,
+        cases: if args.cases.is_empty() {
+            bench::CASES.iter().map(|c| c.to_string()).collect()
+        } else {
+            args.cases
+        },
     };
     if args.quick {
         options.messages = 2_000;

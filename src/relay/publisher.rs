@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
 use std::sync::Arc;
@@ -275,56 +275,56 @@ async fn publish_batch(
     window: OwnedSemaphorePermit,
     limits: Limits<'_>,
 ) -> Published {
-    let mut sent = Vec::with_capacity(batch.rows.len());
-    let mut broken = false;
+    // Rows that cannot go out are decided here; the others are published in row order.
+    let mut decided: Vec<Option<Sent>> = Vec::with_capacity(batch.rows.len());
+    let mut messages = Vec::with_capacity(batch.rows.len());
     for row in &batch.rows {
-        if broken {
-            sent.push(Sent::Released);
-            continue;
-        }
         if let Some(reason) = limits.missing_exchanges.get(&row.exchange) {
-            sent.push(Sent::Failed(format!(
+            decided.push(Some(Sent::Failed(format!(
                 "exchange {:?} does not exist ({reason}); declare it, or fix the row's exchange",
                 row.exchange
-            )));
+            ))));
             continue;
         }
-        let message = match outgoing(row).and_then(|message| {
+        match outgoing(row).and_then(|message| {
             limits.check(row, &message)?;
             Ok(message)
         }) {
-            Ok(message) => message,
-            Err(reason) => {
-                sent.push(Sent::Refused(format!("cannot be sent as AMQP: {reason}")));
-                continue;
+            Ok(message) => {
+                decided.push(None);
+                messages.push((message, row.payload.as_slice()));
             }
-        };
-        let result = channel
-            .basic_publish(
-                message.exchange,
-                message.routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &row.payload,
-                message.properties,
-            )
-            .await;
-        match result {
-            Ok(confirm) => sent.push(Sent::Confirm(confirm)),
-            Err(error) => {
-                broken = true;
-                tracing::warn!(id = row.id, %error, "relay: publish failed; the rest of the batch goes back to pending");
-                // A channel that was already down is the connection's fault, not the row's.
-                sent.push(match error.kind() {
-                    ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidConnectionState(..) => {
-                        Sent::Released
-                    }
-                    _ => Sent::Failed(format!("publish failed: {error}")),
-                });
-            }
+            Err(reason) => decided.push(Some(Sent::Refused(format!(
+                "cannot be sent as AMQP: {reason}"
+            )))),
         }
+    }
+    let mut results = amqp::publish_in_order(channel, messages).await.into_iter();
+    let mut logged = false;
+    let mut sent = Vec::with_capacity(batch.rows.len());
+    for (row, decided) in batch.rows.iter().zip(decided) {
+        if let Some(decided) = decided {
+            sent.push(decided);
+            continue;
+        }
+        sent.push(match results.next() {
+            Some(Ok(confirm)) => Sent::Confirm(confirm),
+            Some(Err(error)) => {
+                if !logged {
+                    logged = true;
+                    tracing::warn!(id = row.id, %error, "relay: publish failed; the batch's unsent rows go back to pending");
+                }
+                // A channel or connection that failed is the connection's fault, not the row's.
+                match error.kind() {
+                    ErrorKind::InvalidChannelState(..)
+                    | ErrorKind::InvalidConnectionState(..)
+                    | ErrorKind::IOError(..) => Sent::Released,
+                    _ => Sent::Failed(format!("publish failed: {error}")),
+                }
+            }
+            // not queued: an earlier publish failed at once
+            None => Sent::Released,
+        });
     }
     Published {
         batch,

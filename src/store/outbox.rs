@@ -116,9 +116,11 @@ pub struct ClaimedRow {
 // in two batches, and a failing row holds back only its own key. With $4 = 1 a key has one
 // message in flight at a time, so a row that fails can never be overtaken by its key's next row
 // (confirmed in the same batch before the failed one is retried). Candidates dropped here stay
-// locked until this transaction ends, which is harmless: their key is blocked anyway.
+// locked until this transaction ends, which is harmless: their key is blocked anyway. Only ids
+// and keys go through the sifting (unkeyed rows skip it), so payloads are sorted once, not
+// carried through joins; the rows returned are the versions the locks were taken on.
 const CLAIM: &str = r#"
-with candidates as (
+with candidates as materialized (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
            content_type, headers, created_at, attempts
     from postbox.outbox
@@ -131,7 +133,7 @@ with candidates as (
 keys as (
     select distinct partition_key from candidates where partition_key is not null
 ),
-limits as (
+limits as materialized (
     -- least() skips nulls: the first pending row held elsewhere, or the first dead row that
     -- parks the key ($3), whichever comes first
     select k.partition_key,
@@ -150,16 +152,20 @@ limits as (
                 order by d.id
                 limit 1)) as first_outside
     from keys k
+),
+keyed as (
+    select id from (
+        select c.id, row_number() over (partition by c.partition_key order by c.id) as key_rank
+        from candidates c
+        join limits l on l.partition_key = c.partition_key
+        where l.first_outside is null or c.id < l.first_outside
+    ) ranked
+    where key_rank <= $4
 )
 select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
        content_type, headers, created_at, attempts
-from (
-    select c.*, row_number() over (partition by c.partition_key order by c.id) as key_rank
-    from candidates c
-    left join limits l on l.partition_key = c.partition_key
-    where c.partition_key is null or l.first_outside is null or c.id < l.first_outside
-) kept
-where partition_key is null or key_rank <= $4
+from candidates
+where partition_key is null or id in (select id from keyed)
 order by id
 "#;
 

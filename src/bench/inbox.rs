@@ -1,0 +1,196 @@
+//! The consumer side: the inbox's batch claim alone, and a consumer end to end.
+
+use std::time::{Duration, Instant};
+
+use super::cases::progress;
+use super::{summarize, BenchOptions, CaseResult, Env};
+use crate::amqp::message::outgoing;
+use crate::error::{Context, Error, Result};
+use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming};
+
+pub(super) async fn dedup_case(env: &Env, options: &BenchOptions) -> Result<CaseResult> {
+    let mut dedup = Vec::new();
+    for rep in 0..options.repetitions {
+        let rate = inbox_dedup_once(env, options, rep).await?;
+        progress(&format!("inbox dedup #{}: {rate:.0} msgs/s", rep + 1));
+        dedup.push(rate);
+    }
+    let (med, min, max) = summarize(&mut dedup);
+    Ok(CaseResult {
+        case: "inbox dedup".into(),
+        queue_type: "-".into(),
+        value: med,
+        min,
+        max,
+        unit: "msgs/s".into(),
+        ratio_to_ceiling: None,
+        note: format!(
+            "inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates"
+        ),
+    })
+}
+
+/// Message ids per inbox transaction in the dedup case.
+const INBOX_BATCH: usize = 1_000;
+
+/// The consumer's batch claim alone: ids claimed `INBOX_BATCH` per transaction, every tenth
+/// one a duplicate of an id from the previous batch.
+async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result<f64> {
+    let consumer = format!("bench-{rep}");
+    let total = options.messages as usize;
+    let mut previous: Vec<uuid::Uuid> = Vec::new();
+    let start = Instant::now();
+    let mut done = 0;
+    while done < total {
+        let n = INBOX_BATCH.min(total - done);
+        let ids: Vec<uuid::Uuid> = (0..n)
+            .map(|i| match previous.get(i) {
+                Some(id) if i % 10 == 9 => *id,
+                _ => uuid::Uuid::now_v7(),
+            })
+            .collect();
+        let mut tx = env.pool.begin().await.context("bench: begin")?;
+        crate::inbox::receive_many(&mut tx, &consumer, "bench", &ids).await?;
+        tx.commit().await.context("bench: commit")?;
+        previous = ids;
+        done += n;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A handler that writes nothing: what is measured is the consumer's own work per message
+/// (delivery, inbox insert, commit, ack).
+struct Noop;
+
+impl Handler for Noop {
+    async fn handle(
+        &self,
+        _: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        _: &Incoming,
+    ) -> std::result::Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// The consumer configurations measured end to end: (name, concurrency, batch size, prefetch).
+const CONSUMER_SHAPES: [(&str, usize, usize, u16); 2] = [
+    ("consumer, defaults", 1, 1, 64),
+    ("consumer, batched", 4, 100, 800),
+];
+
+/// `options.messages` relay-shaped messages (every tenth a redelivery of an earlier id) put in
+/// a queue first, then a [`Consumer`] with a handler that writes nothing started on it:
+/// messages/s from its start until every one is applied or recognized as a duplicate.
+pub(super) async fn consumer_cases(
+    env: &Env,
+    queue_type: &str,
+    options: &BenchOptions,
+) -> Result<Vec<CaseResult>> {
+    let mut results = Vec::new();
+    for (case, concurrency, batch_size, prefetch) in CONSUMER_SHAPES {
+        let consumer_options = ConsumerOptions {
+            concurrency,
+            batch_size,
+            prefetch,
+            ..ConsumerOptions::default()
+        };
+        let mut rates = Vec::new();
+        for rep in 0..options.repetitions {
+            let rate =
+                consume_once(env, queue_type, options, consumer_options.clone(), rep).await?;
+            progress(&format!("{case} #{}: {rate:.0} msgs/s", rep + 1));
+            rates.push(rate);
+        }
+        let (med, min, max) = summarize(&mut rates);
+        results.push(CaseResult {
+            case: case.into(),
+            queue_type: queue_type.into(),
+            value: med,
+            min,
+            max,
+            unit: "msgs/s".into(),
+            ratio_to_ceiling: None,
+            note: format!(
+                "queue filled first, 10 % redeliveries; concurrency {concurrency}, batch_size \
+                 {batch_size}, prefetch {prefetch}; a handler that writes nothing"
+            ),
+        });
+    }
+    Ok(results)
+}
+
+async fn consume_once(
+    env: &Env,
+    queue_type: &str,
+    options: &BenchOptions,
+    consumer_options: ConsumerOptions,
+    rep: u32,
+) -> Result<f64> {
+    let queue = env.queue(queue_type).await?;
+    let total = u64::from(options.messages);
+    fill_queue(env, &queue, options).await?;
+    let broker = crate::amqp::Broker::new(env.amqp_urls.clone());
+    let consumer = Consumer::new(
+        env.pool.clone(),
+        broker,
+        queue.clone(),
+        format!("bench-consumer-{rep}-{}", consumer_options.batch_size),
+        Noop,
+    )
+    .options(consumer_options)
+    .spawn()?;
+    let stats = consumer.stats();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(600);
+    while stats.applied() + stats.duplicates() < total {
+        if Instant::now() > deadline {
+            let _ = consumer.stop().await;
+            return Err(Error::Timeout {
+                what: "the consumer to process its queue",
+                after: Duration::from_secs(600),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let _ = consumer.stop().await;
+    env.delete_queue(&queue).await;
+    Ok(rate)
+}
+
+/// Publishes `options.messages` messages shaped as the relay sends them; every tenth reuses
+/// the message id of the one ten before, as a relay retry would.
+async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()> {
+    let payload = vec![b'x'; options.payload_size];
+    let mut row = super::cases::bench_row(queue);
+    let mut ids: Vec<uuid::Uuid> = Vec::with_capacity(options.messages as usize);
+    let mut sent = 0;
+    while sent < options.messages {
+        let n = options.batch_size.min(options.messages - sent);
+        let mut messages = Vec::with_capacity(n as usize);
+        for i in sent..sent + n {
+            row.id += 1;
+            let earlier = i.checked_sub(10).and_then(|e| ids.get(e as usize)).copied();
+            row.message_id = match earlier {
+                Some(id) if i % 10 == 9 => id,
+                _ => uuid::Uuid::now_v7(),
+            };
+            ids.push(row.message_id);
+            messages.push((
+                outgoing(&row).map_err(Error::Unconfirmed)?,
+                payload.as_slice(),
+            ));
+        }
+        for confirm in crate::amqp::publish_in_order(&env.channel, messages).await {
+            let confirmation = confirm
+                .context("bench publish")?
+                .await
+                .context("bench confirm")?;
+            if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+                return Err(Error::Unconfirmed(format!("{confirmation:?}")));
+            }
+        }
+        sent += n;
+    }
+    Ok(())
+}
