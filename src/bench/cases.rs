@@ -111,20 +111,10 @@ pub(super) async fn run_all(
             ));
             rates.push(rate);
         }
-        let (med, min, max) = summarize(&mut rates);
-        report.cases.push(CaseResult {
-            case: case.into(),
-            queue_type: queue_type.clone(),
-            value: med,
-            min,
-            max,
-            unit: "rows/s".into(),
-            ratio_to_ceiling: (ceiling > 0.0).then(|| med / ceiling),
-            note: format!(
-                "{what}; {:.2} × the plain drain",
-                if plain > 0.0 { med / plain } else { 0.0 }
-            ),
-        });
+        let mut result =
+            CaseResult::from_samples(case, &queue_type, &mut rates, "rows/s", Some(ceiling));
+        result.note = format!("{what}; {:.2} × the plain drain", result.times(plain));
+        report.cases.push(result);
     }
     let queue_type = queue_type.as_str();
     if options.runs("latency") {
@@ -213,21 +203,19 @@ async fn history_case(
         ));
         rates.push(rate);
     }
-    let (med, min, max) = summarize(&mut rates);
-    Ok(CaseResult {
-        case: format!("drain, {} history", options.history),
-        queue_type: queue_type.into(),
-        value: med,
-        min,
-        max,
-        unit: "rows/s".into(),
-        ratio_to_ceiling: (ceiling > 0.0).then(|| med / ceiling),
-        note: format!(
-            "the plain drain with {} published rows retained in the outbox; {:.2} × the plain drain",
-            options.history,
-            if plain > 0.0 { med / plain } else { 0.0 }
-        ),
-    })
+    let mut result = CaseResult::from_samples(
+        format!("drain, {} history", options.history),
+        queue_type,
+        &mut rates,
+        "rows/s",
+        Some(ceiling),
+    );
+    result.note = format!(
+        "the plain drain with {} published rows retained in the outbox; {:.2} × the plain drain",
+        options.history,
+        result.times(plain)
+    );
+    Ok(result)
 }
 
 async fn latency_case(

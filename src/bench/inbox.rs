@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::cases::progress;
-use super::{summarize, BenchOptions, CaseResult, Env};
+use super::{BenchOptions, CaseResult, Env};
 use crate::amqp::message::outgoing;
 use crate::error::{Context, Error, Result};
 use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming};
@@ -15,19 +15,10 @@ pub(super) async fn dedup_case(env: &Env, options: &BenchOptions) -> Result<Case
         progress(&format!("inbox dedup #{}: {rate:.0} msgs/s", rep + 1));
         dedup.push(rate);
     }
-    let (med, min, max) = summarize(&mut dedup);
-    Ok(CaseResult {
-        case: "inbox dedup".into(),
-        queue_type: "-".into(),
-        value: med,
-        min,
-        max,
-        unit: "msgs/s".into(),
-        ratio_to_ceiling: None,
-        note: format!(
-            "inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates"
-        ),
-    })
+    let mut result = CaseResult::from_samples("inbox dedup", "-", &mut dedup, "msgs/s", None);
+    result.note =
+        format!("inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates");
+    Ok(result)
 }
 
 /// Message ids per inbox transaction in the dedup case.
@@ -101,20 +92,12 @@ pub(super) async fn consumer_cases(
             progress(&format!("{case} #{}: {rate:.0} msgs/s", rep + 1));
             rates.push(rate);
         }
-        let (med, min, max) = summarize(&mut rates);
-        results.push(CaseResult {
-            case: case.into(),
-            queue_type: queue_type.into(),
-            value: med,
-            min,
-            max,
-            unit: "msgs/s".into(),
-            ratio_to_ceiling: None,
-            note: format!(
-                "queue filled first, 10 % redeliveries; concurrency {concurrency}, batch_size \
-                 {batch_size}, prefetch {prefetch}; a handler that writes nothing"
-            ),
-        });
+        let mut result = CaseResult::from_samples(case, queue_type, &mut rates, "msgs/s", None);
+        result.note = format!(
+            "queue filled first, 10 % redeliveries; concurrency {concurrency}, batch_size \
+             {batch_size}, prefetch {prefetch}; a handler that writes nothing"
+        );
+        results.push(result);
     }
     Ok(results)
 }

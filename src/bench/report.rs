@@ -23,6 +23,39 @@ pub struct CaseResult {
     pub note: String,
 }
 
+impl CaseResult {
+    /// The median and range of `samples` (sorted in place) in `unit`, with their ratio to
+    /// `ceiling` when one is given; the note is left for the caller.
+    pub(crate) fn from_samples(
+        case: impl Into<String>,
+        queue_type: impl Into<String>,
+        samples: &mut [f64],
+        unit: &str,
+        ceiling: Option<f64>,
+    ) -> Self {
+        let (value, min, max) = super::summarize(samples);
+        Self {
+            case: case.into(),
+            queue_type: queue_type.into(),
+            value,
+            min,
+            max,
+            unit: unit.into(),
+            ratio_to_ceiling: ceiling.filter(|c| *c > 0.0).map(|c| value / c),
+            note: String::new(),
+        }
+    }
+
+    /// This case's value as a multiple of `base` (0 when there is no base).
+    pub(crate) fn times(&self, base: f64) -> f64 {
+        if base > 0.0 {
+            self.value / base
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Everything one `postbox bench` run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
