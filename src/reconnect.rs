@@ -20,11 +20,37 @@ pub fn connection_backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// Calls `attempt` until it succeeds, logging each failure with the delay before the next try.
-/// Returns `None` if `shutdown` is cancelled first.
-pub async fn until_ok<T, F, Fut>(
+/// Returns `None` if `shutdown` is cancelled first, abandoning an attempt under way (a connect
+/// that hangs).
+pub async fn until_ok<T, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    retry(what, shutdown, attempt, true).await
+}
+
+/// Like [`until_ok`], but an attempt under way always runs to its end, and one is made even if
+/// `shutdown` is already cancelled: for work that must not be cut off half-done (a dead letter
+/// published but not yet confirmed, an outcome being written). Only the waits between attempts
+/// end at `shutdown`.
+pub async fn until_ok_finishing<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    retry(what, shutdown, attempt, false).await
+}
+
+async fn retry<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut attempt: F,
+    abandon_attempts: bool,
 ) -> Option<T>
 where
     F: FnMut() -> Fut,
@@ -33,9 +59,13 @@ where
     let mut delays = connection_backoff();
     let mut failures = 0u32;
     loop {
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            result = attempt() => result,
+        let result = if abandon_attempts {
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                result = attempt() => result,
+            }
+        } else {
+            attempt().await
         };
         match result {
             Ok(value) => {
@@ -54,5 +84,38 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_finishing_attempt_runs_once_after_shutdown_and_is_not_retried() {
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let mut calls = 0;
+        let ok = until_ok_finishing("test", &stopped, || {
+            calls += 1;
+            async { Ok(7) }
+        })
+        .await;
+        assert_eq!((ok, calls), (Some(7), 1));
+
+        let mut calls = 0;
+        let failed: Option<()> = until_ok_finishing("test", &stopped, || {
+            calls += 1;
+            async { Err(crate::Error::Unconfirmed("nack".into())) }
+        })
+        .await;
+        assert_eq!((failed, calls), (None, 1));
+
+        // the plain form gives up without finishing (or starting) an attempt
+        let abandoned = until_ok("test", &stopped, || async {
+            std::future::pending::<Result<()>>().await
+        })
+        .await;
+        assert_eq!(abandoned, None);
     }
 }

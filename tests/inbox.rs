@@ -210,7 +210,7 @@ async fn consumers_with_different_names_each_apply_the_message() {
 #[tokio::test]
 async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
     let sub = subscriber().await;
-    let proxy = Proxy::tcp("127.0.0.1:5672").await;
+    let proxy = Proxy::tcp(&common::host_port(&common::amqp_url())).await;
     let (recorder, started, release) = Recorder::gated();
     let consumer = sub.consumer_via(
         sub.db.pool.clone(),
@@ -786,7 +786,7 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
 #[tokio::test]
 async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
     let sub = subscriber().await;
-    let proxy = Proxy::start("127.0.0.1:5432".into()).await;
+    let proxy = Proxy::start(common::host_port(&common::admin_database_url())).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&proxy.url_for(&sub.db.url))

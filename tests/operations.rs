@@ -130,8 +130,8 @@ async fn a_dead_row_fixed_by_an_operator_is_retried_and_published() {
     settings.relay.max_attempts = 1;
     let relay = RunningRelay::start(settings).await;
     // No queue of that name: returned as unroutable, dead after one attempt.
-    let message =
-        postbox::Message::json("no-such-queue-postbox-test", &serde_json::json!({})).expect("json");
+    let nowhere = format!("no-such-queue-{}", uuid::Uuid::new_v4().simple());
+    let message = postbox::Message::json(&nowhere, &serde_json::json!({})).expect("json");
     let enqueued = postbox::enqueue(&db.pool, &message).await.expect("enqueue");
     let id = enqueued.id.expect("new row");
     wait_until("the row dead", DEADLINE, || async {
@@ -427,6 +427,12 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
 
     let output = postbox(&db, &["replay", "--since", "yesterday"]);
     assert_eq!(output.status.code(), Some(2), "a bad time is a usage error");
+    let output = postbox(&db, &["replay", "--since", "300000years"]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a time before the calendar is a usage error, not a panic"
+    );
     let output = postbox(&db, &["replay"]);
     assert_eq!(output.status.code(), Some(2), "a range is required");
 }
@@ -514,7 +520,7 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
 }
 
 #[tokio::test]
-async fn running_relays_are_listed_until_they_stop() {
+async fn running_relays_are_listed_until_they_stop_and_reappear_if_deleted() {
     let db = TestDb::migrated().await;
     let mut settings = db.settings();
     settings.relay.heartbeat_interval = Duration::from_millis(100);
@@ -532,6 +538,19 @@ async fn running_relays_are_listed_until_they_stop() {
     let json: Value =
         serde_json::from_str(&stdout(&postbox(&db, &["status", "--json"]))).expect("status --json");
     assert_eq!(json["relays_alive"], 1);
+    // A row deleted under a running relay (by an operator, say) comes back at the next beats.
+    sqlx::query("delete from postbox.relays")
+        .execute(&db.pool)
+        .await
+        .expect("delete the relay's row");
+    wait_until("the relay registered again", DEADLINE, || async {
+        let alive: i64 = sqlx::query_scalar("select count(*) from postbox.relays_alive")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (alive == 1).then_some(())
+    })
+    .await;
     relay.stop().await;
     let left: i64 = sqlx::query_scalar("select count(*) from postbox.relays")
         .fetch_one(&db.pool)
@@ -544,6 +563,7 @@ async fn running_relays_are_listed_until_they_stop() {
 /// key "k" that dies (no such queue).
 async fn with_a_dead_row_on_key_k(
     park: bool,
+    batch_size: Option<u32>,
 ) -> (TestDb, Rabbit, String, common::Inbox, RunningRelay, i64) {
     let db = TestDb::migrated().await;
     let rabbit = Rabbit::connect().await;
@@ -552,8 +572,12 @@ async fn with_a_dead_row_on_key_k(
     let mut settings = db.settings();
     settings.relay.max_attempts = 1;
     settings.relay.dead_rows_park_keys = park;
+    if let Some(batch_size) = batch_size {
+        settings.relay.batch_size = batch_size;
+    }
     let relay = RunningRelay::start(settings).await;
-    let poison = postbox::Message::json("no-such-queue-postbox-test", &serde_json::json!({}))
+    let nowhere = format!("no-such-queue-{}", uuid::Uuid::new_v4().simple());
+    let poison = postbox::Message::json(&nowhere, &serde_json::json!({}))
         .expect("json")
         .partition_key("k");
     let dead_id = postbox::enqueue(&db.pool, &poison)
@@ -581,7 +605,8 @@ async fn enqueue_keyed(db: &TestDb, queue: &str, key: &str, n: i64) -> String {
 
 #[tokio::test]
 async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
-    let (db, _rabbit, queue, mut inbox, relay, dead_id) = with_a_dead_row_on_key_k(true).await;
+    let (db, _rabbit, queue, mut inbox, relay, dead_id) =
+        with_a_dead_row_on_key_k(true, None).await;
     let b = enqueue_keyed(&db, &queue, "k", 1).await;
     let c = enqueue_keyed(&db, &queue, "k", 2).await;
     let other = enqueue_keyed(&db, &queue, "j", 3).await;
@@ -631,9 +656,42 @@ async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
     );
 }
 
+/// A parked key's backlog larger than a batch must not hide the rows after it: a scheduled row
+/// that falls due after the relay's tail has moved past it is found only by scans from the
+/// start, which the parked rows would otherwise fill.
+#[tokio::test]
+async fn a_parked_backlog_larger_than_a_batch_does_not_hide_later_rows() {
+    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(true, Some(5)).await;
+    for n in 0..12 {
+        enqueue_keyed(&db, &queue, "k", n).await;
+    }
+    let scheduled = postbox::Message::json(&queue, &serde_json::json!({ "scheduled": true }))
+        .expect("json")
+        .partition_key("x")
+        .delay(Duration::from_secs(2));
+    let scheduled = postbox::enqueue(&db.pool, &scheduled)
+        .await
+        .expect("enqueue")
+        .message_id
+        .to_string();
+    let later = enqueue_keyed(&db, &queue, "j", 0).await;
+    let arrived = inbox.take(2, DEADLINE).await;
+    let ids: Vec<&str> = arrived
+        .iter()
+        .map(|r| r.message_id.as_deref().expect("message id"))
+        .collect();
+    assert_eq!(ids, [later.as_str(), scheduled.as_str()]);
+    assert_eq!(
+        db.count("published_at is null and dead_at is null").await,
+        12,
+        "k stays parked"
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn with_parking_off_a_dead_row_releases_its_key_at_once() {
-    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(false).await;
+    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(false, None).await;
     let b = enqueue_keyed(&db, &queue, "k", 1).await;
     let arrived = inbox.take(1, DEADLINE).await;
     assert_eq!(arrived[0].message_id.as_deref(), Some(b.as_str()));

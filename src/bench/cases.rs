@@ -89,13 +89,17 @@ pub(super) async fn run_all(
                 keys: 100,
                 relays: 1,
             },
-            "rows over 100 partition keys, one in flight per key (relay.max_rows_per_key = 1)",
+            format!(
+                "rows over 100 partition keys, at most {} in flight per key \
+                 (relay.max_rows_per_key)",
+                settings.relay.max_rows_per_key
+            ),
         ),
         (
             "relays",
             "drain, 2 relays",
             Shape { keys: 0, relays: 2 },
-            "two relays (own pools and connections) sharing one backlog",
+            "two relays (own pools and connections) sharing one backlog".to_string(),
         ),
     ] {
         if !options.runs(name) {

@@ -35,7 +35,8 @@ async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result
     while done < total {
         let n = INBOX_BATCH.min(total - done);
         let ids: Vec<uuid::Uuid> = (0..n)
-            .map(|i| match previous.get(i) {
+            // position 4 of every ten is always fresh, so each duplicate is a distinct id
+            .map(|i| match previous.get(i.saturating_sub(5)) {
                 Some(id) if i % 10 == 9 => *id,
                 _ => uuid::Uuid::now_v7(),
             })
@@ -138,11 +139,13 @@ async fn consume_once(
     let rate = total as f64 / start.elapsed().as_secs_f64();
     let _ = consumer.stop().await;
     env.delete_queue(&queue).await;
+    // the dead-letter queue the consumer declared (DeadLetter::DefaultQueue)
+    env.delete_queue(&format!("{queue}.dead")).await;
     Ok(rate)
 }
 
 /// Publishes `options.messages` messages shaped as the relay sends them; every tenth reuses
-/// the message id of the one ten before, as a relay retry would.
+/// the message id of the one five before, as a relay retry would.
 async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()> {
     let payload = vec![b'x'; options.payload_size];
     let mut row = super::cases::bench_row(queue);
@@ -153,7 +156,9 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()
         let mut messages = Vec::with_capacity(n as usize);
         for i in sent..sent + n {
             row.id += 1;
-            let earlier = i.checked_sub(10).and_then(|e| ids.get(e as usize)).copied();
+            // the message five before is always a fresh one: each redelivery repeats a
+            // different id
+            let earlier = i.checked_sub(5).and_then(|e| ids.get(e as usize)).copied();
             row.message_id = match earlier {
                 Some(id) if i % 10 == 9 => id,
                 _ => uuid::Uuid::now_v7(),

@@ -112,7 +112,7 @@ pub(super) async fn live_cases(
             ratio_to_ceiling: None,
             note: format!(
                 "{rate:.0} rows/s committed for {seconds:.0}s (a transaction per 10 ms), \
-                 commit → arrival; p99 {p99:.1} ms, max {max:.1} ms, {} events",
+                 insert start → arrival; p99 {p99:.1} ms, max {max:.1} ms, {} events",
                 latencies.len()
             ),
         });

@@ -21,7 +21,7 @@ pub(super) async fn run(settings: Settings, args: MigrateArgs) -> Result<()> {
     } else {
         args.parts
     };
-    let pool = store::connect(&settings, 1).await?;
+    let pool = store::connect_for_command(&settings).await?;
     store::migrate_parts(&pool, &parts).await?;
     tracing::info!(database = %redact_url(&settings.database_url), ?parts, "postbox schema is up to date");
     pool.close().await;

@@ -36,8 +36,10 @@ fn parse_when(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
             "expected an RFC 3339 time (2026-11-23T10:00:00Z) or a duration ago (2h): {value:?}"
         )
     })?;
-    let ago = chrono::Duration::from_std(ago).map_err(|e| e.to_string())?;
-    Ok(chrono::Utc::now() - ago)
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| chrono::Utc::now().checked_sub_signed(ago))
+        .ok_or_else(|| format!("{value:?} ago is before any time this program can represent"))
 }
 
 /// postbox: a transactional outbox relay for Postgres and RabbitMQ.

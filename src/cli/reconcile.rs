@@ -16,7 +16,12 @@ use crate::store::{self, inbox, operations};
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
     /// The consumer's database (holding postbox.inbox); the outbox is DATABASE_URL's.
-    #[arg(long, env = "POSTBOX_INBOX_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "POSTBOX_INBOX_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub inbox_database_url: String,
     /// The consumer's name in postbox.inbox.
     #[arg(long, value_name = "NAME")]
@@ -58,7 +63,7 @@ struct Duplicated {
 const PAGE: i64 = 10_000;
 
 pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
-    let outbox_pool = store::connect(&settings, 1).await?;
+    let outbox_pool = store::connect_for_command(&settings).await?;
     let inbox_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&args.inbox_database_url)
@@ -72,8 +77,11 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         routing_key: args.routing_key.clone(),
         ..operations::Selection::default()
     };
-    let grace = chrono::Duration::from_std(args.grace).unwrap_or(chrono::Duration::MAX);
-    let published_before = Utc::now() - grace;
+    // A grace longer than history can hold checks nothing rather than overflowing.
+    let published_before = chrono::Duration::from_std(args.grace)
+        .ok()
+        .and_then(|grace| Utc::now().checked_sub_signed(grace))
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     let mut after_id = 0;
     let mut checked = 0u64;
     let mut missing = Vec::new();
@@ -89,7 +97,9 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         let ids: Vec<Uuid> = page.iter().map(|(_, id)| *id).collect();
         missing.extend(inbox::missing(&inbox_pool, &args.consumer, &ids).await?);
     }
-    let duplicated = inbox::duplicated(&inbox_pool, &args.consumer).await?;
+    let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
+    let (duplicated_count, duplicated) =
+        inbox::duplicated(&inbox_pool, &args.consumer, limit).await?;
     outbox_pool.close().await;
     inbox_pool.close().await;
 
@@ -98,10 +108,9 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         published_checked: checked,
         missing_count: missing.len(),
         missing: missing.iter().take(args.limit).copied().collect(),
-        duplicated_count: duplicated.len(),
+        duplicated_count: usize::try_from(duplicated_count).unwrap_or(usize::MAX),
         duplicated: duplicated
             .iter()
-            .take(args.limit)
             .map(|&(message_id, duplicates)| Duplicated {
                 message_id,
                 duplicates,

@@ -27,7 +27,7 @@ struct Status {
 }
 
 pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
-    let pool = store::connect(&settings, 1).await?;
+    let pool = store::connect_for_command(&settings).await?;
     let status = Status {
         outbox: operations::status(&pool).await?,
         relays_alive: store::relays::alive(&pool).await?,

@@ -35,7 +35,7 @@ pub struct ConsumerStats {
 }
 
 impl ConsumerStats {
-    pub(crate) fn record(&self, counter: Counter) {
+    pub(crate) fn record(&self, counter: Counter, n: u64) {
         let field = match counter {
             Counter::Applied => &self.applied,
             Counter::Duplicates => &self.duplicates,
@@ -44,7 +44,7 @@ impl ConsumerStats {
             Counter::Discarded => &self.discarded,
             Counter::Failures => &self.failures,
         };
-        field.fetch_add(1, Ordering::Relaxed);
+        field.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Messages whose handler ran and committed.

@@ -16,7 +16,7 @@ use super::receive::{receive, Status};
 use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
 use super::{HandlerError, Versioning};
 use crate::error::Context;
-use crate::reconnect::{connection_backoff, until_ok};
+use crate::reconnect::{connection_backoff, until_ok_finishing};
 use crate::retry::RetryPolicy;
 use crate::store::inbox::{self, Outcome, Receipt};
 
@@ -91,7 +91,14 @@ impl<H: Handler> Worker<H> {
 
     /// Counts in the consumer's stats and in the metrics (`postbox_consumer_messages_total`).
     fn count(&self, counter: Counter) {
-        self.shared.stats.record(counter);
+        self.count_many(counter, 1);
+    }
+
+    fn count_many(&self, counter: Counter, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.shared.stats.record(counter, n);
         let outcome = match counter {
             Counter::Applied => "applied",
             Counter::Duplicates => "duplicate",
@@ -105,7 +112,7 @@ impl<H: Handler> Worker<H> {
             "consumer" => self.shared.name.clone(),
             "outcome" => outcome
         )
-        .increment(1);
+        .increment(n);
     }
 
     async fn ack(&self, acker: &Acker, multiple: bool) {
@@ -144,12 +151,8 @@ impl<H: Handler> Worker<H> {
         };
         match self.apply_batch(&messages).await {
             Ok((applied, duplicates)) => {
-                for _ in 0..applied {
-                    self.count(Counter::Applied);
-                }
-                for _ in 0..duplicates {
-                    self.count(Counter::Duplicates);
-                }
+                self.count_many(Counter::Applied, applied as u64);
+                self.count_many(Counter::Duplicates, duplicates as u64);
                 if ack_multiple && all_done {
                     self.ack(last, true).await;
                 } else {
@@ -270,9 +273,12 @@ impl<H: Handler> Worker<H> {
                 }
                 FailureKind::Transient => {}
             }
-            self.count(Counter::Failures);
-            let failures = match inbox::record_failure(&shared.pool, &receipt, &error).await {
-                Ok(Some(attempts)) => u32::try_from(attempts).unwrap_or(u32::MAX),
+            let failures = match crate::inbox::record_failure(&shared.pool, &receipt, &error).await
+            {
+                Ok(Some(failures)) => {
+                    self.count(Counter::Failures);
+                    failures
+                }
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
                 // Not recorded, so not counted: an outage must not dead-letter messages.
@@ -335,7 +341,8 @@ impl<H: Handler> Worker<H> {
             }
             Status::New { failed_attempts } => {
                 incoming.attempt = failed_attempts.saturating_add(1);
-                // The handler's span continues the producer's trace.
+                // The handler's span carries the producer's trace ids (as fields, not as a
+                // remote parent: that takes an OpenTelemetry layer).
                 let trace = incoming.traceparent();
                 let span = tracing::info_span!(
                     "postbox.handle",
@@ -425,7 +432,7 @@ impl<H: Handler> Worker<H> {
             attempts,
         };
         // Until the broker confirms: the original stays unacked meanwhile, so nothing is lost.
-        let published = until_ok("consumer: dead-lettering", &self.session, || {
+        let published = until_ok_finishing("consumer: dead-lettering", &self.session, || {
             self.dead_letters
                 .publish(&incoming.payload, &incoming.properties, &cause)
         })
@@ -444,9 +451,10 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Records an outcome decided outside the handler's transaction, retrying while Postgres
-    /// is down. Returns false if the session ended first.
+    /// is down. An attempt under way finishes even if the session ends; returns false if the
+    /// session ended before one succeeded.
     async fn record(&self, receipt: &Receipt<'_>, outcome: Outcome, error: &str) -> bool {
-        until_ok("consumer: recording the outcome", &self.session, || {
+        until_ok_finishing("consumer: recording the outcome", &self.session, || {
             inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error))
         })
         .await

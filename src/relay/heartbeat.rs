@@ -35,10 +35,10 @@ pub(crate) async fn run(
             )
             .await
         } else {
-            relays::register(&pool, id, interval).await
+            relays::register(&pool, id, interval).await.map(|()| true)
         };
         match result {
-            Ok(()) => registered = true,
+            Ok(present) => registered = present,
             Err(error) => tracing::warn!(%error, "relay: heartbeat failed"),
         }
         tokio::select! {

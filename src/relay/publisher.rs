@@ -109,14 +109,15 @@ impl Publisher {
                 publish_ms = got_window.elapsed().as_secs_f64() * 1e3,
                 "relay: published"
             );
-            if published
-                .sent
-                .iter()
-                .any(|s| !matches!(s, Sent::Confirm(_)))
-                && !channel.status().connected()
-            {
-                self.connection = None;
-                self.stats.set_broker_up(false);
+            // The next batch's `channel()` reopens the channel or reconnects (closing the old
+            // connection, forgetting its probed exchanges); readiness shows a lost connection
+            // now rather than then.
+            if !channel.status().connected() {
+                let connected = self
+                    .connection
+                    .as_ref()
+                    .is_some_and(|(connection, _)| connection.status().connected());
+                self.stats.set_broker_up(connected);
             }
             if out.send(published).await.is_err() {
                 break;

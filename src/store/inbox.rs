@@ -336,14 +336,28 @@ pub async fn missing(
     .context("looking for unprocessed message ids in postbox.inbox")
 }
 
-/// `consumer`'s messages delivered more than once, with how often: `(message_id, duplicates)`.
-pub async fn duplicated(pool: &sqlx::PgPool, consumer: &str) -> Result<Vec<(Uuid, i32)>> {
-    sqlx::query_as(
-        "select message_id, duplicates from postbox.inbox \
-         where consumer = $1 and duplicates > 0 order by first_received_at",
+/// How many of `consumer`'s messages were delivered more than once, and the first `limit` of
+/// them with how often: `(message_id, duplicates)`.
+pub async fn duplicated(
+    pool: &sqlx::PgPool,
+    consumer: &str,
+    limit: i64,
+) -> Result<(i64, Vec<(Uuid, i32)>)> {
+    let total: i64 = sqlx::query_scalar(
+        "select count(*) from postbox.inbox where consumer = $1 and duplicates > 0",
     )
     .bind(consumer)
+    .fetch_one(pool)
+    .await
+    .context("counting duplicated message ids in postbox.inbox")?;
+    let first = sqlx::query_as(
+        "select message_id, duplicates from postbox.inbox \
+         where consumer = $1 and duplicates > 0 order by first_received_at limit $2",
+    )
+    .bind(consumer)
+    .bind(limit)
     .fetch_all(pool)
     .await
-    .context("reading duplicated message ids from postbox.inbox")
+    .context("reading duplicated message ids from postbox.inbox")?;
+    Ok((total, first))
 }

@@ -90,6 +90,21 @@ pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
 /// unmarked row is published again, so marks need not wait for the WAL flush, which on a disk
 /// shared with RabbitMQ competes with the broker's own fsyncs.
 pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result<PgPool> {
+    open(settings, max_connections, "off").await
+}
+
+/// A one-connection pool for an operator command (`replay`, `dead retry`, `cleanup`…). Unlike
+/// the relay's marks, what these commit must survive a Postgres crash once the command has
+/// said it is done, so they commit synchronously.
+pub async fn connect_for_command(settings: &crate::Settings) -> Result<PgPool> {
+    open(settings, 1, "on").await
+}
+
+async fn open(
+    settings: &crate::Settings,
+    max_connections: u32,
+    synchronous_commit: &str,
+) -> Result<PgPool> {
     use crate::error::Context;
     use std::str::FromStr;
 
@@ -102,7 +117,7 @@ pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result
                 "idle_in_transaction_session_timeout",
                 idle_timeout_ms.as_str(),
             ),
-            ("synchronous_commit", "off"),
+            ("synchronous_commit", synchronous_commit),
         ]);
     // One direct connection first: the pool would retry until its acquire timeout and then
     // report only "timed out", where this says what actually failed (refused, auth, no such db).

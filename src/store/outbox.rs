@@ -109,9 +109,10 @@ pub struct ClaimedRow {
     pub attempts: i32,
 }
 
-// Candidates are the first due pending rows in id order that no other batch has locked. Of a
-// partition key, only the rows before its first pending row *outside* this batch are kept (that
-// row is in flight in another batch, locked there, or waiting for a retry), and of those at most
+// Candidates are the first due pending rows in id order that no other batch has locked and
+// that no dead row of their key parks ($3). Of a partition key, only the rows before its first
+// pending row *outside* this batch are kept (that row is in flight in another batch, locked
+// there, or waiting for a retry), and of those at most
 // the first $4: so a key's rows go out as a contiguous run in id order, a key is never in flight
 // in two batches, and a failing row holds back only its own key. With $4 = 1 a key has one
 // message in flight at a time, so a row that fails can never be overtaken by its key's next row
@@ -123,9 +124,15 @@ const CLAIM: &str = r#"
 with candidates as materialized (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
            content_type, headers, created_at, attempts
-    from postbox.outbox
+    from postbox.outbox o
     where published_at is null and dead_at is null and available_at <= now()
       and id >= $2
+      -- rows behind a dead row of their key ($3: parking on) are never candidates: a parked
+      -- key's backlog must not fill every batch and hide the rows after it
+      and not ($3 and partition_key is not null and exists (
+              select 1 from postbox.outbox d
+              where d.partition_key = o.partition_key and d.id < o.id
+                and d.dead_at is not null and d.released_at is null))
     order by id
     limit $1
     for update skip locked
@@ -134,23 +141,14 @@ keys as (
     select distinct partition_key from candidates where partition_key is not null
 ),
 limits as materialized (
-    -- least() skips nulls: the first pending row held elsewhere, or the first dead row that
-    -- parks the key ($3), whichever comes first
     select k.partition_key,
-           least(
-               (select p.id
-                from postbox.outbox p
-                where p.partition_key = k.partition_key
-                  and p.published_at is null and p.dead_at is null
-                  and p.id not in (select id from candidates)
-                order by p.id
-                limit 1),
-               (select d.id
-                from postbox.outbox d
-                where $3 and d.partition_key = k.partition_key
-                  and d.dead_at is not null and d.released_at is null
-                order by d.id
-                limit 1)) as first_outside
+           (select p.id
+            from postbox.outbox p
+            where p.partition_key = k.partition_key
+              and p.published_at is null and p.dead_at is null
+              and p.id not in (select id from candidates)
+            order by p.id
+            limit 1) as first_outside
     from keys k
 ),
 keyed as (

@@ -34,9 +34,10 @@ pub async fn register(pool: &PgPool, id: Uuid, heartbeat_interval: Duration) -> 
     Ok(())
 }
 
-/// Refreshes a relay's heartbeat and figures.
-pub async fn heartbeat(pool: &PgPool, id: Uuid, open_batches: i32, published: i64) -> Result<()> {
-    sqlx::query(
+/// Refreshes a relay's heartbeat and figures. Returns false if the relay's row is gone
+/// (deleted by an operator, or forgotten after a long stall): it must register again.
+pub async fn heartbeat(pool: &PgPool, id: Uuid, open_batches: i32, published: i64) -> Result<bool> {
+    let result = sqlx::query(
         "update postbox.relays set heartbeat_at = now(), open_batches = $2, published = $3 \
          where id = $1",
     )
@@ -46,7 +47,7 @@ pub async fn heartbeat(pool: &PgPool, id: Uuid, open_batches: i32, published: i6
     .execute(pool)
     .await
     .context("heartbeating in postbox.relays")?;
-    Ok(())
+    Ok(result.rows_affected() > 0)
 }
 
 /// Removes a relay that stops cleanly.
