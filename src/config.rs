@@ -50,8 +50,8 @@ pub struct RelaySettings {
     pub max_message_bytes: usize,
     /// How long rows claimed by a relay that stopped responding (paused, partitioned, hung with
     /// its connection open) stay locked: Postgres ends such a session after this long idle in
-    /// its transaction, and other relays take its rows. Must exceed `confirm_timeout`, since a
-    /// batch's transaction sits idle while it waits for confirms.
+    /// its transaction, and other relays take its rows. At least 2 × `confirm_timeout` + 1s,
+    /// since a batch's transaction sits idle while it waits for a window slot and its confirms.
     #[serde(with = "humantime_serde")]
     pub takeover_timeout: Duration,
     /// Failed attempts after which a row is marked dead.
@@ -200,11 +200,18 @@ impl Settings {
                 "a whole number of bytes from 1 to 536870912 (RabbitMQ's hard limit, 512 MiB)",
             ));
         }
-        if relay.takeover_timeout < relay.confirm_timeout + Duration::from_secs(1) {
+        // A claimed batch's transaction idles while the batch waits for a broker-window slot
+        // (up to one confirm_timeout) and then for its own confirms (another).
+        let least = relay
+            .confirm_timeout
+            .checked_mul(2)
+            .and_then(|d| d.checked_add(Duration::from_secs(1)));
+        if least.is_none_or(|least| relay.takeover_timeout < least) {
             return Err(invalid(
                 "relay.takeover_timeout",
                 humantime::format_duration(relay.takeover_timeout),
-                "at least relay.confirm_timeout + 1s (a batch waits for its confirms that long)",
+                "at least 2 × relay.confirm_timeout + 1s (a claimed batch may wait one \
+                 confirm_timeout for a window slot and another for its own confirms)",
             ));
         }
         if relay.max_attempts == 0 {
@@ -314,5 +321,23 @@ mod tests {
             .unwrap();
         settings.validate().unwrap();
         assert_eq!(settings.relay.batch_size, 500);
+    }
+
+    #[test]
+    fn takeover_timeout_must_cover_a_window_wait_and_the_confirms() {
+        let mut settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap();
+        settings.relay.confirm_timeout = Duration::from_secs(30);
+        settings.relay.takeover_timeout = Duration::from_secs(60);
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("relay.takeover_timeout"), "{error}");
+        settings.relay.takeover_timeout = Duration::from_secs(61);
+        settings.validate().unwrap();
+        // a confirm timeout too long to double is an error, not a panic
+        settings.relay.confirm_timeout = Duration::MAX;
+        assert!(settings.validate().is_err());
     }
 }

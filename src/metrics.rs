@@ -65,6 +65,9 @@ pub struct Probe {
     pub stats: Arc<Stats>,
     /// Readiness fails while the oldest due pending row is older than this (`None`: no check).
     pub max_lag: Option<Duration>,
+    /// Whether dead rows park their keys (`relay.dead_rows_park_keys`): parked rows are
+    /// reported apart and left out of the lag.
+    pub park_keys: bool,
     /// The recorder's handle.
     pub handle: PrometheusHandle,
 }
@@ -91,11 +94,17 @@ pub async fn serve(
 
 /// The backlog gauges, read when scraped.
 async fn metrics(State(probe): State<Probe>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(5), operations::backlog(&probe.pool)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        operations::backlog(&probe.pool, probe.park_keys),
+    )
+    .await
+    {
         Ok(Ok(backlog)) => {
             metrics::gauge!("postbox_database_up").set(1.0);
             metrics::gauge!("postbox_pending_rows").set(backlog.pending as f64);
             metrics::gauge!("postbox_dead_rows").set(backlog.dead as f64);
+            metrics::gauge!("postbox_parked_rows").set(backlog.parked as f64);
             metrics::gauge!("postbox_lag_seconds").set(backlog.oldest_pending_age_seconds);
         }
         _ => metrics::gauge!("postbox_database_up").set(0.0),
@@ -107,8 +116,11 @@ async fn metrics(State(probe): State<Probe>) -> Response {
 /// Ready when Postgres answers, the broker connection is up and (if configured) the backlog's
 /// oldest due row is younger than `max_lag`; otherwise 503, with every check's result.
 async fn ready(State(probe): State<Probe>) -> Response {
-    let backlog =
-        tokio::time::timeout(Duration::from_secs(2), operations::backlog(&probe.pool)).await;
+    let backlog = tokio::time::timeout(
+        Duration::from_secs(2),
+        operations::backlog(&probe.pool, probe.park_keys),
+    )
+    .await;
     let (database, lag) = match backlog {
         Ok(Ok(backlog)) => (Ok(()), Some(backlog.oldest_pending_age_seconds)),
         Ok(Err(error)) => (Err(error.to_string()), None),

@@ -563,3 +563,37 @@ async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
     assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), ids[0]);
     relay.stop().await;
 }
+
+/// An idle relay notices a lost broker without waiting for something to publish, so readiness
+/// and `postbox_broker_up` tell the truth; it reconnects when there is work again.
+#[tokio::test]
+async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let broker = Proxy::tcp(&host_port(&amqp_url())).await;
+    let mut settings = db.settings();
+    settings.amqp_url = broker.redirect(&amqp_url());
+    let relay = RunningRelay::start(settings).await;
+    let stats = relay.stats.clone();
+    wait_until("the relay connected", Duration::from_secs(20), || async {
+        stats.broker_connected().then_some(())
+    })
+    .await;
+
+    broker.shut();
+    wait_until(
+        "the idle relay reports the broker down",
+        Duration::from_secs(20),
+        || async { (!stats.broker_connected()).then_some(()) },
+    )
+    .await;
+
+    broker.reopen();
+    let message = postbox::Message::json(queue.as_str(), &serde_json::json!({})).expect("json");
+    postbox::enqueue(&db.pool, &message).await.expect("enqueue");
+    inbox.take(1, Duration::from_secs(30)).await;
+    assert!(stats.broker_connected(), "connected again for the work");
+    relay.stop().await;
+}

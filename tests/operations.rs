@@ -249,10 +249,10 @@ fn free_port() -> u16 {
 struct Daemon(std::process::Child);
 
 impl Daemon {
-    fn start(db: &TestDb, amqp_url: &str, port: u16) -> Self {
+    fn start(database_url: &str, amqp_url: &str, port: u16) -> Self {
         let child = postbox_command()
             .args(["run", "--metrics-addr", &port.to_string()])
-            .env("DATABASE_URL", &db.url)
+            .env("DATABASE_URL", database_url)
             .env("AMQP_URL", amqp_url)
             .env("POSTBOX_READINESS_MAX_LAG", "30s")
             .stdout(std::process::Stdio::null())
@@ -293,7 +293,7 @@ async fn metrics_health_and_readiness_over_http() {
     let queue = rabbit.queue().await;
     let mut inbox = rabbit.consume(&queue).await;
     let port = free_port();
-    let daemon = Daemon::start(&db, &common::amqp_url(), port);
+    let daemon = Daemon::start(&db.url, &common::amqp_url(), port);
 
     let (_, body) = wait_until("/readyz to answer 200", DEADLINE, || async {
         http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)
@@ -346,7 +346,7 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
     .await;
     let port = free_port();
     // Nothing listens on port 1: the relay keeps retrying the broker, the row keeps ageing.
-    let daemon = Daemon::start(&db, "amqp://guest:guest@127.0.0.1:1/%2f", port);
+    let daemon = Daemon::start(&db.url, "amqp://guest:guest@127.0.0.1:1/%2f", port);
     let (_, body) = wait_until("/readyz to answer 503", DEADLINE, || async {
         http_get(port, "/readyz").await.filter(|(s, _)| *s == 503)
     })
@@ -367,6 +367,62 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
         "alive all the same"
     );
     assert_eq!(daemon.stop().await, Some(0));
+}
+
+/// Rows parked behind a dead row wait for an operator, not for the relay: they are counted
+/// apart and do not age the lag (which would fail readiness for good) — unless keys don't park.
+#[tokio::test]
+async fn parked_rows_are_counted_apart_and_left_out_of_the_lag() {
+    let db = TestDb::migrated().await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, partition_key, available_at, dead_at, \
+         attempts, last_error) values ('orders', '{}', 'k', now() - interval '2 hours', now(), 1, 'x')",
+    )
+    .await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, partition_key, available_at) \
+         values ('orders', '{}', 'k', now() - interval '1 hour')",
+    )
+    .await;
+    let parking = postbox::store::operations::backlog(&db.pool, true)
+        .await
+        .expect("backlog");
+    assert_eq!((parking.pending, parking.dead, parking.parked), (1, 1, 1));
+    assert_eq!(parking.oldest_pending_age_seconds, 0.0);
+    let not_parking = postbox::store::operations::backlog(&db.pool, false)
+        .await
+        .expect("backlog");
+    assert_eq!(not_parking.parked, 0);
+    assert!(
+        not_parking.oldest_pending_age_seconds > 3000.0,
+        "{not_parking:?}"
+    );
+}
+
+/// While Postgres is unreachable at start the relay waits for it, and meanwhile answers
+/// /healthz (a liveness probe must not restart it in a loop) and fails /readyz.
+#[tokio::test]
+async fn health_answers_while_postgres_is_unreachable_at_start() {
+    let port = free_port();
+    let nowhere = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let daemon = Daemon::start(&nowhere, &common::amqp_url(), port);
+    wait_until("/healthz to answer", DEADLINE, || async {
+        http_get(port, "/healthz")
+            .await
+            .filter(|(status, _)| *status == 200)
+    })
+    .await;
+    let (status, body) = http_get(port, "/readyz").await.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_ne!(ready["checks"]["database"], "ok", "{body}");
+    assert_eq!(
+        daemon.stop().await,
+        Some(0),
+        "stopped while waiting: nothing to lose"
+    );
 }
 
 #[tokio::test]

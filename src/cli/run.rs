@@ -38,21 +38,28 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
         "postbox relay starting"
     );
     let connections = Relay::connections_needed(relay_settings);
-    let Some(pool) = until_ok("postgres", &shutdown, || {
-        store::connect(&settings, connections)
-    })
-    .await
-    else {
-        return Ok(()); // stopped before Postgres came up: nothing was claimed
-    };
-    if settings.migrate_on_start {
-        store::migrate(&pool).await?;
-    }
+    // The pool connects on first use: the health endpoints answer (and a taken port fails the
+    // start) while Postgres is still unreachable; /readyz says so.
+    let pool = store::connect_lazy(&settings, connections)?;
     let relay = Relay::new(pool.clone(), broker, settings.relay.clone());
     let server = match settings.metrics_addr.trim() {
         "" => None,
         addr => Some(serve_metrics(addr, &settings, &pool, relay.stats(), &shutdown).await?),
     };
+    if until_ok("postgres", &shutdown, || store::ping(&settings))
+        .await
+        .is_none()
+    {
+        // stopped before Postgres came up: nothing was claimed
+        shutdown.cancel();
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        return Ok(());
+    }
+    if settings.migrate_on_start {
+        store::migrate(&pool).await?;
+    }
     relay.run(shutdown.clone()).await;
     shutdown.cancel();
     if let Some(server) = server {
@@ -83,6 +90,7 @@ async fn serve_metrics(
         pool: pool.clone(),
         stats,
         max_lag: (!settings.readiness_max_lag.is_zero()).then_some(settings.readiness_max_lag),
+        park_keys: settings.relay.dead_rows_park_keys,
         handle,
     };
     let shutdown = shutdown.clone();

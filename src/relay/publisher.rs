@@ -17,6 +17,9 @@ use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
 use crate::store::outbox::ClaimedRow;
 
+/// How often an idle publisher looks at its connection, for readiness.
+const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Publishes batches in the order they were claimed, on one confirm-mode channel, so the
 /// broker sees each key's rows in id order.
 pub(crate) struct Publisher {
@@ -66,7 +69,7 @@ impl Publisher {
         // publish; a batch arriving first (or the claimer stopping) ends the wait.
         let mut next = tokio::select! {
             _ = hard_stop.cancelled() => None,
-            _ = self.channel(&shutdown) => input.recv().await,
+            _ = self.channel(&shutdown) => None,
             batch = input.recv() => batch,
         };
         loop {
@@ -79,6 +82,11 @@ impl Publisher {
                         Some(batch) => batch,
                         None => break,
                     },
+                    // Idle: keep readiness and `postbox_broker_up` true to the connection.
+                    _ = tokio::time::sleep(BROKER_CHECK) => {
+                        self.stats.set_broker_up(self.connected());
+                        continue;
+                    }
                 },
             };
             let got_batch = std::time::Instant::now();
@@ -113,11 +121,7 @@ impl Publisher {
             // connection, forgetting its probed exchanges); readiness shows a lost connection
             // now rather than then.
             if !channel.status().connected() {
-                let connected = self
-                    .connection
-                    .as_ref()
-                    .is_some_and(|(connection, _)| connection.status().connected());
-                self.stats.set_broker_up(connected);
+                self.stats.set_broker_up(self.connected());
             }
             if out.send(published).await.is_err() {
                 break;
@@ -132,6 +136,13 @@ impl Publisher {
         if let Some((connection, _)) = self.connection.take() {
             let _ = connection.close(200, "postbox relay stopping".into()).await;
         }
+    }
+
+    /// Whether the current connection is open.
+    fn connected(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|(connection, _)| connection.status().connected())
     }
 
     /// The open channel and the connection's negotiated frame size, reconnecting (with

@@ -105,22 +105,23 @@ async fn open(
     max_connections: u32,
     synchronous_commit: &str,
 ) -> Result<PgPool> {
-    use crate::error::Context;
-    use std::str::FromStr;
+    let options = session_options(settings, synchronous_commit)?;
+    ping(settings).await?;
+    Ok(lazy(options, max_connections))
+}
 
-    let idle_timeout_ms = settings.relay.takeover_timeout.as_millis().to_string();
-    let options = sqlx::postgres::PgConnectOptions::from_str(&settings.database_url)
-        .context("parsing database_url")?
-        .application_name("postbox")
-        .options([
-            (
-                "idle_in_transaction_session_timeout",
-                idle_timeout_ms.as_str(),
-            ),
-            ("synchronous_commit", synchronous_commit),
-        ]);
-    // One direct connection first: the pool would retry until its acquire timeout and then
-    // report only "timed out", where this says what actually failed (refused, auth, no such db).
+/// The relay's pool without connecting yet (only the URL is checked): what `postbox run` serves
+/// its health endpoints with while it waits for Postgres ([`ping`]).
+pub fn connect_lazy(settings: &crate::Settings, max_connections: u32) -> Result<PgPool> {
+    Ok(lazy(session_options(settings, "off")?, max_connections))
+}
+
+/// One direct connection, closed at once: the pool would retry until its acquire timeout and
+/// then report only "timed out", where this says what actually failed (refused, auth, no such
+/// database).
+pub async fn ping(settings: &crate::Settings) -> Result<()> {
+    use crate::error::Context;
+    let options = session_options(settings, "off")?;
     let what = format!(
         "connecting to {}",
         crate::config::redact_url(&settings.database_url)
@@ -131,11 +132,34 @@ async fn open(
             .context(what.clone())?,
     )
     .await
-    .context(what)?;
+    .context(what)
+}
+
+fn session_options(
+    settings: &crate::Settings,
+    synchronous_commit: &str,
+) -> Result<sqlx::postgres::PgConnectOptions> {
+    use crate::error::Context;
+    use std::str::FromStr;
+
+    let idle_timeout_ms = settings.relay.takeover_timeout.as_millis().to_string();
     Ok(
-        without_nagle(sqlx::postgres::PgPoolOptions::new(), &options)
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy_with(options),
+        sqlx::postgres::PgConnectOptions::from_str(&settings.database_url)
+            .context("parsing database_url")?
+            .application_name("postbox")
+            .options([
+                (
+                    "idle_in_transaction_session_timeout",
+                    idle_timeout_ms.as_str(),
+                ),
+                ("synchronous_commit", synchronous_commit),
+            ]),
     )
+}
+
+fn lazy(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {
+    without_nagle(sqlx::postgres::PgPoolOptions::new(), &options)
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_lazy_with(options)
 }

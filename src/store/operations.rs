@@ -53,32 +53,48 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
 /// scan of the published history), for metrics and readiness.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Backlog {
-    /// Rows not yet published nor dead.
+    /// Rows not yet published nor dead (parked ones included).
     pub pending: i64,
     /// Rows marked dead.
     pub dead: i64,
-    /// Age of the oldest due pending row (0 when none is due).
+    /// Pending rows held back behind a dead row of their key (when keys park).
+    pub parked: i64,
+    /// Age of the oldest due pending row the relay may publish (0 when none is due): parked
+    /// rows wait for an operator, not for the relay, and are counted in `parked` instead.
     pub oldest_pending_age_seconds: f64,
 }
 
+// $1: whether dead rows park their keys (relay.dead_rows_park_keys).
 const BACKLOG: &str = r#"
-select (select count(*) from postbox.outbox where published_at is null and dead_at is null),
+with pending as (
+    select o.available_at,
+           $1 and o.partition_key is not null and exists (
+               select 1 from postbox.outbox d
+               where d.partition_key = o.partition_key and d.id < o.id
+                 and d.dead_at is not null and d.released_at is null) as parked
+    from postbox.outbox o
+    where o.published_at is null and o.dead_at is null
+)
+select (select count(*) from pending),
        (select count(*) from postbox.outbox where dead_at is not null),
+       (select count(*) from pending where parked),
        coalesce(extract(epoch from now() - (
-           select min(available_at) from postbox.outbox
-           where published_at is null and dead_at is null and available_at <= now())), 0)::float8
+           select min(available_at) from pending
+           where not parked and available_at <= now())), 0)::float8
 "#;
 
-/// Reads the backlog figures.
-pub async fn backlog(pool: &PgPool) -> Result<Backlog> {
+/// Reads the backlog figures; `park_keys` says whether dead rows hold their keys back.
+pub async fn backlog(pool: &PgPool, park_keys: bool) -> Result<Backlog> {
     let row = sqlx::query(BACKLOG)
+        .bind(park_keys)
         .fetch_one(pool)
         .await
         .context("reading the outbox backlog")?;
     Ok(Backlog {
         pending: row.get(0),
         dead: row.get(1),
-        oldest_pending_age_seconds: row.get(2),
+        parked: row.get(2),
+        oldest_pending_age_seconds: row.get(3),
     })
 }
 

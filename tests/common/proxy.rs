@@ -84,6 +84,11 @@ impl Proxy {
         self.cut();
     }
 
+    /// Accepts new connections again after `shut()`: the service is back.
+    pub fn reopen(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
+    }
+
     /// Holds every byte in flight, both ways, on open and new connections, until `resume()`
     /// or `cut()`: the peers see a silent network, not a closed one.
     pub fn stall(&self) {
