@@ -431,7 +431,10 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue().await;
     let mut inbox = rabbit.consume(&queue).await;
-    let relay = RunningRelay::start(db.settings()).await;
+    // No fallback poll within the test: replayed rows must wake the relay.
+    let mut settings = db.settings();
+    settings.relay.poll_interval = Duration::from_secs(3600);
+    let relay = RunningRelay::start(settings).await;
     let mut ids = Vec::new();
     for n in 0..5 {
         let message =
@@ -516,7 +519,8 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     .fetch_all(&outbox.pool)
     .await
     .expect("ids");
-    // The consumer processed 1, 2, 3 (3 twice over) and 6; 4 and 5 never arrived.
+    // The consumer processed 1, 2, 3 (3 twice over) and 6; 4 never arrived; 5 arrived and its
+    // handler keeps failing.
     for (i, duplicates) in [(0, 0), (1, 0), (2, 1), (5, 0)] {
         sqlx::query(
             "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at, duplicates) \
@@ -528,6 +532,14 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
         .await
         .expect("inbox row");
     }
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, attempts, last_error) \
+         values ('billing', $1, 'orders', 2, 'boom')",
+    )
+    .bind(ids[4])
+    .execute(&consumer_db.pool)
+    .await
+    .expect("failing inbox row");
     let reconcile = |extra: &[&str]| {
         let mut args = vec![
             "reconcile",
@@ -546,20 +558,26 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     assert_eq!(output.status.code(), Some(3), "discrepancies found");
     let report: Value = serde_json::from_slice(&output.stdout).expect("reconcile --json is JSON");
     assert_eq!(report["published_checked"], 5);
-    assert_eq!(report["missing_count"], 2);
-    assert_eq!(
-        report["missing"],
-        serde_json::json!([ids[3].to_string(), ids[4].to_string()])
-    );
+    assert_eq!(report["missing_count"], 1);
+    assert_eq!(report["missing"], serde_json::json!([ids[3].to_string()]));
+    assert_eq!(report["failing_count"], 1, "received is not processed");
+    assert_eq!(report["failing"], serde_json::json!([ids[4].to_string()]));
     assert_eq!(report["duplicated_count"], 1);
     assert_eq!(report["duplicated"][0]["message_id"], ids[2].to_string());
     assert_eq!(report["duplicated"][0]["duplicates"], 1);
+    // --limit bounds the lists, not the counts.
+    let report: Value =
+        serde_json::from_slice(&reconcile(&["--limit", "0"]).stdout).expect("JSON");
+    assert_eq!(report["missing_count"], 1);
+    assert_eq!(report["missing"], serde_json::json!([]));
 
     // Once they are processed, the check passes.
     for i in [3, 4] {
         sqlx::query(
             "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
-             values ('billing', $1, 'orders', 'applied', now())",
+             values ('billing', $1, 'orders', 'applied', now()) \
+             on conflict (consumer, message_id) \
+             do update set outcome = 'applied', processed_at = now()",
         )
         .bind(ids[i])
         .execute(&consumer_db.pool)

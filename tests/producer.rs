@@ -82,6 +82,43 @@ async fn enqueue_many_is_one_statement_in_order_and_reports_duplicates() {
 }
 
 #[tokio::test]
+async fn sql_inserts_get_time_ordered_v7_message_ids() {
+    let db = TestDb::migrated().await;
+    let before = std::time::SystemTime::now();
+    sqlx::query(
+        "insert into postbox.outbox (routing_key, payload) \
+         select 'q', '{}' from generate_series(1, 50)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("insert");
+    let ids: Vec<uuid::Uuid> =
+        sqlx::query_scalar("select message_id from postbox.outbox order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("ids");
+    assert_eq!(ids.len(), 50);
+    for id in &ids {
+        assert_eq!(id.get_version_num(), 7, "{id} is a v7 UUID");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        let (seconds, _) = id.get_timestamp().expect("v7 has a timestamp").to_unix();
+        let written = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+        let skew = written
+            .duration_since(before)
+            .unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(60), "{id}: timestamp {written:?}");
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 50, "distinct ids");
+    // Within one millisecond the order is random; across milliseconds it follows time.
+    let millis = |id: &uuid::Uuid| id.as_bytes()[..6].to_vec();
+    assert!(
+        ids.windows(2).all(|w| millis(&w[0]) <= millis(&w[1])),
+        "timestamps never go backwards in insert order: {ids:?}"
+    );
+}
+
+#[tokio::test]
 async fn delayed_messages_wait_for_their_time() {
     let db = TestDb::migrated().await;
     let next_due = || postbox::store::outbox::next_due(&db.pool);

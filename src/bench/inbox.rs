@@ -16,21 +16,38 @@ pub(super) async fn dedup_case(env: &Env, options: &BenchOptions) -> Result<Case
         dedup.push(rate);
     }
     let mut result = CaseResult::from_samples("inbox dedup", "-", &mut dedup, "msgs/s", None);
-    result.note =
-        format!("inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates");
+    result.note = format!(
+        "inbox::receive_many alone, {INBOX_BATCH} ids per transaction, 10 % duplicates, \
+         {INBOX_STREAMS} connections at once"
+    );
     Ok(result)
 }
 
 /// Message ids per inbox transaction in the dedup case.
 const INBOX_BATCH: usize = 1_000;
 
-/// The consumer's batch claim alone: ids claimed `INBOX_BATCH` per transaction, every tenth
-/// one a duplicate of an id from the previous batch.
+/// Transactions claiming at once in the dedup case: one per core here, as a consumer with
+/// `concurrency` > 1 runs them. One stream keeps one Postgres backend busy and leaves the
+/// other core idle.
+const INBOX_STREAMS: usize = 2;
+
+/// The consumer's batch claim alone: `INBOX_STREAMS` connections each claim their share of
+/// the ids, `INBOX_BATCH` per transaction, every tenth one a duplicate of an id from that
+/// stream's previous batch.
 async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result<f64> {
     let consumer = format!("bench-{rep}");
     let total = options.messages as usize;
-    let mut previous: Vec<uuid::Uuid> = Vec::new();
     let start = Instant::now();
+    let streams = (0..INBOX_STREAMS).map(|stream| {
+        let share = total / INBOX_STREAMS + usize::from(stream < total % INBOX_STREAMS);
+        dedup_stream(env, &consumer, share)
+    });
+    futures_util::future::try_join_all(streams).await?;
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn dedup_stream(env: &Env, consumer: &str, total: usize) -> Result<()> {
+    let mut previous: Vec<uuid::Uuid> = Vec::new();
     let mut done = 0;
     while done < total {
         let n = INBOX_BATCH.min(total - done);
@@ -42,12 +59,12 @@ async fn inbox_dedup_once(env: &Env, options: &BenchOptions, rep: u32) -> Result
             })
             .collect();
         let mut tx = env.pool.begin().await.context("bench: begin")?;
-        crate::inbox::receive_many(&mut tx, &consumer, "bench", &ids).await?;
+        crate::inbox::receive_many(&mut tx, consumer, "bench", &ids).await?;
         tx.commit().await.context("bench: commit")?;
         previous = ids;
         done += n;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// A handler that writes nothing: what is measured is the consumer's own work per message

@@ -99,6 +99,19 @@ impl Env {
             .await
             .context("creating the bench database")?;
         admin.close().await.context("closing admin connection")?;
+        match Self::open(settings, &admin_url, db_name.clone()).await {
+            Ok(env) => Ok(env),
+            Err(error) => {
+                drop_database(&admin_url, &db_name).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Connects to the bench database `db_name` (just created), migrates it, and connects to
+    /// the broker.
+    async fn open(settings: &Settings, admin_url: &str, db_name: String) -> Result<Self> {
+        let admin_url = admin_url.to_string();
         let mut url = url::Url::parse(&admin_url).map_err(|e| crate::Error::Config {
             setting: "database_url",
             value: crate::config::redact_url(&admin_url),
@@ -113,6 +126,8 @@ impl Env {
             .connect_with(connect)
             .await
             .context("connecting to the bench database")?;
+        // The pool closes when dropped on an error below, before the database is dropped
+        // (`with (force)` would end its sessions anyway).
         crate::migrate(&pool).await?;
         let connection = Broker::new(settings.amqp_urls())
             .connect("postbox bench")
@@ -205,14 +220,18 @@ impl Env {
         }
         let _ = self.connection.close(200, "bench done".into()).await;
         self.pool.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
-            let _ = sqlx::query(AssertSqlSafe(format!(
-                "drop database if exists {} with (force)",
-                self.db_name
-            )))
-            .execute(&mut admin)
-            .await;
-        }
+        drop_database(&self.admin_url, &self.db_name).await;
+    }
+}
+
+/// Drops a bench database, ending its sessions; best effort (the run is over either way).
+async fn drop_database(admin_url: &str, db_name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "drop database if exists {db_name} with (force)"
+        )))
+        .execute(&mut admin)
+        .await;
     }
 }
 

@@ -12,11 +12,11 @@ use crate::error::{Error, Result};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Messages per throughput case.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
     pub messages: u32,
-    /// Payload size in bytes.
-    #[arg(long, default_value_t = 256)]
-    pub payload_size: usize,
+    /// Payload size in bytes (at most `relay.max_message_bytes`).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=i64::from(i32::MAX)))]
+    pub payload_size: u32,
     /// Relay batch size (also the ceiling's publish window per batch).
     #[arg(long, default_value_t = 500)]
     pub batch_size: u32,
@@ -58,7 +58,7 @@ pub struct BenchArgs {
 pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
     let mut options = BenchOptions {
         messages: args.messages,
-        payload_size: args.payload_size,
+        payload_size: args.payload_size as usize,
         batch_size: args.batch_size,
         in_flight: args.in_flight,
         queue_types: match args.queue_type.as_str() {
@@ -90,6 +90,17 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
     check.relay.batch_size = options.batch_size;
     check.relay.max_in_flight_batches = options.in_flight;
     check.validate()?;
+    // Rows the relay refuses would only be retried until the case times out.
+    if options.payload_size > settings.relay.max_message_bytes {
+        return Err(Error::Config {
+            setting: "--payload-size",
+            value: options.payload_size.to_string(),
+            reason: format!(
+                "at most relay.max_message_bytes ({}) for the relay to publish it",
+                settings.relay.max_message_bytes
+            ),
+        });
+    }
     let report = bench::run(&settings, &options).await?;
     {
         use std::io::Write;

@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::config::{redact_url, Settings};
 use crate::error::{Context, Error, Result};
-use crate::store::{self, inbox, operations};
+use crate::store::inbox::{self, Unsettled};
+use crate::store::{self, operations};
 
 /// Options of `postbox reconcile`.
 #[derive(Debug, Args)]
@@ -47,9 +48,11 @@ pub struct ReconcileArgs {
 struct Report {
     consumer: String,
     published_checked: u64,
-    missing_count: usize,
+    missing_count: u64,
     missing: Vec<Uuid>,
-    duplicated_count: usize,
+    failing_count: u64,
+    failing: Vec<Uuid>,
+    duplicated_count: u64,
     duplicated: Vec<Duplicated>,
 }
 
@@ -57,6 +60,31 @@ struct Report {
 struct Duplicated {
     message_id: Uuid,
     duplicates: i32,
+}
+
+impl Report {
+    /// Counts every unsettled id, listing the first `limit` of each kind.
+    fn add(&mut self, unsettled: Vec<(Uuid, Unsettled)>, limit: usize) {
+        for (id, state) in unsettled {
+            let (count, listed) = match state {
+                Unsettled::Missing => (&mut self.missing_count, self.missing.len()),
+                Unsettled::Failing => (&mut self.failing_count, self.failing.len()),
+                Unsettled::Duplicated(_) => (&mut self.duplicated_count, self.duplicated.len()),
+            };
+            *count += 1;
+            if listed >= limit {
+                continue;
+            }
+            match state {
+                Unsettled::Missing => self.missing.push(id),
+                Unsettled::Failing => self.failing.push(id),
+                Unsettled::Duplicated(duplicates) => self.duplicated.push(Duplicated {
+                    message_id: id,
+                    duplicates,
+                }),
+            }
+        }
+    }
 }
 
 /// Outbox ids compared per round trip to the inbox database.
@@ -77,14 +105,24 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         routing_key: args.routing_key.clone(),
         ..operations::Selection::default()
     };
-    // A grace longer than history can hold checks nothing rather than overflowing.
+    // The outbox database's clock, the one that wrote published_at. A grace longer than
+    // history can hold checks nothing rather than overflowing.
+    let now = operations::now(&outbox_pool).await?;
     let published_before = chrono::Duration::from_std(args.grace)
         .ok()
-        .and_then(|grace| Utc::now().checked_sub_signed(grace))
+        .and_then(|grace| now.checked_sub_signed(grace))
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let mut report = Report {
+        consumer: args.consumer.clone(),
+        published_checked: 0,
+        missing_count: 0,
+        missing: Vec::new(),
+        failing_count: 0,
+        failing: Vec::new(),
+        duplicated_count: 0,
+        duplicated: Vec::new(),
+    };
     let mut after_id = 0;
-    let mut checked = 0u64;
-    let mut missing = Vec::new();
     loop {
         let page =
             operations::published_ids(&outbox_pool, &selection, published_before, after_id, PAGE)
@@ -93,40 +131,30 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
             break;
         };
         after_id = last;
-        checked += page.len() as u64;
+        report.published_checked += page.len() as u64;
         let ids: Vec<Uuid> = page.iter().map(|(_, id)| *id).collect();
-        missing.extend(inbox::missing(&inbox_pool, &args.consumer, &ids).await?);
+        report.add(
+            inbox::unsettled(&inbox_pool, &args.consumer, &ids).await?,
+            args.limit,
+        );
     }
-    let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
-    let (duplicated_count, duplicated) =
-        inbox::duplicated(&inbox_pool, &args.consumer, limit).await?;
     outbox_pool.close().await;
     inbox_pool.close().await;
 
-    let report = Report {
-        consumer: args.consumer.clone(),
-        published_checked: checked,
-        missing_count: missing.len(),
-        missing: missing.iter().take(args.limit).copied().collect(),
-        duplicated_count: usize::try_from(duplicated_count).unwrap_or(usize::MAX),
-        duplicated: duplicated
-            .iter()
-            .map(|&(message_id, duplicates)| Duplicated {
-                message_id,
-                duplicates,
-            })
-            .collect(),
-    };
     let text = if args.json {
         serde_json::to_string_pretty(&report).unwrap_or_default()
     } else {
         render(&report)
     };
     let _ = writeln!(std::io::stdout(), "{text}");
-    if report.missing_count > 0 {
+    if report.missing_count + report.failing_count > 0 {
         return Err(Error::Discrepancy(format!(
-            "{} published message(s) were never processed by consumer {:?}",
-            report.missing_count, report.consumer
+            "{} published message(s) were never processed by consumer {:?} ({} never \
+             received, {} failing)",
+            report.missing_count + report.failing_count,
+            report.consumer,
+            report.missing_count,
+            report.failing_count
         )));
     }
     Ok(())
@@ -138,6 +166,13 @@ fn render(report: &Report) -> String {
         report.consumer, report.published_checked, report.missing_count
     );
     for id in &report.missing {
+        out.push_str(&format!("    {id}\n"));
+    }
+    out.push_str(&format!(
+        "  received, handler failing (being retried): {}\n",
+        report.failing_count
+    ));
+    for id in &report.failing {
         out.push_str(&format!("    {id}\n"));
     }
     out.push_str(&format!(

@@ -62,12 +62,15 @@ pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
         return Ok(());
     }
     let mut queued = 0;
-    loop {
-        let n = operations::replay_batch(&pool, &selection, started, args.batch_size).await?;
+    let mut after_id = i64::MIN;
+    // Each batch commits on its own and wakes the relays (an UPDATE fires no insert trigger),
+    // so publishing starts while a long replay is still being queued.
+    while let (n, Some(last)) =
+        operations::replay_batch(&pool, &selection, started, after_id, args.batch_size).await?
+    {
         queued += n;
-        if n == 0 {
-            break;
-        }
+        after_id = last;
+        operations::wake_relays(&pool).await?;
     }
     pool.close().await;
     let _ = writeln!(

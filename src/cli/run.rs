@@ -44,7 +44,12 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     let relay = Relay::new(pool.clone(), broker, settings.relay.clone());
     let server = match settings.metrics_addr.trim() {
         "" => None,
-        addr => Some(serve_metrics(addr, &settings, &pool, relay.stats(), &shutdown).await?),
+        addr => {
+            // A connection of its own: a probe must not queue behind the relay's heartbeat,
+            // poll, cleanup or a long VACUUM for the pool's spare connection.
+            let probe_pool = store::connect_lazy(&settings, 1)?;
+            Some(serve_metrics(addr, &settings, probe_pool, relay.stats(), &shutdown).await?)
+        }
     };
     if until_ok("postgres", &shutdown, || store::ping(&settings))
         .await
@@ -73,7 +78,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
 async fn serve_metrics(
     addr: &str,
     settings: &Settings,
-    pool: &sqlx::PgPool,
+    pool: sqlx::PgPool,
     stats: std::sync::Arc<crate::relay::Stats>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
@@ -87,7 +92,7 @@ async fn serve_metrics(
         })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     let probe = metrics::Probe {
-        pool: pool.clone(),
+        pool,
         stats,
         max_lag: (!settings.readiness_max_lag.is_zero()).then_some(settings.readiness_max_lag),
         park_keys: settings.relay.dead_rows_park_keys,

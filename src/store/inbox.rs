@@ -278,7 +278,7 @@ with doomed as (
     select consumer, message_id from postbox.inbox
     where processed_at < now() - $1 * interval '1 millisecond'
       and ($2::text is null or consumer = $2)
-    order by processed_at
+    -- no order: every row past the cutoff goes in this round, found through the BRIN index
     limit $3
     for update skip locked
 )
@@ -318,46 +318,46 @@ fn bind<'q>(
         .bind(receipt.version)
 }
 
-/// Of `message_ids`, those `consumer` has no inbox row for.
-pub async fn missing(
+/// What `consumer`'s inbox says about one message id, when it is not simply "processed once".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsettled {
+    /// No inbox row: the message never reached the consumer (or its transaction never committed).
+    Missing,
+    /// Received, but every handler run so far failed: still being retried.
+    Failing,
+    /// Processed, and delivered this many more times (absorbed by the inbox).
+    Duplicated(i32),
+}
+
+/// Of `message_ids`, those `consumer` has not simply processed once, with what happened to
+/// each, in the order given.
+pub async fn unsettled(
     pool: &sqlx::PgPool,
     consumer: &str,
     message_ids: &[Uuid],
-) -> Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "select m.id from unnest($2::uuid[]) as m(id) \
-         where not exists (select 1 from postbox.inbox i \
-                           where i.consumer = $1 and i.message_id = m.id)",
+) -> Result<Vec<(Uuid, Unsettled)>> {
+    let rows: Vec<(Uuid, bool, bool, i32)> = sqlx::query_as(
+        "select m.id, i.message_id is not null, i.outcome is not null, \
+                coalesce(i.duplicates, 0) \
+         from unnest($2::uuid[]) with ordinality as m(id, position) \
+         left join postbox.inbox i on i.consumer = $1 and i.message_id = m.id \
+         where i.message_id is null or i.outcome is null or i.duplicates > 0 \
+         order by m.position",
     )
     .bind(consumer)
     .bind(message_ids)
     .fetch_all(pool)
     .await
-    .context("looking for unprocessed message ids in postbox.inbox")
-}
-
-/// How many of `consumer`'s messages were delivered more than once, and the first `limit` of
-/// them with how often: `(message_id, duplicates)`.
-pub async fn duplicated(
-    pool: &sqlx::PgPool,
-    consumer: &str,
-    limit: i64,
-) -> Result<(i64, Vec<(Uuid, i32)>)> {
-    let total: i64 = sqlx::query_scalar(
-        "select count(*) from postbox.inbox where consumer = $1 and duplicates > 0",
-    )
-    .bind(consumer)
-    .fetch_one(pool)
-    .await
-    .context("counting duplicated message ids in postbox.inbox")?;
-    let first = sqlx::query_as(
-        "select message_id, duplicates from postbox.inbox \
-         where consumer = $1 and duplicates > 0 order by first_received_at limit $2",
-    )
-    .bind(consumer)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading duplicated message ids from postbox.inbox")?;
-    Ok((total, first))
+    .context("comparing message ids with postbox.inbox")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, present, decided, duplicates)| {
+            let state = match (present, decided) {
+                (false, _) => Unsettled::Missing,
+                (true, false) => Unsettled::Failing,
+                (true, true) => Unsettled::Duplicated(duplicates),
+            };
+            (id, state)
+        })
+        .collect())
 }

@@ -337,30 +337,42 @@ pub async fn now(pool: &PgPool) -> Result<DateTime<Utc>> {
         .context("reading the database clock")
 }
 
-/// Makes up to `limit` rows of `selection` that were published before `published_before`
-/// pending again (original message ids, a fresh set of attempts), lowest ids first; returns how
-/// many. The relay republishes them; the bound keeps a long replay from taking the rows it
-/// already replayed (and the relay republished meanwhile) a second time.
+/// Makes up to `limit` rows of `selection` with ids above `after_id` that were published before
+/// `published_before` pending again (original message ids, a fresh set of attempts), lowest ids
+/// first. Returns how many, and the highest id taken (the next batch's `after_id`), so a long
+/// replay reads each row once instead of rescanning what it already queued. The time bound
+/// keeps rows the relay republished meanwhile from being taken twice by a replay that starts
+/// over. Rows another session holds are waited for, not skipped: skipping them would leave
+/// them behind the cursor.
 pub async fn replay_batch(
     pool: &PgPool,
     selection: &Selection,
     published_before: DateTime<Utc>,
+    after_id: i64,
     limit: i64,
-) -> Result<u64> {
-    Ok(selected(
+) -> Result<(u64, Option<i64>)> {
+    let row = selected(
         format!(
-            "update postbox.outbox set published_at = null, attempts = 0, available_at = now() \
-             where id in (select id from postbox.outbox where {SELECTED} and published_at < $6 \
-             order by id limit $7 for update skip locked)"
+            "with replayed as ( \
+                 update postbox.outbox set published_at = null, attempts = 0, \
+                        available_at = now() \
+                 where id in (select id from postbox.outbox where {SELECTED} \
+                              and published_at < $6 and id > $7 order by id limit $8 \
+                              for update) \
+                 returning id) \
+             select count(*), max(id) from replayed"
         ),
         selection,
     )
     .bind(published_before)
+    .bind(after_id)
     .bind(limit)
-    .execute(pool)
+    .fetch_one(pool)
     .await
-    .context("queueing rows for replay")?
-    .rows_affected())
+    .context("queueing rows for replay")?;
+    let count: i64 = row.try_get(0).context("reading the replayed count")?;
+    let last: Option<i64> = row.try_get(1).context("reading the last replayed id")?;
+    Ok((u64::try_from(count).unwrap_or(0), last))
 }
 
 /// One page of published message ids of `selection`, published before `published_before`,
