@@ -566,8 +566,7 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     assert_eq!(report["duplicated"][0]["message_id"], ids[2].to_string());
     assert_eq!(report["duplicated"][0]["duplicates"], 1);
     // --limit bounds the lists, not the counts.
-    let report: Value =
-        serde_json::from_slice(&reconcile(&["--limit", "0"]).stdout).expect("JSON");
+    let report: Value = serde_json::from_slice(&reconcile(&["--limit", "0"]).stdout).expect("JSON");
     assert_eq!(report["missing_count"], 1);
     assert_eq!(report["missing"], serde_json::json!([]));
 

@@ -106,7 +106,10 @@ async fn sql_inserts_get_time_ordered_v7_message_ids() {
         let skew = written
             .duration_since(before)
             .unwrap_or_else(|e| e.duration());
-        assert!(skew < Duration::from_secs(60), "{id}: timestamp {written:?}");
+        assert!(
+            skew < Duration::from_secs(60),
+            "{id}: timestamp {written:?}"
+        );
     }
     let distinct: std::collections::HashSet<_> = ids.iter().collect();
     assert_eq!(distinct.len(), 50, "distinct ids");
