@@ -244,6 +244,17 @@ pub enum Completion {
     },
 }
 
+// The usual batch: every row confirmed. No join, so no plan can go quadratic.
+const COMPLETE_PUBLISHED: &str = r#"
+update postbox.outbox
+set published_at = now()
+where id = any($1) and published_at is null and dead_at is null
+"#;
+
+// A batch with failures. Always planned for the batch at hand (not prepared): a generic plan
+// guesses ten rows for the unnest and, with a big table, joins it by a nested loop that
+// rescans the whole batch for every row (measured with 10 M rows of history: 80 ms instead
+// of 6.5 ms for 500 rows).
 const COMPLETE: &str = r#"
 update postbox.outbox o
 set published_at = case when d.outcome = 'published' then now() end,
@@ -265,6 +276,18 @@ where o.id = d.id
 /// Returns the number of rows updated.
 pub async fn complete(tx: &mut PgConnection, outcomes: &[(i64, Completion)]) -> Result<u64> {
     let n = outcomes.len();
+    if outcomes
+        .iter()
+        .all(|(_, completion)| *completion == Completion::Published)
+    {
+        let ids: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
+        let result = sqlx::query(COMPLETE_PUBLISHED)
+            .bind(&ids)
+            .execute(tx)
+            .await
+            .context(format!("marking {n} outbox row(s) published"))?;
+        return Ok(result.rows_affected());
+    }
     let mut ids = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut errors = Vec::with_capacity(n);
@@ -285,6 +308,7 @@ pub async fn complete(tx: &mut PgConnection, outcomes: &[(i64, Completion)]) -> 
         retry_after_ms.push(after);
     }
     let result = sqlx::query(COMPLETE)
+        .persistent(false)
         .bind(&ids)
         .bind(&kinds)
         .bind(&errors)
