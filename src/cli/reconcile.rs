@@ -44,7 +44,7 @@ pub struct ReconcileArgs {
     pub json: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Report {
     consumer: String,
     published_checked: u64,
@@ -65,23 +65,25 @@ struct Duplicated {
 impl Report {
     /// Counts every unsettled id, listing the first `limit` of each kind.
     fn add(&mut self, unsettled: Vec<(Uuid, Unsettled)>, limit: usize) {
-        for (id, state) in unsettled {
-            let (count, listed) = match state {
-                Unsettled::Missing => (&mut self.missing_count, self.missing.len()),
-                Unsettled::Failing => (&mut self.failing_count, self.failing.len()),
-                Unsettled::Duplicated(_) => (&mut self.duplicated_count, self.duplicated.len()),
-            };
+        fn note<T>(count: &mut u64, listed: &mut Vec<T>, item: T, limit: usize) {
             *count += 1;
-            if listed >= limit {
-                continue;
+            if listed.len() < limit {
+                listed.push(item);
             }
+        }
+        for (id, state) in unsettled {
             match state {
-                Unsettled::Missing => self.missing.push(id),
-                Unsettled::Failing => self.failing.push(id),
-                Unsettled::Duplicated(duplicates) => self.duplicated.push(Duplicated {
-                    message_id: id,
-                    duplicates,
-                }),
+                Unsettled::Missing => note(&mut self.missing_count, &mut self.missing, id, limit),
+                Unsettled::Failing => note(&mut self.failing_count, &mut self.failing, id, limit),
+                Unsettled::Duplicated(duplicates) => note(
+                    &mut self.duplicated_count,
+                    &mut self.duplicated,
+                    Duplicated {
+                        message_id: id,
+                        duplicates,
+                    },
+                    limit,
+                ),
             }
         }
     }
@@ -114,13 +116,7 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     let mut report = Report {
         consumer: args.consumer.clone(),
-        published_checked: 0,
-        missing_count: 0,
-        missing: Vec::new(),
-        failing_count: 0,
-        failing: Vec::new(),
-        duplicated_count: 0,
-        duplicated: Vec::new(),
+        ..Report::default()
     };
     let mut after_id = 0;
     loop {

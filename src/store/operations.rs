@@ -339,11 +339,12 @@ pub async fn now(pool: &PgPool) -> Result<DateTime<Utc>> {
 
 /// Makes up to `limit` rows of `selection` with ids above `after_id` that were published before
 /// `published_before` pending again (original message ids, a fresh set of attempts), lowest ids
-/// first. Returns how many, and the highest id taken (the next batch's `after_id`), so a long
+/// first. Returns how many, and the highest id looked at (the next batch's `after_id`), so a long
 /// replay reads each row once instead of rescanning what it already queued. The time bound
 /// keeps rows the relay republished meanwhile from being taken twice by a replay that starts
-/// over. Rows another session holds are waited for, not skipped: skipping them would leave
-/// them behind the cursor.
+/// over. Rows another session holds are waited for, not skipped, and checked again once free
+/// (a row a concurrent replay took meanwhile is left alone); the cursor moves past the whole
+/// page either way, so the replay ends only when no row is left above it.
 pub async fn replay_batch(
     pool: &PgPool,
     selection: &Selection,
@@ -353,14 +354,15 @@ pub async fn replay_batch(
 ) -> Result<(u64, Option<i64>)> {
     let row = selected(
         format!(
-            "with replayed as ( \
+            "with page as ( \
+                 select id from postbox.outbox where {SELECTED} \
+                 and published_at < $6 and id > $7 order by id limit $8), \
+             replayed as ( \
                  update postbox.outbox set published_at = null, attempts = 0, \
                         available_at = now() \
-                 where id in (select id from postbox.outbox where {SELECTED} \
-                              and published_at < $6 and id > $7 order by id limit $8 \
-                              for update) \
+                 where id in (select id from page) and {SELECTED} and published_at < $6 \
                  returning id) \
-             select count(*), max(id) from replayed"
+             select (select count(*) from replayed), (select max(id) from page)"
         ),
         selection,
     )
