@@ -261,8 +261,9 @@ async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<
     relay_settings.relay.retention = SOAK_RETENTION;
     relay_settings.relay.cleanup_interval = Duration::from_secs(1);
     let relay = start_relay(&relay_settings).await?;
-    let per_tick = (options.soak_rate / 10).max(1);
     let start = Instant::now();
+    let mut committed: u64 = 0;
+    let mut ticks: u64 = 0;
     let end = start + Duration::from_secs(u64::from(options.soak_seconds));
     let mut next_tick = start;
     let mut next_sample = start;
@@ -276,16 +277,24 @@ async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<
             sizes.push((start.elapsed().as_secs_f64(), size));
             next_sample += Duration::from_secs(1);
         }
-        sqlx::query(
-            "insert into postbox.outbox (routing_key, payload)
-             select $1, repeat('x', $2) from generate_series(1, $3)",
-        )
-        .bind(&queue)
-        .bind(options.payload_size as i32)
-        .bind(per_tick as i32)
-        .execute(&env.pool)
-        .await
-        .context("soak insert")?;
+        // What is due by the end of this tick, so a rate that is not a multiple of ten per
+        // second is kept exactly over the run instead of rounded down every tick.
+        ticks += 1;
+        let due = u64::from(options.soak_rate) * ticks / 10;
+        let rows = due - committed;
+        if rows > 0 {
+            sqlx::query(
+                "insert into postbox.outbox (routing_key, payload)
+                 select $1, repeat('x', $2) from generate_series(1, $3)",
+            )
+            .bind(&queue)
+            .bind(options.payload_size as i32)
+            .bind(rows as i64)
+            .execute(&env.pool)
+            .await
+            .context("soak insert")?;
+            committed = due;
+        }
         next_tick += Duration::from_millis(100);
         tokio::time::sleep_until(next_tick.into()).await;
     }
