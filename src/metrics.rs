@@ -110,11 +110,13 @@ async fn metrics(State(probe): State<Probe>) -> Response {
         _ => metrics::gauge!("postbox_database_up").set(0.0),
     }
     metrics::gauge!("postbox_broker_up").set(f64::from(u8::from(probe.stats.broker_connected())));
+    metrics::gauge!("postbox_listener_up").set(f64::from(u8::from(probe.stats.listening())));
     probe.handle.render().into_response()
 }
 
-/// Ready when Postgres answers, the broker connection is up and (if configured) the backlog's
-/// oldest due row is younger than `max_lag`; otherwise 503, with every check's result.
+/// Ready when Postgres answers, the broker connection is up, the relay listens for commits and
+/// (if configured) the backlog's oldest due row is younger than `max_lag`; otherwise 503, with
+/// every check's result.
 async fn ready(State(probe): State<Probe>) -> Response {
     let backlog = tokio::time::timeout(
         Duration::from_secs(2),
@@ -131,6 +133,11 @@ async fn ready(State(probe): State<Probe>) -> Response {
     } else {
         Err("not connected".to_string())
     };
+    let listener = if probe.stats.listening() {
+        Ok(())
+    } else {
+        Err("not listening for commits; new rows wait for the poll".to_string())
+    };
     let lag_check = match (probe.max_lag, lag) {
         (Some(max), Some(lag)) if lag > max.as_secs_f64() => Err(format!(
             "oldest due pending row is {lag:.1}s old, above {:.1}s",
@@ -138,7 +145,7 @@ async fn ready(State(probe): State<Probe>) -> Response {
         )),
         _ => Ok(()),
     };
-    let ready = database.is_ok() && broker.is_ok() && lag_check.is_ok();
+    let ready = database.is_ok() && broker.is_ok() && listener.is_ok() && lag_check.is_ok();
     let show = |check: &std::result::Result<(), String>| match check {
         Ok(()) => json!("ok"),
         Err(reason) => json!(reason),
@@ -148,6 +155,7 @@ async fn ready(State(probe): State<Probe>) -> Response {
         "checks": {
             "database": show(&database),
             "broker": show(&broker),
+            "listener": show(&listener),
             "lag": show(&lag_check),
         },
         "lag_seconds": lag,

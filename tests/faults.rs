@@ -605,3 +605,56 @@ async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
     assert!(stats.broker_connected(), "connected again for the work");
     relay.stop().await;
 }
+
+/// The notification listener survives a lost database: while Postgres is away the relay says
+/// it is not listening (readiness fails), and once LISTEN holds again a commit wakes it at
+/// once — the poll interval here is far beyond the test's deadlines.
+#[tokio::test]
+async fn the_listener_comes_back_after_postgres_does_and_commits_wake_the_relay_again() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let postgres = Proxy::start(host_port(&admin_database_url())).await;
+    let mut settings = db.settings();
+    settings.database_url = postgres.url_for(&db.url);
+    settings.relay.poll_interval = Duration::from_secs(600);
+    let relay = RunningRelay::start(settings).await;
+    let stats = relay.stats.clone();
+    let listening = |expected: bool| {
+        let stats = stats.clone();
+        move || {
+            let stats = stats.clone();
+            async move { (stats.listening() == expected).then_some(()) }
+        }
+    };
+    wait_until(
+        "the relay listens",
+        Duration::from_secs(20),
+        listening(true),
+    )
+    .await;
+
+    postgres.shut();
+    wait_until(
+        "the relay reports it is not listening",
+        Duration::from_secs(20),
+        listening(false),
+    )
+    .await;
+    postgres.reopen();
+    wait_until("the relay listens again", LONG, listening(true)).await;
+    for n in 0..3 {
+        commit(
+            &db,
+            &[Message::text(&queue, format!("after the outage {n}"))],
+        )
+        .await;
+        let received = inbox.take(1, Duration::from_secs(30)).await;
+        assert_eq!(
+            received[0].payload,
+            format!("after the outage {n}").as_bytes()
+        );
+    }
+    relay.stop().await;
+}

@@ -302,6 +302,7 @@ async fn metrics_health_and_readiness_over_http() {
     let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!(ready["checks"]["broker"], "ok");
     assert_eq!(ready["checks"]["database"], "ok");
+    assert_eq!(ready["checks"]["listener"], "ok");
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
 
     for _ in 0..3 {
@@ -325,6 +326,7 @@ async fn metrics_health_and_readiness_over_http() {
         "postbox_lag_seconds 0",
         "postbox_pending_rows 0",
         "postbox_broker_up 1",
+        "postbox_listener_up 1",
         "postbox_database_up 1",
     ] {
         assert!(

@@ -365,8 +365,9 @@ async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Re
     let mut window: VecDeque<Vec<lapin::PublisherConfirm>> = VecDeque::new();
     let stop_sampling = CancellationToken::new();
     let sampler = tokio::spawn(resources::sample(stop_sampling.clone()));
-    let start = Instant::now();
+    let mut rate = Rate::new(Instant::now());
     let mut sent = 0u32;
+    let mut confirmed = 0u64;
     while sent < options.messages {
         let n = options.batch_size.min(options.messages - sent);
         // Published the way the relay publishes a batch: queued in order, writes awaited
@@ -386,27 +387,63 @@ async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Re
         sent += n;
         window.push_back(batch);
         if window.len() >= options.in_flight as usize {
-            await_confirms(window.pop_front()).await?;
+            confirmed += await_confirms(window.pop_front()).await?;
+            rate.saw(confirmed);
         }
     }
     while let Some(batch) = window.pop_front() {
-        await_confirms(Some(batch)).await?;
+        confirmed += await_confirms(Some(batch)).await?;
+        rate.saw(confirmed);
     }
-    let rate = f64::from(options.messages) / start.elapsed().as_secs_f64();
+    let rate = rate.per_second(confirmed);
     stop_sampling.cancel();
     let usage = sampler.await.unwrap_or_default();
     env.delete_queue(&queue).await;
     Ok((rate, usage))
 }
 
-async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<()> {
-    for confirm in batch.unwrap_or_default() {
+/// Awaits a batch's confirms; returns how many there were.
+async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<u64> {
+    let batch = batch.unwrap_or_default();
+    let n = batch.len() as u64;
+    for confirm in batch {
         let confirmation = confirm.await.context("bench confirm")?;
         if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
             return Err(Error::Unconfirmed(format!("{confirmation:?}")));
         }
     }
-    Ok(())
+    Ok(n)
+}
+
+/// A throughput measured from the first finished batch to the last, as the ceiling and the
+/// drain both are: what comes before the first batch is done (the relay's start-up, the first
+/// claim, the pipeline filling) is not throughput, and counting it would make a run's rate
+/// depend on its length.
+struct Rate {
+    start: Instant,
+    first: Option<(Instant, u64)>,
+}
+
+impl Rate {
+    fn new(start: Instant) -> Self {
+        Self { start, first: None }
+    }
+
+    /// Records a count of finished messages seen now.
+    fn saw(&mut self, done: u64) {
+        if done > 0 && self.first.is_none() {
+            self.first = Some((Instant::now(), done));
+        }
+    }
+
+    /// Messages per second up to now, when `total` are done. A run finished in a single batch
+    /// has no second point: it is measured from the start.
+    fn per_second(&self, total: u64) -> f64 {
+        match self.first {
+            Some((at, done)) if done < total => (total - done) as f64 / at.elapsed().as_secs_f64(),
+            _ => total as f64 / self.start.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 pub(super) fn relay_settings(settings: &Settings, env: &Env, options: &BenchOptions) -> Settings {
@@ -419,6 +456,27 @@ pub(super) fn relay_settings(settings: &Settings, env: &Env, options: &BenchOpti
 
 pub(super) async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
     Ok(Relay::connect(settings).await?.spawn())
+}
+
+/// A relay that is connected to the broker and listening for commits, as one that has been
+/// running a while is: the latency cases measure a running relay, not its start-up.
+pub(super) async fn start_ready_relay(settings: &Settings) -> Result<RelayHandle> {
+    const LIMIT: Duration = Duration::from_secs(30);
+    let relay = start_relay(settings).await?;
+    let stats = relay.stats();
+    let ready = async {
+        while !(stats.broker_connected() && stats.listening()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if tokio::time::timeout(LIMIT, ready).await.is_err() {
+        let _ = relay.stop().await;
+        return Err(Error::Timeout {
+            what: "the relay to connect to the broker and listen for commits",
+            after: LIMIT,
+        });
+    }
+    Ok(relay)
 }
 
 /// What a drain's backlog and relays look like.
@@ -434,8 +492,8 @@ impl Shape {
     pub const PLAIN: Shape = Shape { keys: 0, relays: 1 };
 }
 
-/// Rows committed first, then the relay(s) started: rows/s from start to the last mark, and
-/// the resources used meanwhile.
+/// Rows committed first, then the relay(s) started: rows/s from the first marked batch to the
+/// last (see [`Rate`]), and the resources used meanwhile.
 pub(super) async fn drain_once(
     env: &Env,
     settings: &Settings,
@@ -472,7 +530,13 @@ pub(super) async fn drain_once(
     let deadline = start + Duration::from_secs(600);
     let published =
         |relays: &[RelayHandle]| -> u64 { relays.iter().map(|r| r.stats().published()).sum() };
-    while published(&relays) < target {
+    let mut rate = Rate::new(start);
+    loop {
+        let done = published(&relays);
+        rate.saw(done);
+        if done >= target {
+            break;
+        }
         if Instant::now() > deadline {
             for relay in relays {
                 let _ = relay.stop().await;
@@ -484,7 +548,7 @@ pub(super) async fn drain_once(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let rate = target as f64 / start.elapsed().as_secs_f64();
+    let rate = rate.per_second(target);
     stop_sampling.cancel();
     let usage = sampler.await.unwrap_or_default();
     for relay in relays {
@@ -503,7 +567,7 @@ async fn idle_latency(
 ) -> Result<Vec<Duration>> {
     let queue = env.queue(queue_type).await?;
     let mut consumer = env.consume(&queue).await?;
-    let relay = start_relay(&relay_settings(settings, env, options)).await?;
+    let relay = start_ready_relay(&relay_settings(settings, env, options)).await?;
     let mut samples = Vec::new();
     for _ in 0..options.latency_samples {
         // Let the relay finish its after-batch claim and go idle, as a quiet system would be.

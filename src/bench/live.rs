@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::cases::{progress, relay_settings, start_relay};
+use super::cases::{progress, relay_settings, start_ready_relay, start_relay};
 use super::{quantile, BenchOptions, CaseResult, Env};
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
@@ -26,7 +26,7 @@ pub(super) async fn latency_at_rate(
 ) -> Result<Vec<Duration>> {
     let queue = env.queue(queue_type).await?;
     let mut consumer = env.consume(&queue).await?;
-    let relay = start_relay(&relay_settings(settings, env, options)).await?;
+    let relay = start_ready_relay(&relay_settings(settings, env, options)).await?;
     let base = Instant::now();
     let ticks = (seconds / TICK.as_secs_f64()).ceil() as u64;
     let per_tick = rate * TICK.as_secs_f64();

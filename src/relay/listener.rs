@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::Stats;
 use crate::error::Context;
 use crate::reconnect::until_ok;
 
@@ -14,9 +15,15 @@ use crate::reconnect::until_ok;
 pub const CHANNEL: &str = "postbox_outbox";
 
 /// Listens until `stop`; reconnects on its own. After every (re)connect it wakes the claimer
-/// once, since notifications sent while it was away are lost.
-pub(crate) async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+/// once, since notifications sent while it was away are lost. `stats` shows whether it listens.
+pub(crate) async fn listen(
+    pool: PgPool,
+    wake: Arc<Notify>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
     loop {
+        stats.set_listening(false);
         let connect = || async {
             let mut listener = PgListener::connect_with(&pool)
                 .await
@@ -30,17 +37,23 @@ pub(crate) async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationTo
         let Some(mut listener) = until_ok("postgres listener", &stop, connect).await else {
             return;
         };
+        stats.set_listening(true);
         wake.notify_one();
         loop {
             let received = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    stats.set_listening(false);
+                    return;
+                }
                 received = listener.try_recv() => received,
             };
             match received {
                 Ok(Some(_)) => wake.notify_one(),
+                // Reconnected here rather than inside sqlx, so that `listening` is true only
+                // while LISTEN holds, and the wake-up comes after it does.
                 Ok(None) => {
-                    tracing::warn!("postgres listener: connection lost; reconnected");
-                    wake.notify_one();
+                    tracing::warn!("postgres listener: connection lost; reconnecting");
+                    break;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "postgres listener: failed; reconnecting");

@@ -26,7 +26,7 @@ pub use crate::retry::RetryPolicy;
 pub use listener::CHANNEL;
 pub use retention::cleanup;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sqlx::PgPool;
@@ -52,7 +52,8 @@ pub struct Stats {
     retried: AtomicU64,
     dead: AtomicU64,
     released: AtomicU64,
-    broker_up: std::sync::atomic::AtomicBool,
+    broker_up: AtomicBool,
+    listening: AtomicBool,
 }
 
 impl Stats {
@@ -75,6 +76,16 @@ impl Stats {
     /// Whether the publisher holds an open broker connection (it connects at start).
     pub fn broker_connected(&self) -> bool {
         self.broker_up.load(Ordering::Relaxed)
+    }
+
+    fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Relaxed);
+    }
+
+    /// Whether the relay is listening for commits (LISTEN). While it is not, new rows are
+    /// found by the poll only, up to `relay.poll_interval` late.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
     }
 
     /// Claim statements run, including those that found nothing to claim.
@@ -200,6 +211,7 @@ impl Relay {
         let listener = tokio::spawn(listener::listen(
             self.pool.clone(),
             wake.clone(),
+            self.stats.clone(),
             shutdown.clone(),
         ));
         let cleaner = tokio::spawn(retention::run(
