@@ -267,6 +267,110 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others
     h.relay.stop().await;
 }
 
+/// With `relay.keep_published = false` published rows are deleted by the statement that would
+/// mark them, in all-published batches and in batches with failures alike; failed rows stay.
+#[tokio::test]
+async fn without_history_published_rows_are_deleted_and_failed_rows_stay() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let missing = format!("{queue}-missing");
+    // Committed before the relay starts, so the first claim takes them as one batch: five
+    // confirmed and one returned as unroutable.
+    let mut mixed: Vec<Message> = (0..5)
+        .map(|n| Message::text(&queue, format!("mixed {n}")))
+        .collect();
+    mixed.push(Message::text(&missing, "nowhere"));
+    postbox::enqueue_many(&db.pool, &mixed)
+        .await
+        .expect("enqueue");
+    let mut settings = db.settings();
+    settings.relay.keep_published = false;
+    settings.relay.max_attempts = 1;
+    let relay = RunningRelay::start(settings).await;
+    inbox.take(5, DEADLINE).await;
+    for n in 0..10 {
+        enqueue(&db.pool, &Message::text(&queue, format!("plain {n}")))
+            .await
+            .expect("enqueue");
+    }
+    inbox.take(10, DEADLINE).await;
+
+    let (routing_key, error): (String, Option<String>) =
+        wait_until("only the dead row is left", DEADLINE, || async {
+            let rows: Vec<(String, Option<String>, bool)> = sqlx::query_as(
+                "select routing_key, last_error, dead_at is not null from postbox.outbox",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+            match rows.as_slice() {
+                [(key, error, true)] => Some((key.clone(), error.clone())),
+                _ => None,
+            }
+        })
+        .await;
+    assert_eq!(routing_key, missing);
+    assert!(error.is_some_and(|e| e.contains("NO_ROUTE")));
+    assert_eq!(relay.stats.published(), 15);
+    relay.stop().await;
+}
+
+/// One batch's outcomes written in one statement: published rows are marked (or, without
+/// history, deleted), retried rows pushed back with their error, dead rows kept with theirs.
+#[tokio::test]
+async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
+    use postbox::store::outbox::{complete, Completion};
+    let db = TestDb::migrated().await;
+    for keep_published in [true, false] {
+        let batch: Vec<Message> = (0..3).map(|n| Message::text("q", n.to_string())).collect();
+        let ids: Vec<i64> = postbox::enqueue_many(&db.pool, &batch)
+            .await
+            .expect("enqueue")
+            .iter()
+            .map(|e| e.id.expect("new row"))
+            .collect();
+        let outcomes = [
+            (ids[0], Completion::Published),
+            (
+                ids[1],
+                Completion::Retry {
+                    error: "nacked".into(),
+                    retry_after: Duration::from_secs(60),
+                },
+            ),
+            (
+                ids[2],
+                Completion::Dead {
+                    error: "too big".into(),
+                },
+            ),
+        ];
+        let mut tx = db.pool.begin().await.expect("begin");
+        let written = complete(&mut tx, &outcomes, keep_published)
+            .await
+            .expect("complete");
+        tx.commit().await.expect("commit");
+        assert_eq!(written, 3);
+        let rows: Vec<(i64, bool, i32, Option<String>, bool, bool)> = sqlx::query_as(
+            "select id, published_at is not null, attempts, last_error, dead_at is not null,                     available_at > now() + interval '30 seconds'              from postbox.outbox where id = any($1) order by id",
+        )
+        .bind(&ids)
+        .fetch_all(&db.pool)
+        .await
+        .expect("rows");
+        let mut expected = vec![
+            (ids[1], false, 1, Some("nacked".to_string()), false, true),
+            (ids[2], false, 1, Some("too big".to_string()), true, false),
+        ];
+        if keep_published {
+            expected.insert(0, (ids[0], true, 0, None, false, false));
+        }
+        assert_eq!(rows, expected, "keep_published = {keep_published}");
+    }
+}
+
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
 /// and returns the statements it sent, the batches it completed and the claims it ran.
 async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64, u64) {

@@ -87,7 +87,7 @@ pub(super) async fn run_all(
             "drain, 100 keys",
             Shape {
                 keys: 100,
-                relays: 1,
+                ..Shape::PLAIN
             },
             format!(
                 "rows over 100 partition keys, at most {} in flight per key \
@@ -98,14 +98,27 @@ pub(super) async fn run_all(
         (
             "relays",
             "drain, 2 relays",
-            Shape { keys: 0, relays: 2 },
+            Shape {
+                relays: 2,
+                ..Shape::PLAIN
+            },
             "two relays (own pools and connections) sharing one backlog".to_string(),
+        ),
+        (
+            "nohistory",
+            "drain, no history",
+            Shape {
+                keep_published: false,
+                ..Shape::PLAIN
+            },
+            "relay.keep_published = false: published rows deleted, not marked".to_string(),
         ),
     ] {
         if !options.runs(name) {
             continue;
         }
         let mut rates = Vec::new();
+        let mut last_usage = Usage::default();
         for rep in 0..options.repetitions {
             let (rate, usage) = drain_once(env, settings, &queue_type, options, shape).await?;
             progress(&format!(
@@ -114,10 +127,15 @@ pub(super) async fn run_all(
                 usage.describe()
             ));
             rates.push(rate);
+            last_usage = usage;
         }
         let mut result =
             CaseResult::from_samples(case, &queue_type, &mut rates, "rows/s", Some(ceiling));
-        result.note = format!("{what}; {:.2} × the plain drain", result.times(plain));
+        result.note = format!(
+            "{what}; {:.2} × the plain drain; last run: {}",
+            result.times(plain),
+            last_usage.describe()
+        );
         report.cases.push(result);
     }
     let queue_type = queue_type.as_str();
@@ -486,10 +504,16 @@ pub(super) struct Shape {
     pub keys: u32,
     /// Relays draining side by side (each with its own pool and broker connection).
     pub relays: usize,
+    /// `relay.keep_published`.
+    pub keep_published: bool,
 }
 
 impl Shape {
-    pub const PLAIN: Shape = Shape { keys: 0, relays: 1 };
+    pub const PLAIN: Shape = Shape {
+        keys: 0,
+        relays: 1,
+        keep_published: true,
+    };
 }
 
 /// Rows committed first, then the relay(s) started: rows/s from the first marked batch to the
@@ -518,7 +542,8 @@ pub(super) async fn drain_once(
         .execute(&env.pool)
         .await
         .context("vacuum before drain")?;
-    let settings = relay_settings(settings, env, options);
+    let mut settings = relay_settings(settings, env, options);
+    settings.relay.keep_published = shape.keep_published;
     let stop_sampling = CancellationToken::new();
     let sampler = tokio::spawn(resources::sample(stop_sampling.clone()));
     let start = Instant::now();

@@ -62,8 +62,16 @@ impl BenchOptions {
 
 /// The cases, as `postbox bench --cases` names them. "drain" (the broker ceiling and the plain
 /// drain) always runs: the others are measured against it.
-pub const CASES: [&str; 8] = [
-    "drain", "keys", "relays", "latency", "idle", "live", "dedup", "consumer",
+pub const CASES: [&str; 9] = [
+    "drain",
+    "keys",
+    "relays",
+    "nohistory",
+    "latency",
+    "idle",
+    "live",
+    "dedup",
+    "consumer",
 ];
 
 /// Runs every case and returns the report.

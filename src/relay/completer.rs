@@ -16,6 +16,8 @@ use crate::store::outbox::{self, Completion};
 pub(crate) struct Completer {
     pub wake: Arc<Notify>,
     pub stats: Arc<Stats>,
+    /// `relay.keep_published`: mark published rows (true) or delete them (false).
+    pub keep_published: bool,
 }
 
 impl Completer {
@@ -74,7 +76,7 @@ impl Completer {
         if completions.is_empty() {
             tx.rollback().await.context("releasing a batch")?;
         } else {
-            outbox::complete(&mut tx, &completions)
+            outbox::complete(&mut tx, &completions, self.keep_published)
                 .instrument(tracing::debug_span!(
                     "postbox.mark",
                     rows = completions.len()

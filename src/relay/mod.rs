@@ -278,6 +278,7 @@ impl Relay {
             Completer {
                 wake,
                 stats: self.stats.clone(),
+                keep_published: settings.keep_published,
             }
             .run(decided_rx),
         );
