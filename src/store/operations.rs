@@ -70,8 +70,8 @@ pub struct Backlog {
 const BACKLOG: &str = r#"
 with parking as (
     select partition_key, min(id) as first_dead
-    from postbox.outbox
-    where $1 and dead_at is not null and released_at is null and partition_key is not null
+    from postbox.parking_rows
+    where $1
     group by partition_key
 ),
 pending as (

@@ -130,9 +130,8 @@ with candidates as materialized (
       -- rows behind a dead row of their key ($3: parking on) are never candidates: a parked
       -- key's backlog must not fill every batch and hide the rows after it
       and not ($3 and partition_key is not null and exists (
-              select 1 from postbox.outbox d
-              where d.partition_key = o.partition_key and d.id < o.id
-                and d.dead_at is not null and d.released_at is null))
+              select 1 from postbox.parking_rows d
+              where d.partition_key = o.partition_key and d.id < o.id))
     order by id
     limit $1
     for update skip locked
