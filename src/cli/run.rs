@@ -42,14 +42,21 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     // start) while Postgres is still unreachable; /readyz says so.
     let pool = store::connect_lazy(&settings, connections)?;
     let relay = Relay::new(pool.clone(), broker, settings.relay.clone());
+    // A connection of its own for the probes: they must not queue behind the relay's
+    // heartbeat, poll, cleanup or a long VACUUM for the pool's spare connection.
+    let probe_pool = store::connect_lazy(&settings, 1)?;
     let server = match settings.metrics_addr.trim() {
         "" => None,
-        addr => {
-            // A connection of its own: a probe must not queue behind the relay's heartbeat,
-            // poll, cleanup or a long VACUUM for the pool's spare connection.
-            let probe_pool = store::connect_lazy(&settings, 1)?;
-            Some(serve_metrics(addr, &settings, probe_pool, relay.stats(), &shutdown).await?)
-        }
+        addr => Some(
+            serve_metrics(
+                addr,
+                &settings,
+                probe_pool.clone(),
+                relay.stats(),
+                &shutdown,
+            )
+            .await?,
+        ),
     };
     if until_ok("postgres", &shutdown, || store::ping(&settings))
         .await
@@ -60,6 +67,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
         if let Some(server) = server {
             let _ = server.await;
         }
+        probe_pool.close().await;
         return Ok(());
     }
     if settings.migrate_on_start {
@@ -70,6 +78,8 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     if let Some(server) = server {
         let _ = server.await;
     }
+    // Closed, not dropped: each session ends with a Terminate, not a reset socket in the log.
+    probe_pool.close().await;
     pool.close().await;
     Ok(())
 }
