@@ -780,3 +780,37 @@ async fn with_parking_off_a_dead_row_releases_its_key_at_once() {
     assert_eq!(arrived[0].message_id.as_deref(), Some(b.as_str()));
     relay.stop().await;
 }
+
+/// `vacuum = auto` vacuums a table exactly where autovacuum will not; `always` and `never`
+/// mean what they say. The same rule serves the relay (outbox) and the consumer (inbox).
+#[tokio::test]
+async fn postbox_vacuums_a_table_itself_only_where_autovacuum_will_not() {
+    use postbox::config::Vacuum;
+    use postbox::store::operations::{vacuums_itself, HotTable};
+    let db = TestDb::migrated().await;
+    let server_autovacuum: bool = sqlx::query_scalar("select current_setting('autovacuum')::bool")
+        .fetch_one(&db.pool)
+        .await
+        .expect("autovacuum setting");
+    for table in [HotTable::Outbox, HotTable::Inbox] {
+        let name = match table {
+            HotTable::Outbox => "postbox.outbox",
+            HotTable::Inbox => "postbox.inbox",
+        };
+        for enabled in [false, true] {
+            execute(
+                &db,
+                &format!("alter table {name} set (autovacuum_enabled = {enabled})"),
+            )
+            .await;
+            let autovacuum_runs = enabled && server_autovacuum;
+            assert_eq!(
+                vacuums_itself(&db.pool, table, Vacuum::Auto).await,
+                !autovacuum_runs,
+                "{name}, autovacuum_enabled = {enabled}"
+            );
+            assert!(vacuums_itself(&db.pool, table, Vacuum::Always).await);
+            assert!(!vacuums_itself(&db.pool, table, Vacuum::Never).await);
+        }
+    }
+}

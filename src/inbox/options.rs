@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use lapin::types::ShortString;
 
+use crate::config::Vacuum;
 use crate::error::{Error, Result};
 
 /// Where messages go that cannot be processed.
@@ -81,6 +82,9 @@ pub struct ConsumerOptions {
     pub dedup_window: Option<Duration>,
     /// How often the consumer deletes inbox rows older than `dedup_window`.
     pub cleanup_interval: Duration,
+    /// Whether the consumer runs `VACUUM` on `postbox.inbox` after a cleanup round that
+    /// deleted rows (`Auto`: only where autovacuum is off for the table).
+    pub vacuum: Vacuum,
     /// On stop, how long handlers already running may take to finish before they are
     /// abandoned (rolled back; the broker redelivers their messages).
     pub shutdown_timeout: Duration,
@@ -100,6 +104,7 @@ impl Default for ConsumerOptions {
             versioning: Versioning::OutboxId,
             dedup_window: Some(Duration::from_secs(7 * 24 * 3600)),
             cleanup_interval: Duration::from_secs(300),
+            vacuum: Vacuum::Auto,
             shutdown_timeout: Duration::from_secs(30),
         }
     }

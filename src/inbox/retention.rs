@@ -35,11 +35,8 @@ pub(crate) async fn run(
     let Some(window) = options.dedup_window else {
         return;
     };
-    // Without autovacuum nothing else would make deleted rows' space reusable.
-    let vacuum = matches!(
-        operations::autovacuum_on(&pool, operations::HotTable::Inbox).await,
-        Ok(false)
-    );
+    let vacuum =
+        operations::vacuums_itself(&pool, operations::HotTable::Inbox, options.vacuum).await;
     loop {
         match cleanup(&pool, Some(&consumer), window).await {
             Ok(0) => {}

@@ -29,26 +29,12 @@ pub(crate) async fn run(
     vacuum: Vacuum,
     shutdown: CancellationToken,
 ) {
-    let vacuum = match vacuum {
-        Vacuum::Always => true,
-        Vacuum::Never => false,
-        Vacuum::Auto => {
-            match operations::autovacuum_on(&pool, operations::HotTable::Outbox).await {
-                Ok(on) => !on,
-                Err(error) => {
-                    tracing::warn!(%error, "relay: cannot tell whether autovacuum is on; not vacuuming");
-                    false
-                }
-            }
-        }
-    };
+    let vacuum = operations::vacuums_itself(&pool, operations::HotTable::Outbox, vacuum).await;
     if retention.is_zero() && !vacuum {
         return;
     }
     if vacuum {
-        tracing::info!(
-            "relay: autovacuum is off for postbox.outbox; the relay vacuums it after each cleanup"
-        );
+        tracing::info!("relay: vacuums postbox.outbox after each cleanup round (relay.vacuum)");
     }
     loop {
         if !retention.is_zero() {

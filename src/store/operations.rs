@@ -5,6 +5,7 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
+use crate::config::Vacuum;
 use crate::error::{Context, Result};
 
 /// `postbox.outbox_status`, one row.
@@ -439,6 +440,23 @@ pub async fn autovacuum_on(pool: &PgPool, table: HotTable) -> Result<bool> {
     .fetch_one(pool)
     .await
     .context("reading the autovacuum setting")
+}
+
+/// Whether postbox vacuums `table` itself under `policy`; `Auto` does when autovacuum will
+/// not (off for the server or the table), since nothing else would make the space of deleted
+/// and superseded rows reusable. If the setting cannot be read, it does not.
+pub async fn vacuums_itself(pool: &PgPool, table: HotTable, policy: Vacuum) -> bool {
+    match policy {
+        Vacuum::Always => true,
+        Vacuum::Never => false,
+        Vacuum::Auto => match autovacuum_on(pool, table).await {
+            Ok(on) => !on,
+            Err(error) => {
+                tracing::warn!(%error, table = table.name(), "cannot tell whether autovacuum is on; not vacuuming");
+                false
+            }
+        },
+    }
 }
 
 /// `VACUUM (ANALYZE)` of `table`: makes the space of deleted and superseded rows reusable.
