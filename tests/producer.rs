@@ -265,6 +265,52 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
     assert_eq!(claim_ids_with(&db, 2).await, [ids[1], ids[2], ids[3]]);
 }
 
+/// A claim says how many rows it locked besides those it keeps: all of them held back behind
+/// their key's row in flight elsewhere is what tells the relay to wait for a finished batch
+/// rather than claim again.
+#[tokio::test]
+async fn a_claim_that_keeps_nothing_still_reports_what_it_locked() {
+    let db = TestDb::migrated().await;
+    let messages: Vec<Message> = (0..3)
+        .map(|n| Message::text("q", n.to_string()).partition_key("k"))
+        .collect();
+    let ids: Vec<i64> = enqueue_many(&db.pool, &messages)
+        .await
+        .expect("enqueue")
+        .iter()
+        .map(|e| e.id.expect("new"))
+        .collect();
+    let mut other = db.pool.begin().await.expect("begin");
+    sqlx::query("select id from postbox.outbox where id = $1 for update")
+        .bind(ids[0])
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    let keys = KeyRules {
+        park_keys: true,
+        rows_per_key: 1,
+    };
+    let mut tx = db.pool.begin().await.expect("begin");
+    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
+        .await
+        .expect("claim");
+    assert!(claim.rows.is_empty(), "the key is in flight elsewhere");
+    assert_eq!(claim.locked, 2, "its two later rows were found and locked");
+    tx.rollback().await.expect("rollback");
+    other.rollback().await.expect("release");
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[0]]
+    );
+    assert_eq!(claim.locked, 3);
+    tx.rollback().await.expect("rollback");
+}
+
 /// Runs one claim taking runs of up to 100 rows per key in its own transaction and rolls it
 /// back; returns the claimed ids.
 async fn claim_ids(db: &TestDb) -> Vec<i64> {
@@ -277,11 +323,11 @@ async fn claim_ids_with(db: &TestDb, rows_per_key: u32) -> Vec<i64> {
         rows_per_key,
     };
     let mut tx = db.pool.begin().await.expect("begin");
-    let rows = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
+    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");
-    rows.iter().map(|r| r.id).collect()
+    claim.rows.iter().map(|r| r.id).collect()
 }
 
 #[test]

@@ -58,24 +58,34 @@ impl Scan {
     }
 
     /// Records what a claim from `from` found; returns whether to claim again at once.
-    fn claimed(&self, from: i64, rows: &[outbox::ClaimedRow], batch_size: u32) -> bool {
-        if let Some(last) = rows.last() {
+    fn claimed(&self, from: i64, claim: &outbox::Claim, batch_size: u32) -> bool {
+        if let Some(last) = claim.rows.last() {
             self.next_id.fetch_max(last.id + 1, Ordering::Relaxed);
         }
-        let short = rows.len() < batch_size as usize;
-        if from > 0 && short {
-            // The tail is dry: look at the whole table before calling it a day.
-            self.full_next.store(true, Ordering::Relaxed);
-            return true;
+        if claim.locked < batch_size {
+            // The scan ran out of rows. After the last claimed id: look at the whole table
+            // before calling it a day.
+            if from > 0 {
+                self.full_next.store(true, Ordering::Relaxed);
+                return true;
+            }
+            return false;
         }
-        !short
+        if claim.rows.is_empty() {
+            // Every row it found waits behind its key's rows in flight: only a finished batch
+            // (or a commit) can change that, so wait for one instead of claiming in vain; the
+            // keys' next rows lie before this scan's start, so look from the beginning then.
+            self.full_next.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 }
 
 /// What one claim found.
 pub(crate) enum Claimed {
-    /// A batch to publish; `full` when more is likely waiting.
-    Batch { batch: Batch, full: bool },
+    /// A batch to publish; `again` when more may be claimable at once.
+    Batch { batch: Batch, again: bool },
     /// Nothing claimable right now.
     Nothing,
     /// Nothing found after the last claimed id: claim again over the whole table.
@@ -138,11 +148,11 @@ impl Claimer {
                 .instrument(tracing::debug_span!("postbox.claim"))
                 .await
             {
-                Ok(Claimed::Batch { batch, full }) => {
+                Ok(Claimed::Batch { batch, again }) => {
                     errors = connection_backoff();
-                    idle = !full;
-                    if full {
-                        // more is waiting: an idle claimer may join in
+                    idle = !again;
+                    if batch.rows.len() == self.batch_size as usize {
+                        // more is likely waiting: an idle claimer may join in
                         self.wake.notify_one();
                     }
                     if out.send(batch).await.is_err() {
@@ -177,34 +187,34 @@ impl Claimer {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let from = self.scan.start();
-        let rows = outbox::claim(&mut tx, self.batch_size, from, self.keys).await?;
+        let claim = outbox::claim(&mut tx, self.batch_size, from, self.keys).await?;
         self.stats.record_claim();
         metrics::counter!("postbox_claims_total").increment(1);
         metrics::histogram!("postbox_claim_seconds").record(started.elapsed().as_secs_f64());
         tracing::trace!(
-            rows = rows.len(),
+            rows = claim.rows.len(),
+            locked = claim.locked,
             from,
             claim_ms = started.elapsed().as_secs_f64() * 1e3,
             "relay: claimed"
         );
-        let more = self.scan.claimed(from, &rows, self.batch_size);
-        if rows.is_empty() {
+        let again = self.scan.claimed(from, &claim, self.batch_size);
+        if claim.rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
-            return Ok(if more {
+            return Ok(if again {
                 Claimed::Again
             } else {
                 Claimed::Nothing
             });
         }
-        let full = more;
         Ok(Claimed::Batch {
             batch: Batch {
                 tx,
-                rows,
+                rows: claim.rows,
                 claimed_at: Instant::now(),
                 permit,
             },
-            full,
+            again,
         })
     }
 }

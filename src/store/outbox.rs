@@ -159,11 +159,17 @@ keyed as (
     ) ranked
     where key_rank <= $4
 )
-select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
-       content_type, headers, created_at, attempts
-from candidates
-where partition_key is null or id in (select id from keyed)
-order by id
+-- One row per kept candidate, each with the number of rows locked; a single row of nulls
+-- with that number when none is kept.
+select (select count(*) from candidates) as locked, k.*
+from (select) as one
+left join lateral (
+    select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
+           content_type, headers, created_at, attempts
+    from candidates
+    where partition_key is null or id in (select id from keyed)
+) k on true
+order by k.id
 "#;
 
 /// Which of a partition key's pending rows a claim may take.
@@ -185,6 +191,16 @@ impl KeyRules {
     }
 }
 
+/// What a claim found: the rows it keeps, and how many it locked to find them (more than it
+/// keeps when the key rules hold some back; fewer than the limit when it ran out of rows).
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The rows of the batch, in id order.
+    pub rows: Vec<ClaimedRow>,
+    /// Due pending rows the claim locked, kept or not (at most the claim's limit).
+    pub locked: u32,
+}
+
 /// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
 /// locked until it ends. A key's rows are taken only up to its first pending row outside the
 /// batch, wherever that row is, so `from_id` never lets a key's later row overtake an earlier
@@ -194,7 +210,7 @@ pub async fn claim(
     limit: u32,
     from_id: i64,
     keys: KeyRules,
-) -> Result<Vec<ClaimedRow>> {
+) -> Result<Claim> {
     let rows = sqlx::query(CLAIM)
         .bind(i64::from(limit))
         .bind(from_id)
@@ -203,25 +219,36 @@ pub async fn claim(
         .fetch_all(tx)
         .await
         .context("claiming a batch from postbox.outbox")?;
-    rows.iter()
-        .map(|row| {
-            let text: Option<String> = row.try_get("payload")?;
-            let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
-            Ok(ClaimedRow {
-                id: row.try_get("id")?,
-                message_id: row.try_get("message_id")?,
-                exchange: row.try_get("exchange")?,
-                routing_key: row.try_get("routing_key")?,
-                partition_key: row.try_get("partition_key")?,
-                payload: text.map(String::into_bytes).or(bytes).unwrap_or_default(),
-                content_type: row.try_get("content_type")?,
-                headers: row.try_get("headers")?,
-                created_at: row.try_get("created_at")?,
-                attempts: row.try_get("attempts")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .context("reading claimed outbox rows")
+    let mut claim = Claim::default();
+    for row in &rows {
+        let locked: i64 = row.try_get("locked").context("reading a claim")?;
+        claim.locked = u32::try_from(locked).unwrap_or(u32::MAX);
+        let id: Option<i64> = row.try_get("id").context("reading a claim")?;
+        let Some(id) = id else {
+            continue; // nothing kept
+        };
+        claim
+            .rows
+            .push(claimed_row(id, row).context("reading claimed outbox rows")?);
+    }
+    Ok(claim)
+}
+
+fn claimed_row(id: i64, row: &sqlx::postgres::PgRow) -> Result<ClaimedRow, sqlx::Error> {
+    let text: Option<String> = row.try_get("payload")?;
+    let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
+    Ok(ClaimedRow {
+        id,
+        message_id: row.try_get("message_id")?,
+        exchange: row.try_get("exchange")?,
+        routing_key: row.try_get("routing_key")?,
+        partition_key: row.try_get("partition_key")?,
+        payload: text.map(String::into_bytes).or(bytes).unwrap_or_default(),
+        content_type: row.try_get("content_type")?,
+        headers: row.try_get("headers")?,
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+    })
 }
 
 /// The decision for one claimed row, as the completer writes it.
