@@ -221,25 +221,9 @@ async fn one_notification_per_transaction_whatever_the_row_count() {
 #[tokio::test]
 async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
     let db = TestDb::migrated().await;
-    let messages: Vec<Message> = ["k", "k", "k", "other", "k"]
-        .iter()
-        .enumerate()
-        .map(|(n, key)| Message::text("q", n.to_string()).partition_key(*key))
-        .collect();
-    let ids: Vec<i64> = enqueue_many(&db.pool, &messages)
-        .await
-        .expect("enqueue")
-        .iter()
-        .map(|e| e.id.expect("new"))
-        .collect();
-
+    let ids = commit_keyed(&db, &["k", "k", "k", "other", "k"]).await;
     // Another batch holds the key's second row.
-    let mut other = db.pool.begin().await.expect("begin");
-    sqlx::query("select id from postbox.outbox where id = $1 for update")
-        .bind(ids[1])
-        .execute(&mut *other)
-        .await
-        .expect("lock");
+    let other = hold_row(&db, ids[1]).await;
 
     let claimed = claim_ids(&db).await;
     assert_eq!(
@@ -271,44 +255,45 @@ async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
 #[tokio::test]
 async fn a_claim_that_keeps_nothing_still_reports_what_it_locked() {
     let db = TestDb::migrated().await;
-    let messages: Vec<Message> = (0..3)
-        .map(|n| Message::text("q", n.to_string()).partition_key("k"))
-        .collect();
-    let ids: Vec<i64> = enqueue_many(&db.pool, &messages)
-        .await
-        .expect("enqueue")
-        .iter()
-        .map(|e| e.id.expect("new"))
-        .collect();
-    let mut other = db.pool.begin().await.expect("begin");
-    sqlx::query("select id from postbox.outbox where id = $1 for update")
-        .bind(ids[0])
-        .execute(&mut *other)
-        .await
-        .expect("lock");
-    let keys = KeyRules {
-        park_keys: true,
-        rows_per_key: 1,
-    };
-    let mut tx = db.pool.begin().await.expect("begin");
-    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
-        .await
-        .expect("claim");
+    let ids = commit_keyed(&db, &["k", "k", "k"]).await;
+    let other = hold_row(&db, ids[0]).await;
+    let claim = claim_with(&db, 1).await;
     assert!(claim.rows.is_empty(), "the key is in flight elsewhere");
     assert_eq!(claim.locked, 2, "its two later rows were found and locked");
-    tx.rollback().await.expect("rollback");
     other.rollback().await.expect("release");
 
-    let mut tx = db.pool.begin().await.expect("begin");
-    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
-        .await
-        .expect("claim");
+    let claim = claim_with(&db, 1).await;
     assert_eq!(
         claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
         [ids[0]]
     );
     assert_eq!(claim.locked, 3);
-    tx.rollback().await.expect("rollback");
+}
+
+/// Commits one row per entry of `keys` (its partition key), in order; returns their ids.
+async fn commit_keyed(db: &TestDb, keys: &[&str]) -> Vec<i64> {
+    let messages: Vec<Message> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, key)| Message::text("q", n.to_string()).partition_key(*key))
+        .collect();
+    enqueue_many(&db.pool, &messages)
+        .await
+        .expect("enqueue")
+        .iter()
+        .map(|e| e.id.expect("new"))
+        .collect()
+}
+
+/// Locks row `id` in a transaction of its own, as another batch in flight would.
+async fn hold_row(db: &TestDb, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut other = db.pool.begin().await.expect("begin");
+    sqlx::query("select id from postbox.outbox where id = $1 for update")
+        .bind(id)
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    other
 }
 
 /// Runs one claim taking runs of up to 100 rows per key in its own transaction and rolls it
@@ -318,6 +303,12 @@ async fn claim_ids(db: &TestDb) -> Vec<i64> {
 }
 
 async fn claim_ids_with(db: &TestDb, rows_per_key: u32) -> Vec<i64> {
+    let claim = claim_with(db, rows_per_key).await;
+    claim.rows.iter().map(|r| r.id).collect()
+}
+
+/// Runs one claim of up to 100 rows in its own transaction and rolls it back.
+async fn claim_with(db: &TestDb, rows_per_key: u32) -> postbox::store::outbox::Claim {
     let keys = KeyRules {
         park_keys: true,
         rows_per_key,
@@ -327,7 +318,7 @@ async fn claim_ids_with(db: &TestDb, rows_per_key: u32) -> Vec<i64> {
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");
-    claim.rows.iter().map(|r| r.id).collect()
+    claim
 }
 
 #[test]
