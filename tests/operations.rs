@@ -496,6 +496,19 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
     );
     let output = postbox(&db, &["replay"]);
     assert_eq!(output.status.code(), Some(2), "a range is required");
+
+    // Where relays delete what they publish, finding nothing is explained.
+    let output = postbox_command()
+        .args(["replay", "--since", "1h", "--routing-key", "elsewhere"])
+        .env("DATABASE_URL", &db.url)
+        .env("POSTBOX_RELAY__KEEP_PUBLISHED", "false")
+        .output()
+        .expect("run postbox");
+    let text = stdout(&output);
+    assert!(
+        text.contains("0 published event(s)") && text.contains("relay.keep_published is false"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

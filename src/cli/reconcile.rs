@@ -93,6 +93,9 @@ impl Report {
 const PAGE: i64 = 10_000;
 
 pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
+    if !settings.relay.keep_published {
+        let _ = writeln!(std::io::stderr(), "{}", super::replay::NO_HISTORY);
+    }
     let outbox_pool = store::connect_for_command(&settings).await?;
     let inbox_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)

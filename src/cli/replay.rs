@@ -37,6 +37,11 @@ pub struct ReplayArgs {
     pub batch_size: i64,
 }
 
+/// Said when a command that reads published rows finds none and the configuration deletes them.
+pub(super) const NO_HISTORY: &str = "note: relay.keep_published is false in this configuration: \
+     relays delete rows as they publish them, so only rows published while it was true can be \
+     found here";
+
 pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
     let selection = operations::Selection {
         from_id: args.from_id,
@@ -54,6 +59,9 @@ pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
         "{count} published event(s) retained in the range will be replayed with their original \
          message ids"
     );
+    if count == 0 && !settings.relay.keep_published {
+        let _ = writeln!(out, "{NO_HISTORY}");
+    }
     if args.dry_run || count == 0 {
         if args.dry_run {
             let _ = writeln!(out, "dry run: nothing changed");
