@@ -375,6 +375,51 @@ async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
     }
 }
 
+/// A key waiting for a row's retry holds back only itself, however many rows it has queued:
+/// its backlog must not fill every claim and hide the other keys' rows behind it.
+#[tokio::test]
+async fn a_key_waiting_for_a_retry_does_not_hide_other_keys_behind_its_backlog() {
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    // Key k's first row failed once and waits an hour for its retry; 30 more rows of k follow
+    // (three batches' worth), then five rows of other keys.
+    sqlx::query(
+        "insert into postbox.outbox \
+             (routing_key, payload, partition_key, attempts, last_error, available_at) \
+         values ($1, 'first', 'k', 1, 'nacked', now() + interval '1 hour')",
+    )
+    .bind(&queue)
+    .execute(&db.pool)
+    .await
+    .expect("failed row");
+    let mut later: Vec<Message> = (0..30)
+        .map(|n| Message::text(&queue, format!("k {n}")).partition_key("k"))
+        .collect();
+    later.extend(
+        (0..5).map(|n| {
+            Message::text(&queue, format!("other {n}")).partition_key(format!("other-{n}"))
+        }),
+    );
+    postbox::enqueue_many(&db.pool, &later)
+        .await
+        .expect("enqueue");
+    let mut settings = db.settings();
+    settings.relay.batch_size = 10;
+    let relay = RunningRelay::start(settings).await;
+    let received = inbox.take(5, DEADLINE).await;
+    assert!(
+        received.iter().all(|r| r.payload.starts_with(b"other")),
+        "only the other keys' rows go out"
+    );
+    assert!(
+        inbox.drain_for(Duration::from_millis(300)).await.is_empty(),
+        "k waits for its retry"
+    );
+    relay.stop().await;
+}
+
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
 /// and returns the statements it sent, the batches it completed and the claims it ran.
 async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64, u64) {

@@ -66,19 +66,26 @@ impl Scan {
             // The scan ran out of rows. After the last claimed id: look at the whole table
             // before calling it a day.
             if from > 0 {
-                self.full_next.store(true, Ordering::Relaxed);
+                self.scan_all_next();
                 return true;
             }
             return false;
         }
         if claim.rows.is_empty() {
-            // Every row it found waits behind its key's rows in flight: only a finished batch
-            // (or a commit) can change that, so wait for one instead of claiming in vain; the
-            // keys' next rows lie before this scan's start, so look from the beginning then.
-            self.full_next.store(true, Ordering::Relaxed);
-            return false;
+            // Every row it found waits behind an earlier row of its key. After the last claimed
+            // id, those earlier rows may be claimable ones further back (a late commit, a
+            // released batch): look from the beginning at once. From the beginning, they are
+            // in flight: only a finished batch (or a commit) can change that, so wait for one
+            // instead of claiming in vain.
+            self.scan_all_next();
+            return from > 0;
         }
         true
+    }
+
+    /// The next claim looks at the whole table.
+    fn scan_all_next(&self) {
+        self.full_next.store(true, Ordering::Relaxed);
     }
 }
 
@@ -185,6 +192,7 @@ impl Claimer {
     /// One claim: begin a transaction and lock up to `batch_size` due rows in it.
     pub async fn claim_once(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<Claimed> {
         let started = Instant::now();
+        let finished_before = self.stats.finished();
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let from = self.scan.start();
         let claim = outbox::claim(&mut tx, self.batch_size, from, self.keys).await?;
@@ -198,9 +206,16 @@ impl Claimer {
             claim_ms = started.elapsed().as_secs_f64() * 1e3,
             "relay: claimed"
         );
-        let again = self.scan.claimed(from, &claim, self.batch_size);
+        let mut again = self.scan.claimed(from, &claim, self.batch_size);
         if claim.rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
+            if !again && self.stats.finished() != finished_before {
+                // A batch finished while this claim ran, perhaps after its snapshot was taken,
+                // and its wake-up may have gone to the other claimer, which can come up empty
+                // too (it skips this claim's locks): look again rather than wait for the poll.
+                self.scan.scan_all_next();
+                again = true;
+            }
             return Ok(if again {
                 Claimed::Again
             } else {

@@ -53,6 +53,7 @@ impl Completer {
             );
         }
         // A finished batch frees a slot and may unblock keys held back behind it.
+        self.stats.batch_finished();
         self.wake.notify_one();
     }
 

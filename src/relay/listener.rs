@@ -28,6 +28,9 @@ pub(crate) async fn listen(
             let mut listener = PgListener::connect_with(&pool)
                 .await
                 .context("connecting the notification listener")?;
+            // A lost connection comes back as `Ok(None)` at once, and this loop reconnects (not
+            // sqlx inside `try_recv`), so that `listening` is false while it is away.
+            listener.eager_reconnect(false);
             listener
                 .listen(CHANNEL)
                 .await
@@ -49,8 +52,7 @@ pub(crate) async fn listen(
             };
             match received {
                 Ok(Some(_)) => wake.notify_one(),
-                // Reconnected here rather than inside sqlx, so that `listening` is true only
-                // while LISTEN holds, and the wake-up comes after it does.
+                // The wake-up comes once LISTEN holds again.
                 Ok(None) => {
                     tracing::warn!("postgres listener: connection lost; reconnecting");
                     break;

@@ -54,6 +54,8 @@ pub struct Stats {
     released: AtomicU64,
     broker_up: AtomicBool,
     listening: AtomicBool,
+    /// Batches the completer is done with, including those it failed to mark.
+    finished: AtomicU64,
 }
 
 impl Stats {
@@ -63,6 +65,14 @@ impl Stats {
         self.retried.fetch_add(retried, Ordering::Relaxed);
         self.dead.fetch_add(dead, Ordering::Relaxed);
         self.released.fetch_add(released, Ordering::Relaxed);
+    }
+
+    fn batch_finished(&self) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn finished(&self) -> u64 {
+        self.finished.load(Ordering::SeqCst)
     }
 
     fn record_claim(&self) {
