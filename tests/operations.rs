@@ -810,17 +810,23 @@ async fn postbox_vacuums_a_table_itself_only_where_autovacuum_will_not() {
             HotTable::Outbox => "postbox.outbox",
             HotTable::Inbox => "postbox.inbox",
         };
-        for enabled in [false, true] {
+        // Postgres keeps the value as written: every spelling of a boolean counts.
+        for (written, enabled) in [
+            ("false", false),
+            ("on", true),
+            ("off", false),
+            ("true", true),
+        ] {
             execute(
                 &db,
-                &format!("alter table {name} set (autovacuum_enabled = {enabled})"),
+                &format!("alter table {name} set (autovacuum_enabled = {written})"),
             )
             .await;
             let autovacuum_runs = enabled && server_autovacuum;
             assert_eq!(
                 vacuums_itself(&db.pool, table, Vacuum::Auto).await,
                 !autovacuum_runs,
-                "{name}, autovacuum_enabled = {enabled}"
+                "{name}, autovacuum_enabled = {written}"
             );
             assert!(vacuums_itself(&db.pool, table, Vacuum::Always).await);
             assert!(!vacuums_itself(&db.pool, table, Vacuum::Never).await);

@@ -70,10 +70,14 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
         probe_pool.close().await;
         return Ok(());
     }
-    if settings.migrate_on_start {
-        store::migrate(&pool).await?;
+    let migrated = if settings.migrate_on_start {
+        store::migrate(&pool).await
+    } else {
+        Ok(())
+    };
+    if migrated.is_ok() {
+        relay.run(shutdown.clone()).await;
     }
-    relay.run(shutdown.clone()).await;
     shutdown.cancel();
     if let Some(server) = server {
         let _ = server.await;
@@ -81,7 +85,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     // Closed, not dropped: each session ends with a Terminate, not a reset socket in the log.
     probe_pool.close().await;
     pool.close().await;
-    Ok(())
+    migrated
 }
 
 /// Binds the operator's listener and serves it until `shutdown`.

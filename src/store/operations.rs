@@ -433,7 +433,9 @@ impl HotTable {
 pub async fn autovacuum_on(pool: &PgPool, table: HotTable) -> Result<bool> {
     sqlx::query_scalar(
         "select current_setting('autovacuum')::bool \
-            and not coalesce('autovacuum_enabled=false' = any(c.reloptions), false) \
+            and coalesce((select o.option_value::bool \
+                          from pg_options_to_table(c.reloptions) o \
+                          where o.option_name = 'autovacuum_enabled'), true) \
          from pg_class c where c.oid = $1::regclass",
     )
     .bind(table.name())
