@@ -1,11 +1,13 @@
 //! What travels down the pipeline: a claimed batch, then its publishes, then its decisions.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use lapin::PublisherConfirm;
 use sqlx::{Postgres, Transaction};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::Stats;
 use crate::store::outbox::{ClaimedRow, Completion};
 
 /// Rows claimed in one transaction. The transaction holds their row locks until the completer
@@ -17,6 +19,25 @@ pub(crate) struct Batch {
     /// One of the open-batch slots (each holds a database connection), given back once the
     /// batch is marked.
     pub permit: OwnedSemaphorePermit,
+    /// Counts the batch as open until it is dropped, whichever way it ends.
+    pub _open: Open,
+}
+
+/// A batch's place in [`Stats`]' count of open batches: counted when made, uncounted when
+/// dropped (marked, released, or abandoned on shutdown).
+pub(crate) struct Open(Arc<Stats>);
+
+impl Open {
+    pub fn new(stats: Arc<Stats>) -> Self {
+        stats.batch_claimed();
+        Self(stats)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.batch_finished();
+    }
 }
 
 /// What publishing did with one row.

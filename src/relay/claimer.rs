@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::batch::Batch;
+use super::batch::{Batch, Open};
 use crate::error::{Context, Result};
 use crate::reconnect::connection_backoff;
 use crate::store::outbox;
@@ -72,13 +72,12 @@ impl Scan {
             return false;
         }
         if claim.rows.is_empty() {
-            // Every row it found waits behind an earlier row of its key. After the last claimed
-            // id, those earlier rows may be claimable ones further back (a late commit, a
-            // released batch): look from the beginning at once. From the beginning, they are
-            // in flight: only a finished batch (or a commit) can change that, so wait for one
-            // instead of claiming in vain.
+            // Every row it found waits behind an earlier row of its key, in flight: only a
+            // finished batch (or a commit) can change that, so wait for one instead of claiming
+            // in vain. Those keys' next rows lie before a tail scan's start: look at the whole
+            // table then.
             self.scan_all_next();
-            return from > 0;
+            return false;
         }
         true
     }
@@ -209,10 +208,14 @@ impl Claimer {
         let mut again = self.scan.claimed(from, &claim, self.batch_size);
         if claim.rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
-            if !again && self.stats.finished() != finished_before {
-                // A batch finished while this claim ran, perhaps after its snapshot was taken,
-                // and its wake-up may have gone to the other claimer, which can come up empty
-                // too (it skips this claim's locks): look again rather than wait for the poll.
+            // Waiting for a finished batch only works while one of this relay's batches is
+            // open. With none open, claim again from the start if what held the rows back may
+            // be gone: rows behind a tail scan's start (a late commit, a released batch), or a
+            // batch that finished during this claim (after its snapshot, perhaps, and with its
+            // wake-up taken by the other claimer, which skips this claim's locks and can come
+            // up empty too). Otherwise only a commit or the poll would wake the claimers.
+            let may_be_free = from > 0 || self.stats.finished() != finished_before;
+            if !again && may_be_free && self.stats.open_batches() == 0 {
                 self.scan.scan_all_next();
                 again = true;
             }
@@ -228,6 +231,7 @@ impl Claimer {
                 rows: claim.rows,
                 claimed_at: Instant::now(),
                 permit,
+                _open: Open::new(self.stats.clone()),
             },
             again,
         })

@@ -54,7 +54,9 @@ pub struct Stats {
     released: AtomicU64,
     broker_up: AtomicBool,
     listening: AtomicBool,
-    /// Batches the completer is done with, including those it failed to mark.
+    /// Batches claimed, and those the completer is done with (including any it failed to
+    /// mark): the difference is open.
+    claimed: AtomicU64,
     finished: AtomicU64,
 }
 
@@ -67,12 +69,22 @@ impl Stats {
         self.released.fetch_add(released, Ordering::Relaxed);
     }
 
-    fn batch_finished(&self) {
+    pub(crate) fn batch_finished(&self) {
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 
     fn finished(&self) -> u64 {
         self.finished.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn batch_claimed(&self) {
+        self.claimed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Batches claimed and not yet finished.
+    fn open_batches(&self) -> u64 {
+        let finished = self.finished();
+        self.claimed.load(Ordering::SeqCst).saturating_sub(finished)
     }
 
     fn record_claim(&self) {
