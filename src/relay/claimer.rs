@@ -94,7 +94,7 @@ pub(crate) enum Claimed {
     Batch { batch: Batch, again: bool },
     /// Nothing claimable right now.
     Nothing,
-    /// Nothing found after the last claimed id: claim again over the whole table.
+    /// Nothing claimable where this claim looked: claim again over the whole table at once.
     Again,
 }
 

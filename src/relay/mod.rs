@@ -54,8 +54,8 @@ pub struct Stats {
     released: AtomicU64,
     broker_up: AtomicBool,
     listening: AtomicBool,
-    /// Batches claimed, and those the completer is done with (including any it failed to
-    /// mark): the difference is open.
+    /// Batches claimed, and batches ended (marked, released, or dropped on shutdown or after
+    /// a failed mark): the difference is open.
     claimed: AtomicU64,
     finished: AtomicU64,
 }
