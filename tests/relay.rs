@@ -420,6 +420,60 @@ async fn a_key_waiting_for_a_retry_does_not_hide_other_keys_behind_its_backlog()
     relay.stop().await;
 }
 
+/// A burst on one key (more rows than a claim looks at, one in flight at a time) does not hold
+/// up the rows behind it: other keys' rows and unkeyed rows go out long before the burst has
+/// drained, and the burst itself stays in order.
+#[tokio::test]
+async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
+    const BURST: usize = 1_000;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let mut messages: Vec<Message> = (0..BURST)
+        .map(|n| Message::text(&queue, format!("hot {n}")).partition_key("hot"))
+        .collect();
+    messages.extend(
+        (0..5).map(|n| Message::text(&queue, format!("other {n}")).partition_key(format!("o{n}"))),
+    );
+    messages.extend((0..5).map(|n| Message::text(&queue, format!("unkeyed {n}"))));
+    for chunk in messages.chunks(1_000) {
+        postbox::enqueue_many(&db.pool, chunk)
+            .await
+            .expect("enqueue");
+    }
+    let mut settings = db.settings();
+    settings.relay.batch_size = 100;
+    let relay = RunningRelay::start(settings).await;
+    let mut hot_before_the_rest = 0;
+    let mut rest = 0;
+    while rest < 10 {
+        let received = inbox.take(1, DEADLINE).await;
+        if received[0].payload.starts_with(b"hot") {
+            hot_before_the_rest += 1;
+        } else {
+            rest += 1;
+        }
+    }
+    println!("{hot_before_the_rest} of the burst's {BURST} rows went out before the other 10");
+    assert!(
+        hot_before_the_rest < BURST / 2,
+        "{hot_before_the_rest} of the burst's rows went out before the rows behind it"
+    );
+    let hot = inbox.take(BURST - hot_before_the_rest, DEADLINE).await;
+    let mut last = hot_before_the_rest as i64 - 1;
+    for received in hot {
+        let n: i64 = std::str::from_utf8(&received.payload)
+            .ok()
+            .and_then(|p| p.strip_prefix("hot "))
+            .and_then(|n| n.parse().ok())
+            .expect("a burst row");
+        assert_eq!(n, last + 1, "the burst in order");
+        last = n;
+    }
+    relay.stop().await;
+}
+
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
 /// and returns the statements it sent, the batches it completed and the claims it ran.
 async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64, u64) {

@@ -32,6 +32,11 @@ pub(crate) struct Claimer {
 /// Full scans every this many claims while the tail keeps batches full.
 const FULL_SCAN_EVERY: u32 = 8;
 
+/// A claim that kept nothing, having locked a full scan's worth of rows of at most this many
+/// keys, steps over them: scanning on finds other keys' rows, where with many keys in flight
+/// it would find only more of theirs.
+const FEW_KEYS: u32 = 10;
+
 /// Where claims start scanning. The in-flight batches hold the lowest pending ids, locked; a
 /// claim from the start of the pending index would step over every one of them (SKIP LOCKED
 /// still visits each row), which under a backlog costs more than the claim itself. So claims
@@ -72,6 +77,16 @@ impl Scan {
             return false;
         }
         if claim.rows.is_empty() {
+            if let Some(last) = claim.last_locked.filter(|_| claim.locked_keys <= FEW_KEYS) {
+                // A few keys' backlogs fill the scan (a burst on one aggregate): step the tail
+                // over them, so that other keys' rows and unkeyed rows behind are not held up
+                // until those backlogs drain one round trip per row; full scans still serve
+                // those keys. Only forward: a scan that cannot move the tail waits like any.
+                let tail = self.next_id.fetch_max(last + 1, Ordering::Relaxed);
+                if last + 1 > tail {
+                    return true;
+                }
+            }
             // Every row it found waits behind an earlier row of its key, in flight: only a
             // finished batch (or a commit) can change that, so wait for one instead of claiming
             // in vain. Those keys' next rows lie before a tail scan's start: look at the whole

@@ -167,10 +167,12 @@ keyed as (
     ) ranked
     where key_rank <= $4
 )
--- One row per kept candidate, each with the number of rows locked; a single row of nulls
--- with that number when none is kept.
-select (select count(*) from candidates) as locked, k.*
-from (select) as one
+-- One row per kept candidate, each with what was locked (how many rows, the last id, over how
+-- many keys); a single row of nulls with those figures when none is kept.
+select w.locked, w.last_locked, w.locked_keys, k.*
+from (select count(*) as locked, max(id) as last_locked,
+             count(distinct partition_key) as locked_keys
+      from candidates) as w
 left join lateral (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
            content_type, headers, created_at, attempts
@@ -207,6 +209,10 @@ pub struct Claim {
     pub rows: Vec<ClaimedRow>,
     /// Due pending rows the claim locked, kept or not (at most the claim's limit).
     pub locked: u32,
+    /// The highest id it locked.
+    pub last_locked: Option<i64>,
+    /// Partition keys among the rows it locked.
+    pub locked_keys: u32,
 }
 
 /// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
@@ -229,8 +235,13 @@ pub async fn claim(
         .context("claiming a batch from postbox.outbox")?;
     let mut claim = Claim::default();
     for row in &rows {
-        let locked: i64 = row.try_get("locked").context("reading a claim")?;
-        claim.locked = u32::try_from(locked).unwrap_or(u32::MAX);
+        let count = |column: &str| -> Result<u32> {
+            let n: i64 = row.try_get(column).context("reading a claim")?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        };
+        claim.locked = count("locked")?;
+        claim.locked_keys = count("locked_keys")?;
+        claim.last_locked = row.try_get("last_locked").context("reading a claim")?;
         let id: Option<i64> = row.try_get("id").context("reading a claim")?;
         let Some(id) = id else {
             continue; // nothing kept
