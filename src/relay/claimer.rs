@@ -216,6 +216,8 @@ impl Claimer {
         tracing::trace!(
             rows = claim.rows.len(),
             locked = claim.locked,
+            locked_keys = claim.locked_keys,
+            last_locked = claim.last_locked,
             from,
             claim_ms = started.elapsed().as_secs_f64() * 1e3,
             "relay: claimed"
