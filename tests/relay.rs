@@ -375,27 +375,38 @@ async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
     }
 }
 
-/// A key waiting for a row's retry holds back only itself, however many rows it has queued:
-/// its backlog must not fill every claim and hide the other keys' rows behind it.
+/// A key whose first row is not due yet (waiting for its retry, or scheduled for later) holds
+/// back only itself, however many rows it has queued: those backlogs must not fill every claim
+/// and hide the other keys' rows behind them. Twelve keys of each kind share every claim's
+/// window, more than a claim steps over as a burst, so only passing over the held-back rows
+/// lets the others out.
 #[tokio::test]
-async fn a_key_waiting_for_a_retry_does_not_hide_other_keys_behind_its_backlog() {
+async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_their_backlogs() {
+    const KEYS: usize = 24;
     let db = TestDb::migrated().await;
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue().await;
     let mut inbox = rabbit.consume(&queue).await;
-    // Key k's first row failed once and waits an hour for its retry; 30 more rows of k follow
-    // (three batches' worth), then five rows of other keys.
-    sqlx::query(
-        "insert into postbox.outbox \
-             (routing_key, payload, partition_key, attempts, last_error, available_at) \
-         values ($1, 'first', 'k', 1, 'nacked', now() + interval '1 hour')",
-    )
-    .bind(&queue)
-    .execute(&db.pool)
-    .await
-    .expect("failed row");
-    let mut later: Vec<Message> = (0..30)
-        .map(|n| Message::text(&queue, format!("k {n}")).partition_key("k"))
+    // Each key's first row: on even keys a failure waiting an hour for its retry, on odd keys
+    // an event scheduled an hour ahead.
+    for key in 0..KEYS {
+        let attempts = if key % 2 == 0 { 1 } else { 0 };
+        sqlx::query(
+            "insert into postbox.outbox \
+                 (routing_key, payload, partition_key, attempts, available_at) \
+             values ($1, 'first', $2, $3, now() + interval '1 hour')",
+        )
+        .bind(&queue)
+        .bind(format!("k{key}"))
+        .bind(attempts)
+        .execute(&db.pool)
+        .await
+        .expect("held-back row");
+    }
+    // Then four rounds of every key's later rows (a claim's window of 20 spans 20 keys), then
+    // five rows of other keys.
+    let mut later: Vec<Message> = (0..4 * KEYS)
+        .map(|n| Message::text(&queue, format!("k {n}")).partition_key(format!("k{}", n % KEYS)))
         .collect();
     later.extend(
         (0..5).map(|n| {
@@ -406,7 +417,7 @@ async fn a_key_waiting_for_a_retry_does_not_hide_other_keys_behind_its_backlog()
         .await
         .expect("enqueue");
     let mut settings = db.settings();
-    settings.relay.batch_size = 10;
+    settings.relay.batch_size = 20;
     let relay = RunningRelay::start(settings).await;
     let received = inbox.take(5, DEADLINE).await;
     assert!(
@@ -415,7 +426,7 @@ async fn a_key_waiting_for_a_retry_does_not_hide_other_keys_behind_its_backlog()
     );
     assert!(
         inbox.drain_for(Duration::from_millis(300)).await.is_empty(),
-        "k waits for its retry"
+        "the held-back keys wait"
     );
     relay.stop().await;
 }

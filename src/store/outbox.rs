@@ -110,8 +110,8 @@ pub struct ClaimedRow {
 }
 
 // Candidates are the first due pending rows in id order that no other batch has locked, that
-// no dead row of their key parks ($3) and that no row of their key waiting for its retry holds
-// back. Of a partition key, only the rows before its first
+// no dead row of their key parks ($3) and that no row of their key not due yet (waiting for
+// its retry, or scheduled) holds back. Of a partition key, only the rows before its first
 // pending row *outside* this batch are kept (that row is in flight in another batch, locked
 // there, or waiting for a retry), and of those at most
 // the first $4: so a key's rows go out as a contiguous run in id order, a key is never in flight
@@ -133,11 +133,13 @@ with candidates as materialized (
       and not ($3 and partition_key is not null and exists (
               select 1 from postbox.parking_rows d
               where d.partition_key = o.partition_key and d.id < o.id))
-      -- nor rows behind a row of their key that waits for its retry, for the same reason
+      -- nor rows behind a row of their key that is not due yet (waiting for its retry, or
+      -- scheduled), for the same reason; the condition in parentheses is the partial index's
       and not (partition_key is not null and exists (
               select 1 from postbox.outbox w
               where w.partition_key = o.partition_key and w.id < o.id
-                and w.partition_key is not null and w.attempts > 0
+                and w.partition_key is not null
+                and (w.attempts > 0 or w.available_at > w.created_at)
                 and w.published_at is null and w.dead_at is null
                 and w.available_at > now()))
     order by id
