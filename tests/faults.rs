@@ -658,3 +658,71 @@ async fn the_listener_comes_back_after_postgres_does_and_commits_wake_the_relay_
     }
     relay.stop().await;
 }
+
+/// A relay that loses its broker gives its rows back and says so: another relay, idle and
+/// polling only every ten minutes, publishes them at once. The first relay holds every row
+/// (its publishes stalled) when its broker goes away; it must neither keep them locked while
+/// it reconnects nor claim them again before it has a broker.
+#[tokio::test]
+async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
+    const ROWS: usize = 60;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let broker = Proxy::tcp(&host_port(&amqp_url())).await;
+    let mut settings = db.settings();
+    settings.relay.poll_interval = Duration::from_secs(600);
+    settings.relay.confirm_timeout = Duration::from_secs(50);
+    settings.relay.takeover_timeout = Duration::from_secs(120);
+    let mut proxied = settings.clone();
+    proxied.amqp_url = broker.redirect(&amqp_url());
+    let first = RunningRelay::start(proxied).await;
+    let stats = first.stats.clone();
+    wait_until(
+        "the first relay connected",
+        Duration::from_secs(20),
+        || async { stats.broker_connected().then_some(()) },
+    )
+    .await;
+
+    broker.stall();
+    let committed = backlog(&db, &queue, ROWS, 6).await;
+    wait_until(
+        "the first relay holds every row",
+        Duration::from_secs(20),
+        || async { (locked_rows(&db).await == ROWS as i64).then_some(()) },
+    )
+    .await;
+    let second = RunningRelay::start(settings).await;
+    let other = second.stats.clone();
+    wait_until(
+        "the second relay is ready and found nothing to claim",
+        Duration::from_secs(20),
+        || async {
+            (other.broker_connected() && other.listening() && other.claims() > 0).then_some(())
+        },
+    )
+    .await;
+
+    broker.shut();
+    let started = std::time::Instant::now();
+    let received = inbox
+        .until_all(&committed.ids(), Duration::from_secs(30))
+        .await;
+    println!(
+        "all {ROWS} rows delivered {:.2}s after the first relay lost its broker",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
+    // Its claims locked every row but kept one row per key (the rest only waited locked).
+    assert!(stats.released() > 0, "the first relay released its batches");
+    assert_eq!(stats.published(), 0, "the first relay marked nothing");
+    assert!(!stats.broker_connected());
+    assert_eq!(other.published(), ROWS as u64);
+    second.stop().await;
+    first.stop().await;
+    committed
+        .check(&received)
+        .assert_sound("a relay lost its broker while holding rows", ROWS);
+}

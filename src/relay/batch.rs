@@ -8,7 +8,8 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Stats;
-use crate::store::outbox::{ClaimedRow, Completion};
+use crate::error::Context;
+use crate::store::outbox::{self, ClaimedRow, Completion};
 
 /// Rows claimed in one transaction. The transaction holds their row locks until the completer
 /// commits it; dropping the batch rolls back and releases the rows untouched.
@@ -21,6 +22,27 @@ pub(crate) struct Batch {
     pub permit: OwnedSemaphorePermit,
     /// Counts the batch as open until it is dropped, whichever way it ends.
     pub _open: Open,
+}
+
+impl Batch {
+    /// Gives the rows back unmarked, and tells every relay at once (rather than at its next
+    /// poll) that they are free: the transaction only locked them, so committing it releases
+    /// them as a rollback would, and delivers the notification in the same moment.
+    pub async fn release(self, stats: &Stats) {
+        let rows = self.rows.len() as u64;
+        let mut tx = self.tx;
+        let released = match outbox::announce(&mut *tx).await {
+            Ok(()) => tx.commit().await.context("releasing a batch"),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = released {
+            // The session is gone, and its locks with it: the rows are free all the same, and
+            // other relays find them on their next poll.
+            tracing::debug!(%error, "relay: could not announce a released batch");
+        }
+        stats.record(0, 0, 0, rows);
+        metrics::counter!("postbox_released_total").increment(rows);
+    }
 }
 
 /// A batch's place in [`Stats`]' count of open batches: counted when made, uncounted when

@@ -157,6 +157,14 @@ impl Claimer {
                     }
                 }
             }
+            // Rows claimed now would stay locked until the broker is back, out of reach of
+            // any relay that could publish them: claim only with a broker connection.
+            if !self.stats.broker_connected() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.stats.broker_is_up() => {}
+                }
+            }
             let permit = tokio::select! {
                 _ = stop.cancelled() => return,
                 permit = self.slots.clone().acquire_owned() => match permit {

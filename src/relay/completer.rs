@@ -63,6 +63,12 @@ impl Completer {
             published_at,
             confirmed_at,
         } = decided;
+        if completions.is_empty() {
+            // Nothing was decided (the broker connection went away): the rows go back as
+            // they are, and other relays hear of it.
+            batch.release(&self.stats).await;
+            return Ok(());
+        }
         let mut tx = batch.tx;
         let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
         for (_, completion) in &completions {
@@ -73,17 +79,17 @@ impl Completer {
             }
         }
         let released = (batch.rows.len() - completions.len()) as u64;
-        if completions.is_empty() {
-            tx.rollback().await.context("releasing a batch")?;
-        } else {
-            outbox::complete(&mut tx, &completions, self.keep_published)
-                .instrument(tracing::debug_span!(
-                    "postbox.mark",
-                    rows = completions.len()
-                ))
-                .await?;
-            tx.commit().await.context("committing a batch")?;
+        outbox::complete(&mut tx, &completions, self.keep_published)
+            .instrument(tracing::debug_span!(
+                "postbox.mark",
+                rows = completions.len()
+            ))
+            .await?;
+        if released > 0 {
+            // Rows left unmarked are free with the commit: let other relays know.
+            outbox::announce(&mut *tx).await?;
         }
+        tx.commit().await.context("committing a batch")?;
         self.stats.record(published, retried, dead, released);
         metrics::counter!("postbox_published_total").increment(published);
         metrics::counter!("postbox_retried_total").increment(retried);

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
@@ -52,7 +52,8 @@ pub struct Stats {
     retried: AtomicU64,
     dead: AtomicU64,
     released: AtomicU64,
-    broker_up: AtomicBool,
+    /// Whether the publisher holds an open broker connection; the claimer waits on it.
+    broker_up: watch::Sender<bool>,
     listening: AtomicBool,
     /// Batches claimed, and batches ended (marked, released, or dropped on shutdown or after
     /// a failed mark): the difference is open.
@@ -92,12 +93,21 @@ impl Stats {
     }
 
     fn set_broker_up(&self, up: bool) {
-        self.broker_up.store(up, Ordering::Relaxed);
+        self.broker_up
+            .send_if_modified(|was| std::mem::replace(was, up) != up);
     }
 
-    /// Whether the publisher holds an open broker connection (it connects at start).
+    /// Whether the publisher holds an open broker connection (it connects at start). While
+    /// it does not, the relay claims nothing, so its rows stay free for other relays.
     pub fn broker_connected(&self) -> bool {
-        self.broker_up.load(Ordering::Relaxed)
+        *self.broker_up.borrow()
+    }
+
+    /// Returns once the publisher holds a broker connection.
+    async fn broker_is_up(&self) {
+        let mut up = self.broker_up.subscribe();
+        // Err only if the sender is gone, and `self` holds it.
+        let _ = up.wait_for(|up| *up).await;
     }
 
     fn set_listening(&self, listening: bool) {
@@ -325,6 +335,13 @@ impl Relay {
             .chain([listener, cleaner, heartbeat, publisher, confirmer])
         {
             let _ = task.await;
+        }
+        // Batches dropped on the way out (not published in time, or their mark failed) went
+        // back with their sessions, unannounced: tell the other relays.
+        if self.stats.finished() > self.stats.batches() {
+            if let Err(error) = crate::store::outbox::announce(&self.pool).await {
+                tracing::debug!(%error, "relay: could not announce the rows it gave back");
+            }
         }
         tracing::info!("relay: stopped");
     }

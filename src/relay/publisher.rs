@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures_util::StreamExt;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
@@ -65,29 +66,25 @@ impl Publisher {
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
     ) {
-        // Connect at once, so readiness reflects the broker before there is anything to
-        // publish; a batch arriving first (or the claimer stopping) ends the wait.
-        let mut next = tokio::select! {
-            _ = hard_stop.cancelled() => None,
-            _ = self.channel(&shutdown) => None,
-            batch = input.recv() => batch,
-        };
         loop {
+            // Connect at once (readiness reflects the broker before there is anything to
+            // publish), and after a loss reconnect before taking the next batch.
+            if !self.connected() && !self.reconnect(&mut input, &shutdown, &hard_stop).await {
+                break;
+            }
             let waiting_since = std::time::Instant::now();
-            let batch = match next.take() {
-                Some(batch) => batch,
-                None => tokio::select! {
-                    _ = hard_stop.cancelled() => break,
-                    batch = input.recv() => match batch {
-                        Some(batch) => batch,
-                        None => break,
-                    },
-                    // Idle: keep readiness and `postbox_broker_up` true to the connection.
-                    _ = tokio::time::sleep(BROKER_CHECK) => {
-                        self.stats.set_broker_up(self.connected());
-                        continue;
-                    }
+            let batch = tokio::select! {
+                _ = hard_stop.cancelled() => break,
+                batch = input.recv() => match batch {
+                    Some(batch) => batch,
+                    None => break,
                 },
+                // Idle: look at the connection again, so a lost one is reported (readiness,
+                // `postbox_broker_up`) and restored without waiting for work.
+                _ = tokio::time::sleep(BROKER_CHECK) => {
+                    self.stats.set_broker_up(self.connected());
+                    continue;
+                }
             };
             let got_batch = std::time::Instant::now();
             let window = tokio::select! {
@@ -97,6 +94,12 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
+            if !self.connected() {
+                // Lost while the batch waited: hand it back rather than hold its rows through
+                // the reconnect.
+                batch.release(&self.stats).await;
+                continue;
+            }
             let Some((channel, frame_max)) = self.channel(&shutdown).await else {
                 break;
             };
@@ -117,8 +120,8 @@ impl Publisher {
                 publish_ms = got_window.elapsed().as_secs_f64() * 1e3,
                 "relay: published"
             );
-            // The next batch's `channel()` reopens the channel or reconnects (closing the old
-            // connection, forgetting its probed exchanges); readiness shows a lost connection
+            // The next round reconnects (closing the old connection, forgetting its probed
+            // exchanges) or `channel()` reopens the channel; readiness shows a lost connection
             // now rather than then.
             if !channel.status().connected() {
                 self.stats.set_broker_up(self.connected());
@@ -135,6 +138,31 @@ impl Publisher {
         self.stats.set_broker_up(false);
         if let Some((connection, _)) = self.connection.take() {
             let _ = connection.close(200, "postbox relay stopping".into()).await;
+        }
+    }
+
+    /// Connects, or reconnects after a loss, handing back every batch that arrives meanwhile
+    /// (claimed before the loss was seen): other relays may have a broker to publish them to,
+    /// and this one claims nothing until it is connected. False if the relay stops first.
+    async fn reconnect(
+        &mut self,
+        input: &mut mpsc::Receiver<Batch>,
+        shutdown: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        self.stats.set_broker_up(false);
+        let stats = self.stats.clone();
+        let connect = self.channel(shutdown);
+        tokio::pin!(connect);
+        loop {
+            tokio::select! {
+                _ = hard_stop.cancelled() => return false,
+                channel = &mut connect => return channel.is_some(),
+                batch = input.recv() => match batch {
+                    Some(batch) => batch.release(&stats).await,
+                    None => return false,
+                },
+            }
         }
     }
 
@@ -180,6 +208,10 @@ impl Publisher {
         })
         .await?;
         let channel = (pair.1.clone(), frame_max(&pair.0));
+        tokio::spawn(watch_connection(
+            pair.0.events_listener(),
+            self.stats.clone(),
+        ));
         self.connection = Some(pair);
         self.stats.set_broker_up(true);
         Some(channel)
@@ -239,6 +271,32 @@ impl Publisher {
             }
         }
         missing
+    }
+}
+
+/// Follows a connection's events until it fails: a failed connection stops the claimer at once
+/// (the publisher reconnects when it next looks, within `BROKER_CHECK`), and a broker that
+/// blocks publishers (a memory or disk alarm) is logged, since confirms stop meanwhile.
+async fn watch_connection(
+    events: impl futures_util::Stream<Item = lapin::Event>,
+    stats: Arc<super::Stats>,
+) {
+    futures_util::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::Error(error) => {
+                tracing::warn!(%error, "rabbitmq: connection failed");
+                stats.set_broker_up(false);
+                return;
+            }
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, "rabbitmq: the broker blocks publishing on this connection (resource alarm); confirms wait until it lifts")
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!("rabbitmq: the broker unblocked publishing")
+            }
+            _ => {}
+        }
     }
 }
 
