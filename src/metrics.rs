@@ -110,11 +110,13 @@ async fn metrics(State(probe): State<Probe>) -> Response {
         _ => metrics::gauge!("postbox_database_up").set(0.0),
     }
     metrics::gauge!("postbox_broker_up").set(f64::from(u8::from(probe.stats.broker_connected())));
+    metrics::gauge!("postbox_broker_blocked")
+        .set(f64::from(u8::from(probe.stats.broker_blocked())));
     metrics::gauge!("postbox_listener_up").set(f64::from(u8::from(probe.stats.listening())));
     probe.handle.render().into_response()
 }
 
-/// Ready when Postgres answers, the broker connection is up, the relay listens for commits and
+/// Ready when Postgres answers, the broker connection is up (and not blocked by an alarm), the relay listens for commits and
 /// (if configured) the backlog's oldest due row is younger than `max_lag`; otherwise 503, with
 /// every check's result.
 async fn ready(State(probe): State<Probe>) -> Response {
@@ -128,10 +130,12 @@ async fn ready(State(probe): State<Probe>) -> Response {
         Ok(Err(error)) => (Err(error.to_string()), None),
         Err(_) => (Err("no answer within 2s".to_string()), None),
     };
-    let broker = if probe.stats.broker_connected() {
-        Ok(())
-    } else {
+    let broker = if !probe.stats.broker_connected() {
         Err("not connected".to_string())
+    } else if probe.stats.broker_blocked() {
+        Err("the broker blocks publishing (resource alarm)".to_string())
+    } else {
+        Ok(())
     };
     let listener = if probe.stats.listening() {
         Ok(())

@@ -282,20 +282,6 @@ async fn three_relays_race_and_one_is_killed() {
     relays_race_and_one_is_killed(3).await;
 }
 
-/// Rows of `db` claimed (row-locked) by some session right now.
-async fn locked_rows(db: &TestDb) -> i64 {
-    let mut tx = db.pool.begin().await.expect("begin");
-    let free: i64 = sqlx::query_scalar(
-        "select count(*) from (select id from postbox.outbox where published_at is null \
-         and dead_at is null for update skip locked) free",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .expect("count free rows");
-    tx.rollback().await.expect("rollback");
-    db.count("published_at is null and dead_at is null").await - free
-}
-
 #[tokio::test]
 async fn a_paused_relay_loses_its_rows_after_the_takeover_timeout_and_cannot_mark_them() {
     const ROWS: usize = 3_000;
@@ -316,7 +302,7 @@ async fn a_paused_relay_loses_its_rows_after_the_takeover_timeout_and_cannot_mar
     for _ in 0..50 {
         published_at_least(&db, published(&db).await + 1).await;
         paused.pause();
-        held = locked_rows(&db).await;
+        held = db.locked_rows().await;
         if held > 0 {
             break;
         }
@@ -691,7 +677,7 @@ async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
     wait_until(
         "the first relay holds every row",
         Duration::from_secs(20),
-        || async { (locked_rows(&db).await == ROWS as i64).then_some(()) },
+        || async { (db.locked_rows().await == ROWS as i64).then_some(()) },
     )
     .await;
     let second = RunningRelay::start(settings).await;

@@ -24,6 +24,9 @@ pub(crate) struct Batch {
     pub _open: Open,
 }
 
+/// How long a release may take before the batch is simply dropped (rolled back unannounced).
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Batch {
     /// Gives the rows back unmarked, and tells every relay at once (rather than at its next
     /// poll) that they are free: the transaction only locked them, so committing it releases
@@ -31,14 +34,17 @@ impl Batch {
     pub async fn release(self, stats: &Stats) {
         let rows = self.rows.len() as u64;
         let mut tx = self.tx;
-        let released = match outbox::announce(&mut *tx).await {
-            Ok(()) => tx.commit().await.context("releasing a batch"),
-            Err(error) => Err(error),
+        let release = async {
+            outbox::announce(&mut *tx).await?;
+            tx.commit().await.context("releasing a batch")
         };
-        if let Err(error) = released {
-            // The session is gone, and its locks with it: the rows are free all the same, and
-            // other relays find them on their next poll.
-            tracing::debug!(%error, "relay: could not announce a released batch");
+        match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
+            Ok(Ok(())) => {}
+            // The session is gone, and its locks with it (or, on timeout, it rolls back when
+            // dropped): the rows are free all the same, and other relays find them on their
+            // next poll.
+            Ok(Err(error)) => tracing::debug!(%error, "relay: could not announce a released batch"),
+            Err(_) => tracing::debug!("relay: releasing a batch timed out"),
         }
         stats.record(0, 0, 0, rows);
         metrics::counter!("postbox_released_total").increment(rows);
@@ -80,6 +86,8 @@ pub(crate) struct Published {
     pub batch: Batch,
     pub sent: Vec<Sent>,
     pub published_at: Instant,
+    /// The broker's block changes when publishing began ([`super::BrokerState::block_changes`]).
+    pub block_changes: u64,
     /// One of the `max_in_flight_batches` broker-window slots, given back as soon as the
     /// batch's confirms are in: marking it does not hold up the next publish.
     pub window: OwnedSemaphorePermit,

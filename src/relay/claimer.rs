@@ -157,12 +157,13 @@ impl Claimer {
                     }
                 }
             }
-            // Rows claimed now would stay locked until the broker is back, out of reach of
-            // any relay that could publish them: claim only with a broker connection.
-            if !self.stats.broker_connected() {
+            // Rows claimed now would stay locked until publishing works again, out of reach
+            // of any relay that could publish them: claim only with a broker connection that
+            // is not blocked.
+            if !self.stats.broker.usable() {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = self.stats.broker_is_up() => {}
+                    _ = self.stats.broker.until_usable() => {}
                 }
             }
             let permit = tokio::select! {
@@ -172,6 +173,11 @@ impl Claimer {
                     Err(_) => return, // semaphore closed: the relay is shutting down
                 },
             };
+            // The slot may have been freed by the very batch the loss released.
+            if !self.stats.broker.usable() {
+                idle = false; // claim as soon as it is back
+                continue;
+            }
             match self
                 .claim_once(permit)
                 .instrument(tracing::debug_span!("postbox.claim"))

@@ -14,6 +14,8 @@ use crate::store::outbox::{self, Completion};
 /// Persists decisions on the transaction that claimed the batch: if that transaction is gone
 /// (connection lost, session killed), nothing is written and the rows are claimed again later.
 pub(crate) struct Completer {
+    /// For announcing rows given back.
+    pub pool: sqlx::PgPool,
     pub wake: Arc<Notify>,
     pub stats: Arc<Stats>,
     /// `relay.keep_published`: mark published rows (true) or delete them (false).
@@ -85,11 +87,14 @@ impl Completer {
                 rows = completions.len()
             ))
             .await?;
-        if released > 0 {
-            // Rows left unmarked are free with the commit: let other relays know.
-            outbox::announce(&mut *tx).await?;
-        }
         tx.commit().await.context("committing a batch")?;
+        if released > 0 {
+            // Rows left unmarked are free now: let other relays know. After the commit, so
+            // that the marks never depend on it.
+            if let Err(error) = outbox::announce(&self.pool).await {
+                tracing::debug!(%error, "relay: could not announce released rows");
+            }
+        }
         self.stats.record(published, retried, dead, released);
         metrics::counter!("postbox_published_total").increment(published);
         metrics::counter!("postbox_retried_total").increment(retried);

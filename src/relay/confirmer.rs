@@ -1,5 +1,6 @@
 //! Stage 3: await a batch's publisher confirms and decide each row's fate.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
@@ -7,15 +8,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Decided, Published, Sent};
+use super::Stats;
 use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
 /// Turns confirms into completions: acked → published; nacked, returned or not confirmed in
 /// time → retry or dead per the policy; refused before sending → dead; lost with the
-/// connection → released untouched.
+/// connection, or withheld while the broker blocked publishing → released untouched.
 pub(crate) struct Confirmer {
     pub confirm_timeout: Duration,
     pub policy: RetryPolicy,
+    pub stats: Arc<Stats>,
 }
 
 impl Confirmer {
@@ -44,13 +47,20 @@ impl Confirmer {
         }
     }
 
+    /// Whether the broker blocked publishing at any time since it had `block_changes` changes.
+    fn broker_blocked_since(&self, block_changes: u64) -> bool {
+        self.stats.broker.blocked() || self.stats.broker.block_changes() != block_changes
+    }
+
     async fn decide(&self, published: Published) -> Decided {
         let Published {
             batch,
             sent,
             published_at,
+            block_changes,
             window,
         } = published;
+        let mut withheld = 0;
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let mut completions = Vec::with_capacity(sent.len());
         for (row, sent) in batch.rows.iter().zip(sent) {
@@ -82,6 +92,12 @@ impl Confirmer {
                             tracing::warn!(id = row.id, %error, "relay: confirm lost with the connection; the row will be published again");
                             continue;
                         }
+                        Err(_) if self.broker_blocked_since(block_changes) => {
+                            // The broker withheld the confirm (a resource alarm): not the
+                            // row's fault, so no attempt is counted; it goes back untouched.
+                            withheld += 1;
+                            continue;
+                        }
                         Err(_) => format!(
                             "no publisher confirm within {}",
                             humantime::format_duration(self.confirm_timeout)
@@ -90,6 +106,12 @@ impl Confirmer {
                 }
             };
             completions.push((row.id, self.policy.after_failure(row.attempts, failure)));
+        }
+        if withheld > 0 {
+            tracing::warn!(
+                rows = withheld,
+                "relay: no confirms while the broker blocked publishing; the rows go back to pending without using an attempt"
+            );
         }
         drop(window); // confirms are in: the next batch may go to the broker
         Decided {

@@ -13,6 +13,7 @@
 //! is claimed and published while the previous one waits for confirms and its mark.
 
 mod batch;
+mod broker_state;
 mod claimer;
 mod completer;
 mod confirmer;
@@ -30,11 +31,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
 use crate::config::RelaySettings;
+use broker_state::BrokerState;
 use claimer::Claimer;
 use completer::Completer;
 use confirmer::Confirmer;
@@ -52,8 +54,7 @@ pub struct Stats {
     retried: AtomicU64,
     dead: AtomicU64,
     released: AtomicU64,
-    /// Whether the publisher holds an open broker connection; the claimer waits on it.
-    broker_up: watch::Sender<bool>,
+    broker: BrokerState,
     listening: AtomicBool,
     /// Batches claimed, and batches ended (marked, released, or dropped on shutdown or after
     /// a failed mark): the difference is open.
@@ -92,22 +93,17 @@ impl Stats {
         self.claims.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn set_broker_up(&self, up: bool) {
-        self.broker_up
-            .send_if_modified(|was| std::mem::replace(was, up) != up);
-    }
-
     /// Whether the publisher holds an open broker connection (it connects at start). While
     /// it does not, the relay claims nothing, so its rows stay free for other relays.
     pub fn broker_connected(&self) -> bool {
-        *self.broker_up.borrow()
+        self.broker.connected()
     }
 
-    /// Returns once the publisher holds a broker connection.
-    async fn broker_is_up(&self) {
-        let mut up = self.broker_up.subscribe();
-        // Err only if the sender is gone, and `self` holds it.
-        let _ = up.wait_for(|up| *up).await;
+    /// Whether the broker blocks publishing on the relay's connection (a memory or disk alarm).
+    /// While it does, the relay claims nothing, and confirms it waited for in vain do not count
+    /// as failed attempts.
+    pub fn broker_blocked(&self) -> bool {
+        self.broker.blocked()
     }
 
     fn set_listening(&self, listening: bool) {
@@ -200,7 +196,7 @@ impl Relay {
     }
 
     /// Connects to the database in `settings` (Postgres must be reachable; the broker is
-    /// connected on first publish) and builds a relay from its settings.
+    /// connected at start) and builds a relay from its settings.
     pub async fn connect(settings: &crate::Settings) -> crate::Result<Self> {
         let pool =
             crate::store::connect(settings, Self::connections_needed(&settings.relay)).await?;
@@ -289,12 +285,7 @@ impl Relay {
             .collect();
         drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));
-        let publisher = Publisher::new(
-            self.broker,
-            window,
-            self.stats.clone(),
-            settings.max_message_bytes,
-        );
+        let publisher = Publisher::new(self.broker, window, self.stats.clone(), &settings);
         let publisher = tokio::spawn(publisher.run(
             claimed_rx,
             published_tx,
@@ -304,10 +295,12 @@ impl Relay {
         let confirmer = Confirmer {
             confirm_timeout: settings.confirm_timeout,
             policy: RetryPolicy::from_settings(&settings),
+            stats: self.stats.clone(),
         };
         let confirmer = tokio::spawn(confirmer.run(published_rx, decided_tx, hard_stop.clone()));
         let mut completer = tokio::spawn(
             Completer {
+                pool: self.pool.clone(),
                 wake,
                 stats: self.stats.clone(),
                 keep_published: settings.keep_published,
@@ -335,13 +328,6 @@ impl Relay {
             .chain([listener, cleaner, heartbeat, publisher, confirmer])
         {
             let _ = task.await;
-        }
-        // Batches dropped on the way out (not published in time, or their mark failed) went
-        // back with their sessions, unannounced: tell the other relays.
-        if self.stats.finished() > self.stats.batches() {
-            if let Err(error) = crate::store::outbox::announce(&self.pool).await {
-                tracing::debug!(%error, "relay: could not announce the rows it gave back");
-            }
         }
         tracing::info!("relay: stopped");
     }

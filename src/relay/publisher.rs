@@ -8,8 +8,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use super::batch::{Batch, Published, Sent};
@@ -30,11 +30,15 @@ pub(crate) struct Publisher {
     stats: Arc<super::Stats>,
     /// Payloads above this are refused without trying (`relay.max_message_bytes`).
     max_message_bytes: usize,
+    /// How long a batch's publishes may take to be written (`relay.confirm_timeout`).
+    write_timeout: std::time::Duration,
     connection: Option<(Connection, Channel)>,
     /// A channel of its own for passive exchange declares (a failed one closes its channel).
     probe: Option<Channel>,
     /// Exchanges seen to exist on the current connection.
     known_exchanges: HashSet<String>,
+    /// Stops the current connection's event watcher when the connection is replaced.
+    watcher: Option<DropGuard>,
 }
 
 impl Publisher {
@@ -42,23 +46,24 @@ impl Publisher {
         broker: Broker,
         window: Arc<Semaphore>,
         stats: Arc<super::Stats>,
-        max_message_bytes: usize,
+        settings: &crate::config::RelaySettings,
     ) -> Self {
         Self {
             broker,
             window,
             stats,
-            max_message_bytes,
+            max_message_bytes: settings.max_message_bytes,
+            write_timeout: settings.confirm_timeout,
             connection: None,
             probe: None,
             known_exchanges: HashSet::new(),
+            watcher: None,
         }
     }
 
     /// Publishes until the claimer is done (its channel closes) or `hard_stop` is cancelled.
-    /// Once `shutdown` begins, waiting for the broker to come back is pointless: a batch not
-    /// yet published is dropped (its rows roll back to pending) rather than held until
-    /// `hard_stop`.
+    /// Once `shutdown` begins, waiting for the broker to come back is pointless: batches not
+    /// yet published are released rather than held until `hard_stop`.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Batch>,
@@ -82,7 +87,7 @@ impl Publisher {
                 // Idle: look at the connection again, so a lost one is reported (readiness,
                 // `postbox_broker_up`) and restored without waiting for work.
                 _ = tokio::time::sleep(BROKER_CHECK) => {
-                    self.stats.set_broker_up(self.connected());
+                    self.stats.broker.set_connected(self.connected());
                     continue;
                 }
             };
@@ -94,13 +99,15 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
-            if !self.connected() {
-                // Lost while the batch waited: hand it back rather than hold its rows through
-                // the reconnect.
+            if !self.stats.broker.usable() || !self.connected() {
+                // Lost or blocked while the batch waited: hand it back rather than hold its
+                // rows through the reconnect or the alarm.
                 batch.release(&self.stats).await;
                 continue;
             }
             let Some((channel, frame_max)) = self.channel(&shutdown).await else {
+                // Stopping before the broker came back.
+                batch.release(&self.stats).await;
                 break;
             };
             let missing_exchanges = self.missing_exchanges(&batch).await;
@@ -111,9 +118,35 @@ impl Publisher {
                 frame_max,
                 missing_exchanges: &missing_exchanges,
             };
-            let published = publish_batch(&channel, batch, window, limits)
-                .instrument(tracing::debug_span!("postbox.publish", rows))
-                .await;
+            let block_changes = self.stats.broker.block_changes();
+            // lapin holds writes while the broker blocks publishing (a resource alarm), so
+            // publishes can wait for as long as the alarm lasts: give up after the confirm
+            // timeout, and give the rows back without counting an attempt (the writes may
+            // still go out later: duplicates, with the same message ids).
+            let written = tokio::select! {
+                _ = hard_stop.cancelled() => break,
+                written = tokio::time::timeout(
+                    self.write_timeout,
+                    publish_rows(&channel, &batch, limits)
+                        .instrument(tracing::debug_span!("postbox.publish", rows)),
+                ) => written,
+            };
+            let Ok(sent) = written else {
+                tracing::warn!(
+                    rows,
+                    blocked = self.stats.broker.blocked(),
+                    "relay: the broker took no publishes within the confirm timeout; the batch goes back to pending without using an attempt"
+                );
+                batch.release(&self.stats).await;
+                continue;
+            };
+            let published = Published {
+                batch,
+                sent,
+                published_at: std::time::Instant::now(),
+                block_changes,
+                window,
+            };
             tracing::trace!(
                 wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
                 wait_window_ms = (got_window - got_batch).as_secs_f64() * 1e3,
@@ -124,10 +157,17 @@ impl Publisher {
             // exchanges) or `channel()` reopens the channel; readiness shows a lost connection
             // now rather than then.
             if !channel.status().connected() {
-                self.stats.set_broker_up(self.connected());
+                self.stats.broker.set_connected(self.connected());
             }
             if out.send(published).await.is_err() {
                 break;
+            }
+        }
+        // Stopping without a broker: give back what was claimed and never published.
+        if !hard_stop.is_cancelled() {
+            input.close();
+            while let Some(batch) = input.recv().await {
+                batch.release(&self.stats).await;
             }
         }
         // Lets the confirmer finish once it has drained what it holds. Batches handed on still
@@ -135,7 +175,8 @@ impl Publisher {
         // pipeline has drained (or gave up on it).
         drop(out);
         hard_stop.cancelled().await;
-        self.stats.set_broker_up(false);
+        self.stats.broker.set_connected(false);
+        self.watcher = None;
         if let Some((connection, _)) = self.connection.take() {
             let _ = connection.close(200, "postbox relay stopping".into()).await;
         }
@@ -150,7 +191,7 @@ impl Publisher {
         shutdown: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> bool {
-        self.stats.set_broker_up(false);
+        self.stats.broker.set_connected(false);
         let stats = self.stats.clone();
         let connect = self.channel(shutdown);
         tokio::pin!(connect);
@@ -193,12 +234,13 @@ impl Publisher {
                 }
             }
             tracing::warn!("rabbitmq: connection lost; reconnecting");
+            self.watcher = None; // its events no longer say anything about the broker
             if let Some((connection, _)) = self.connection.take() {
                 let _ = connection
                     .close(200, "postbox relay reconnecting".into())
                     .await;
             }
-            self.stats.set_broker_up(false);
+            self.stats.broker.set_connected(false);
         }
         let broker = &self.broker;
         let pair = until_ok("rabbitmq", stop, || async {
@@ -208,12 +250,16 @@ impl Publisher {
         })
         .await?;
         let channel = (pair.1.clone(), frame_max(&pair.0));
+        let watcher = CancellationToken::new();
         tokio::spawn(watch_connection(
             pair.0.events_listener(),
+            pair.0.status().clone(),
             self.stats.clone(),
+            watcher.clone(),
         ));
+        self.watcher = Some(watcher.drop_guard());
         self.connection = Some(pair);
-        self.stats.set_broker_up(true);
+        self.stats.broker.set_connected(true);
         Some(channel)
     }
 }
@@ -274,26 +320,46 @@ impl Publisher {
     }
 }
 
-/// Follows a connection's events until it fails: a failed connection stops the claimer at once
-/// (the publisher reconnects when it next looks, within `BROKER_CHECK`), and a broker that
-/// blocks publishers (a memory or disk alarm) is logged, since confirms stop meanwhile.
+/// Follows the current connection's events until it fails or is replaced (`stop`): a failed
+/// connection stops the claimer at once (the publisher reconnects when it next looks, within
+/// `BROKER_CHECK`), and a broker that blocks publishers (a memory or disk alarm) stops it too,
+/// until the broker lifts the block.
 async fn watch_connection(
     events: impl futures_util::Stream<Item = lapin::Event>,
+    status: lapin::ConnectionStatus,
     stats: Arc<super::Stats>,
+    stop: CancellationToken,
 ) {
     futures_util::pin_mut!(events);
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.next() => event,
+        };
+        let Some(event) = event else {
+            return;
+        };
+        if stop.is_cancelled() {
+            return; // a newer connection speaks for the broker now
+        }
         match event {
+            // Channel errors come this way too (a passive declare of a missing exchange
+            // closes its channel): only a failed connection matters here.
+            lapin::Event::Error(error) if status.connected() => {
+                tracing::debug!(%error, "rabbitmq: channel error");
+            }
             lapin::Event::Error(error) => {
                 tracing::warn!(%error, "rabbitmq: connection failed");
-                stats.set_broker_up(false);
+                stats.broker.set_connected(false);
                 return;
             }
             lapin::Event::ConnectionBlocked(reason) => {
-                tracing::warn!(%reason, "rabbitmq: the broker blocks publishing on this connection (resource alarm); confirms wait until it lifts")
+                tracing::warn!(%reason, "rabbitmq: the broker blocks publishing (resource alarm); the relay claims nothing until it lifts");
+                stats.broker.set_blocked(true);
             }
             lapin::Event::ConnectionUnblocked => {
-                tracing::info!("rabbitmq: the broker unblocked publishing")
+                tracing::info!("rabbitmq: the broker unblocked publishing");
+                stats.broker.set_blocked(false);
             }
             _ => {}
         }
@@ -339,12 +405,7 @@ impl Limits<'_> {
 }
 
 /// Publishes each row (mandatory, persistent) and collects the pending confirms.
-async fn publish_batch(
-    channel: &Channel,
-    batch: Batch,
-    window: OwnedSemaphorePermit,
-    limits: Limits<'_>,
-) -> Published {
+async fn publish_rows(channel: &Channel, batch: &Batch, limits: Limits<'_>) -> Vec<Sent> {
     // Rows that cannot go out are decided here; the others are published in row order.
     let mut decided: Vec<Option<Sent>> = Vec::with_capacity(batch.rows.len());
     let mut messages = Vec::with_capacity(batch.rows.len());
@@ -396,10 +457,5 @@ async fn publish_batch(
             None => Sent::Released,
         });
     }
-    Published {
-        batch,
-        sent,
-        published_at: std::time::Instant::now(),
-        window,
-    }
+    sent
 }

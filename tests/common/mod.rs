@@ -113,6 +113,20 @@ impl TestDb {
         .expect("count outbox rows")
     }
 
+    /// Pending rows claimed (row-locked) by some session right now.
+    pub async fn locked_rows(&self) -> i64 {
+        let mut tx = self.pool.begin().await.expect("begin");
+        let free: i64 = sqlx::query_scalar(
+            "select count(*) from (select id from postbox.outbox where published_at is null \
+             and dead_at is null for update skip locked) free",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .expect("count free rows");
+        tx.rollback().await.expect("rollback");
+        self.count("published_at is null and dead_at is null").await - free
+    }
+
     /// Relay settings for this database with quick, test-friendly timings.
     pub fn settings(&self) -> Settings {
         settings_for(&self.url)
