@@ -32,6 +32,8 @@ struct Recorder {
     gate: Option<(Arc<Notify>, Arc<Notify>)>,
     /// Deserialize the payload as this JSON shape.
     typed: bool,
+    /// Fail only this message (every message when `None`).
+    poison: Option<Uuid>,
 }
 
 impl Recorder {
@@ -80,8 +82,10 @@ impl Handler for Recorder {
             release.notified().await;
         }
         match self.fail {
-            Some(fail) => Err(fail(format!("boom on attempt {}", message.attempt()))),
-            None => Ok(()),
+            Some(fail) if self.poison.is_none_or(|id| id == message.message_id()) => {
+                Err(fail(format!("boom on attempt {}", message.attempt())))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -251,8 +255,10 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
 #[tokio::test]
 async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_queue() {
     let mut sub = subscriber().await;
+    let poison = Uuid::new_v4();
     let failing = Recorder {
         fail: Some(HandlerError::transient),
+        poison: Some(poison),
         ..Recorder::default()
     };
     let options = ConsumerOptions {
@@ -260,10 +266,12 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
         ..sub.options()
     };
     let consumer = sub.consumer("billing", failing.clone(), options);
-    let poison = Uuid::new_v4();
     let mut headers = relay_headers(1, Some("acc-1"));
     headers.insert("x-trace".into(), AMQPValue::LongString("kept".into()));
     sub.send(poison, headers, b"{\"poison\":true}").await;
+    // Queued behind the poison message on the consumer's one worker, while it is retried.
+    let good = Uuid::new_v4();
+    sub.send(good, relay_headers(2, Some("acc-2")), b"{}").await;
 
     let dead = sub.dead_letters.take(1, DEADLINE).await;
     let dead = &dead[0];
@@ -284,39 +292,100 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
         dead.header("x-postbox-attempts"),
         Some(&AMQPValue::LongLongInt(3))
     );
-    let stats = wait_for(&consumer, "dead letter recorded", |stats| {
-        stats.dead_lettered() == 1
-    })
+    // The queue moves on: the message behind the poison one is applied by the same consumer.
+    let stats = wait_for(
+        &consumer,
+        "dead letter recorded, next message applied",
+        |stats| stats.dead_lettered() == 1 && stats.applied() == 1,
+    )
     .await;
     assert_eq!(
         failing.runs.load(Ordering::SeqCst),
-        3,
-        "ran max_attempts times"
+        4,
+        "the poison message ran max_attempts times, the next one once"
     );
     assert_eq!(stats.failures(), 3);
-    assert!(
-        applied(&sub).await.is_empty(),
-        "failed runs rolled back their writes"
-    );
+    let rows = applied(&sub).await;
+    assert_eq!(rows.len(), 1, "failed runs rolled back their writes");
+    assert_eq!(rows[0].0, good);
     let (outcome, _, attempts) = sub.inbox_row("billing", poison).await;
     assert_eq!(outcome.as_deref(), Some("dead_lettered"));
     assert_eq!(attempts, 3);
-    consumer.stop().await.expect("stops");
 
-    // The queue moves on: the next message is processed by a healthy handler, and the poison
-    // message, if it comes again, is a duplicate.
-    let healthy = Recorder::default();
-    let consumer = sub.consumer("billing", healthy.clone(), sub.options());
-    let good = Uuid::new_v4();
-    sub.send(good, relay_headers(2, Some("acc-2")), b"{}").await;
+    // The poison message, if it comes again, is a duplicate.
     sub.send(poison, relay_headers(1, Some("acc-1")), b"{}")
         .await;
-    stop_when(consumer, "good applied, poison absorbed", |stats| {
-        stats.applied() == 1 && stats.duplicates() == 1
+    stop_when(consumer, "poison absorbed", |stats| stats.duplicates() == 1).await;
+    assert_eq!(failing.runs.load(Ordering::SeqCst), 4);
+    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
+}
+
+/// A panicking handler is a failed run like any other: counted, retried, dead-lettered (here
+/// with a NUL character in its message, which Postgres text cannot hold).
+#[tokio::test]
+async fn a_panicking_handler_is_counted_and_dead_lettered() {
+    let mut sub = subscriber().await;
+    let panicking = Recorder {
+        fail: Some(|message| panic!("handler bug\0 {message}")),
+        ..Recorder::default()
+    };
+    let options = ConsumerOptions {
+        max_attempts: 2,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", panicking.clone(), options);
+    let id = Uuid::new_v4();
+    sub.send(id, relay_headers(1, Some("acc-1")), b"{}").await;
+    expect_dead_letter(&mut sub, consumer, id).await;
+    assert_eq!(panicking.runs.load(Ordering::SeqCst), 2);
+    let (_, _, attempts) = sub.inbox_row("billing", id).await;
+    assert_eq!(attempts, 2);
+    let error: String =
+        sqlx::query_scalar("select last_error from postbox.inbox where message_id = $1")
+            .bind(id)
+            .fetch_one(&sub.db.pool)
+            .await
+            .expect("read last_error");
+    assert!(
+        error.starts_with("the handler panicked: handler bug\u{FFFD} boom"),
+        "{error}"
+    );
+}
+
+/// Partition keys Postgres cannot take as they are (a NUL character; a key too long for an
+/// index entry) are stored and versioned all the same, instead of failing every run.
+#[tokio::test]
+async fn partition_keys_postgres_cannot_index_are_still_versioned() {
+    /// Counts its runs and writes nothing (the test's `applied` table could not take a NUL).
+    #[derive(Clone, Default)]
+    struct Runs(Arc<AtomicU32>);
+    impl Handler for Runs {
+        async fn handle(
+            &self,
+            _: &mut Transaction<'_, Postgres>,
+            _: &Incoming,
+        ) -> Result<(), HandlerError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let sub = subscriber().await;
+    let runs = Runs::default();
+    let consumer = sub.consumer("billing", runs.clone(), sub.options());
+    let long_key = "k".repeat(5_000);
+    sub.send(Uuid::new_v4(), relay_headers(2, Some("acc\0-1")), b"{}")
+        .await;
+    sub.send(Uuid::new_v4(), relay_headers(2, Some(&long_key)), b"{}")
+        .await;
+    // Older than what was applied for the long key: stale, so its version was recorded.
+    sub.send(Uuid::new_v4(), relay_headers(1, Some(&long_key)), b"{}")
+        .await;
+    let stats = stop_when(consumer, "two applied, one stale", |stats| {
+        stats.applied() == 2 && stats.stale() == 1
     })
     .await;
-    assert_eq!(healthy.runs.load(Ordering::SeqCst), 1);
-    assert_eq!(sub.rabbit.ready(&sub.queue).await, 0);
+    assert_eq!(stats.failures(), 0);
+    assert_eq!(runs.0.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -795,7 +864,8 @@ async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
     let recorder = Recorder::default();
     let options = ConsumerOptions {
         concurrency: 4,
-        max_attempts: 1_000,
+        // One counted failure would dead-letter a message: outages must not count.
+        max_attempts: 1,
         ..sub.options()
     };
     let consumer = sub.consumer_via(

@@ -1,8 +1,11 @@
 //! Processing one delivery: claim its id in the inbox, check its version, run the handler, all
 //! in one transaction; commit, then ack. Failures are retried, recorded, and dead-lettered.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
@@ -53,6 +56,8 @@ enum Failed {
     Database(crate::Error),
     /// The handler (or its commit) failed.
     Handler(HandlerError),
+    /// Postgres refuses the message's own values in the inbox: no run can ever record it.
+    Refused(String),
 }
 
 /// Where a message ended up.
@@ -197,10 +202,11 @@ impl<H: Handler> Worker<H> {
             .filter(|m| new.contains(&m.message_id) && seen.insert(m.message_id))
             .cloned()
             .collect();
-        shared
-            .handler
-            .handle_batch(&mut tx, &batch)
+        // A panic fails the batch; the one-by-one rerun then counts it against its message.
+        AssertUnwindSafe(shared.handler.handle_batch(&mut tx, &batch))
+            .catch_unwind()
             .await
+            .map_err(|panic| panicked(panic).to_string())?
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
         Ok((batch.len(), messages.len() - batch.len()))
@@ -251,6 +257,12 @@ impl<H: Handler> Worker<H> {
                     self.outage(&mut outages, &error).await;
                     continue;
                 }
+                // Without an inbox row: Postgres would refuse that too.
+                Err(Failed::Refused(error)) => {
+                    return self
+                        .dead_letter(&incoming, None, &error, incoming.attempt)
+                        .await;
+                }
                 // The handler's own queries lost Postgres: an outage, not the message's fault,
                 // so no attempt is counted.
                 Err(Failed::Handler(failure)) if lost_connection(&failure) => {
@@ -281,6 +293,14 @@ impl<H: Handler> Worker<H> {
                 }
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
+                // Postgres refuses this message's receipt: no run can ever be counted.
+                Err(db_error) if !is_outage(&db_error) => {
+                    let error =
+                        format!("{error}; and its failure could not be recorded: {db_error}");
+                    return self
+                        .dead_letter(&incoming, None, &error, incoming.attempt)
+                        .await;
+                }
                 // Not recorded, so not counted: an outage must not dead-letter messages.
                 Err(db_error) => {
                     self.outage(&mut outages, &db_error).await;
@@ -326,7 +346,9 @@ impl<H: Handler> Worker<H> {
             .await
             .context("beginning the inbox transaction")
             .map_err(Failed::Database)?;
-        let status = receive(&mut tx, receipt).await.map_err(Failed::Database)?;
+        let status = receive(&mut tx, receipt)
+            .await
+            .map_err(refused_by_postgres)?;
         let outcome = match status {
             Status::Duplicate => None,
             Status::Stale => {
@@ -352,11 +374,12 @@ impl<H: Handler> Worker<H> {
                     trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
                     parent_id = trace.as_ref().map(|t| t.parent_id.as_str()),
                 );
-                shared
-                    .handler
-                    .handle(&mut tx, incoming)
-                    .instrument(span)
+                // A panicking handler is a failed run like any other (counted, retried, then
+                // dead-lettered), not a lost worker whose message comes back uncounted forever.
+                AssertUnwindSafe(shared.handler.handle(&mut tx, incoming).instrument(span))
+                    .catch_unwind()
                     .await
+                    .map_err(|panic| Failed::Handler(panicked(panic)))?
                     .map_err(Failed::Handler)?;
                 Some(Outcome::Applied)
             }
@@ -468,6 +491,45 @@ impl<H: Handler> Worker<H> {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+}
+
+/// A handler's panic as a transient failure, with its message when it has one.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string());
+    HandlerError::transient(format!("the handler panicked: {message}"))
+}
+
+/// An inbox statement failed: Postgres being away (or the inbox itself broken: a missing
+/// table, a permission) is waited out, uncounted; Postgres refusing this message's own values
+/// (a key it cannot store or index: data exceptions, constraint violations, program limits)
+/// would fail every run the same way, so the message is dead-lettered.
+fn refused_by_postgres(error: crate::Error) -> Failed {
+    if is_outage(&error) {
+        Failed::Database(error)
+    } else {
+        Failed::Refused(format!("the inbox cannot record this message: {error}"))
+    }
+}
+
+/// Whether an inbox statement's failure is about Postgres or the inbox rather than the message.
+fn is_outage(error: &crate::Error) -> bool {
+    let crate::Error::Database {
+        source: sqlx::Error::Database(database),
+        ..
+    } = error
+    else {
+        return true;
+    };
+    // SQLSTATE classes 22 (data exception), 23 (integrity constraint violation) and 54
+    // (program limit exceeded) are about the values written.
+    let class = database
+        .code()
+        .map(|code| code.chars().take(2).collect::<String>());
+    !matches!(class.as_deref(), Some("22" | "23" | "54"))
 }
 
 /// Whether a transient failure is Postgres going away (connection refused, reset, pool

@@ -125,7 +125,7 @@ pub async fn advance_version(
 ) -> Result<bool> {
     let advanced = sqlx::query(ADVANCE_VERSION)
         .bind(consumer)
-        .bind(partition_key)
+        .bind(version_key(partition_key))
         .bind(version)
         .bind(message_id)
         .fetch_optional(conn)
@@ -175,7 +175,7 @@ pub async fn record_failure<'e, E: PgExecutor<'e>>(
     error: &str,
 ) -> Result<Option<i32>> {
     let row = bind(sqlx::query(RECORD_FAILURE), receipt)
-        .bind(error)
+        .bind(text(error))
         .fetch_optional(executor)
         .await
         .context("recording a failed attempt in postbox.inbox")?;
@@ -203,7 +203,7 @@ pub async fn record_outcome<'e, E: PgExecutor<'e>>(
 ) -> Result<()> {
     bind(sqlx::query(RECORD_OUTCOME), receipt)
         .bind(outcome.as_str())
-        .bind(error)
+        .bind(error.map(text))
         .execute(executor)
         .await
         .context("recording an outcome in postbox.inbox")?;
@@ -313,9 +313,29 @@ fn bind<'q>(
         .bind(receipt.consumer)
         .bind(receipt.message_id)
         .bind(receipt.queue)
-        .bind(receipt.routing_key)
-        .bind(receipt.partition_key)
+        .bind(text(receipt.routing_key))
+        .bind(receipt.partition_key.map(text))
         .bind(receipt.version)
+}
+
+/// `value` as Postgres `text` can hold it: without NUL characters, which a delivery's routing
+/// key, partition key header or a handler's error message may carry, and which would make
+/// every statement writing them fail.
+fn text(value: &str) -> String {
+    value.replace('\0', "\u{FFFD}")
+}
+
+/// A partition key as `postbox.inbox_versions` stores it: as it is, unless it is too long for
+/// the primary key's index (Postgres refuses index entries beyond ~2.7 kB), then a UUIDv5 of
+/// it, so the key still has its own version.
+fn version_key(partition_key: &str) -> String {
+    const LONGEST: usize = 1024;
+    let key = text(partition_key);
+    if key.len() <= LONGEST {
+        return key;
+    }
+    let digest = Uuid::new_v5(&Uuid::NAMESPACE_OID, key.as_bytes());
+    format!("postbox-uuid5:{digest}")
 }
 
 /// What `consumer`'s inbox says about one message id, when it is not simply "processed once".
