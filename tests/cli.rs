@@ -100,6 +100,7 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
             "inbox",
             "inbox_versions",
             "outbox",
+            "outbox_source",
             "relays"
         ]
     );

@@ -606,6 +606,37 @@ async fn a_late_event_never_overwrites_newer_state() {
     assert_eq!(newest, (5, newer));
 }
 
+/// Two services whose outboxes key events by the same id (an order id, say): their outbox
+/// positions are not comparable, so neither service's events are skipped as older than the
+/// other's; within one source, an older position is still stale.
+#[tokio::test]
+async fn versions_are_compared_only_within_one_outbox() {
+    let sub = subscriber().await;
+    let recorder = Recorder::default();
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let from = |source: &str, outbox_id: i64| {
+        let mut headers = relay_headers(outbox_id, Some("order-42"));
+        headers.insert(
+            "x-postbox-source".into(),
+            AMQPValue::LongString(source.into()),
+        );
+        headers
+    };
+    sub.send(Uuid::new_v4(), from("orders-outbox", 500), b"{}")
+        .await;
+    sub.send(Uuid::new_v4(), from("payments-outbox", 7), b"{}")
+        .await;
+    sub.send(Uuid::new_v4(), from("orders-outbox", 499), b"{}")
+        .await;
+    let stats = stop_when(consumer, "two applied, one stale", |stats| {
+        stats.applied() == 2 && stats.stale() == 1
+    })
+    .await;
+    assert_eq!(stats.failures(), 0);
+    let outbox_ids: Vec<Option<i64>> = applied(&sub).await.into_iter().map(|r| r.2).collect();
+    assert_eq!(outbox_ids, [Some(500), Some(7)]);
+}
+
 #[tokio::test]
 async fn versions_from_a_header_and_the_upsert_guard() {
     let sub = subscriber().await;
@@ -990,19 +1021,20 @@ async fn running_the_whole_pipeline_twice_leaves_the_same_state() {
 async fn the_inbox_functions_work_inside_any_transaction() {
     use postbox::inbox::{receive, Receipt, Status};
     let sub = subscriber().await;
-    let receipt = |message_id, version| Receipt {
+    let receipt = |message_id, version, source| Receipt {
         consumer: "own-loop",
         message_id,
         queue: "q",
         routing_key: "rk",
         partition_key: Some("key-1"),
         version: Some(version),
+        source: Some(source),
     };
-    let status = |id: Uuid, version: i64, commit: bool| {
+    let from = |source: &'static str, id: Uuid, version: i64, commit: bool| {
         let pool = sub.db.pool.clone();
         async move {
             let mut tx = pool.begin().await.expect("begin");
-            let status = receive(&mut tx, &receipt(id, version))
+            let status = receive(&mut tx, &receipt(id, version, source))
                 .await
                 .expect("receive");
             if commit {
@@ -1013,6 +1045,7 @@ async fn the_inbox_functions_work_inside_any_transaction() {
             status
         }
     };
+    let status = |id, version, commit| from("outbox-a", id, version, commit);
     let first = Uuid::new_v4();
     // Rolled back: nothing recorded, so it is still new.
     assert_eq!(
@@ -1029,11 +1062,22 @@ async fn the_inbox_functions_work_inside_any_transaction() {
         status(Uuid::new_v4(), 6, true).await,
         Status::New { failed_attempts: 0 }
     );
+    // Another outbox's positions say nothing about this one's: the same key from another
+    // source has versions of its own.
+    assert_eq!(
+        from("outbox-b", Uuid::new_v4(), 2, true).await,
+        Status::New { failed_attempts: 0 }
+    );
+    assert_eq!(
+        from("outbox-b", Uuid::new_v4(), 1, true).await,
+        Status::Stale
+    );
 
     let failing = Uuid::new_v4();
-    let failures = postbox::inbox::record_failure(&sub.db.pool, &receipt(failing, 7), "boom")
-        .await
-        .expect("record failure");
+    let failures =
+        postbox::inbox::record_failure(&sub.db.pool, &receipt(failing, 7, "outbox-a"), "boom")
+            .await
+            .expect("record failure");
     assert_eq!(failures, Some(1));
     assert_eq!(
         status(failing, 7, true).await,

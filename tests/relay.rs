@@ -44,6 +44,10 @@ async fn events_from_concurrent_writers_all_arrive_once_intact() {
     }
 
     let received = inbox.take(WRITERS * PER_WRITER, DEADLINE).await;
+    let source: uuid::Uuid = sqlx::query_scalar("select id from postbox.outbox_source")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the outbox's identity");
     let mut seen = HashMap::new();
     for message in &received {
         *seen
@@ -56,6 +60,10 @@ async fn events_from_concurrent_writers_all_arrive_once_intact() {
             Some(&AMQPValue::LongString("test.event".into()))
         );
         assert!(message.header("x-postbox-created-at").is_some());
+        assert_eq!(
+            message.header("x-postbox-source"),
+            Some(&AMQPValue::LongString(source.to_string().as_str().into()))
+        );
         let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("json body");
         assert_eq!(
             message.header("n"),
@@ -644,6 +652,7 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
             headers: serde_json::json!({}),
             created_at: chrono::Utc::now(),
             attempts: 0,
+            source: None,
         })
         .collect();
     let confirms = publish_in_order(&channel, messages(&rows)).await;

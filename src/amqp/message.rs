@@ -12,6 +12,9 @@ pub const HEADER_OUTBOX_ID: &str = "x-postbox-outbox-id";
 pub const HEADER_PARTITION_KEY: &str = "x-postbox-partition-key";
 /// Header carrying when the row was written (RFC 3339, microseconds).
 pub const HEADER_CREATED_AT: &str = "x-postbox-created-at";
+/// Header naming the outbox the message came from (`postbox.outbox_source`): outbox ids order
+/// only the messages of one source.
+pub const HEADER_SOURCE: &str = "x-postbox-source";
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -45,6 +48,12 @@ pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, String> {
     // the relay's own headers, generously: name, type tag, value
     header_bytes += 3 * 64 + row.partition_key.as_ref().map_or(0, String::len);
     headers.insert(HEADER_OUTBOX_ID.into(), AMQPValue::LongLongInt(row.id));
+    if let Some(source) = row.source {
+        headers.insert(
+            HEADER_SOURCE.into(),
+            AMQPValue::LongString(source.to_string().into()),
+        );
+    }
     if let Some(key) = &row.partition_key {
         headers.insert(
             HEADER_PARTITION_KEY.into(),
@@ -175,6 +184,7 @@ mod tests {
                         created_at: chrono::DateTime::from_timestamp_micros(nums.2 >> 12)
                             .unwrap_or_default(),
                         attempts: nums.1,
+                        source: Some(uuid::Uuid::from_u64_pair(nums.2 as u64, nums.0 as u64)),
                     }
                 },
             )

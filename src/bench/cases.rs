@@ -366,6 +366,7 @@ pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
         headers: serde_json::json!({}),
         created_at: chrono::Utc::now(),
         attempts: 0,
+        source: Some(uuid::Uuid::new_v4()),
     }
 }
 

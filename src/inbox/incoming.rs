@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::HandlerError;
-use crate::amqp::message::{HEADER_OUTBOX_ID, HEADER_PARTITION_KEY};
+use crate::amqp::message::{HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SOURCE};
 
 /// One message being processed.
 #[derive(Debug, Clone)]
@@ -75,6 +75,12 @@ impl Incoming {
     /// Its ordering key (the outbox row's `partition_key`), if it has one.
     pub fn partition_key(&self) -> Option<&str> {
         self.header_str(HEADER_PARTITION_KEY)
+    }
+
+    /// The outbox it came from (`x-postbox-source`), if postbox published it: outbox
+    /// positions are comparable only between messages of one source.
+    pub fn source(&self) -> Option<&str> {
+        self.header_str(HEADER_SOURCE)
     }
 
     /// Its outbox position (the outbox row's `id`), if postbox published it.

@@ -24,7 +24,7 @@ pub enum Status {
 }
 
 /// Claims `receipt`'s message id for its consumer inside the caller's transaction, and checks
-/// its version against the newest applied for its partition key. Commit the transaction
+/// its version against the newest applied for its partition key from the same source. Commit the transaction
 /// whatever the status (a duplicate's count and a stale outcome are recorded in it); ack the
 /// message only after the commit.
 ///
@@ -37,6 +37,7 @@ pub enum Status {
 /// let receipt = Receipt {
 ///     consumer: "billing", message_id, queue: "orders", routing_key: "orders",
 ///     partition_key: Some("order-42"), version: Some(1017),
+///     source: Some("0192f1c4-6b1e-7a1d-9c1f-3b2e4d5a6c7b"),
 /// };
 /// if let Status::New { .. } = receive(&mut tx, &receipt).await? {
 ///     // ... the handler's writes, through &mut *tx ...
@@ -54,9 +55,16 @@ pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<S
         Claim::Undecided { attempts } => (u32::try_from(attempts).unwrap_or(0), false),
     };
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
-        let newer =
-            inbox::advance_version(conn, receipt.consumer, key, version, receipt.message_id)
-                .await?;
+        let source = receipt.source.unwrap_or_default();
+        let newer = inbox::advance_version(
+            conn,
+            receipt.consumer,
+            source,
+            key,
+            version,
+            receipt.message_id,
+        )
+        .await?;
         if !newer {
             inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Stale).await?;
             return Ok(Status::Stale);

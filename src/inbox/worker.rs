@@ -220,6 +220,7 @@ impl<H: Handler> Worker<H> {
             Versioning::Off => None,
         };
         let partition_key = incoming.partition_key().map(str::to_owned);
+        let source = incoming.source().map(str::to_owned);
         let routing_key = incoming.routing_key.clone();
         let receipt = Receipt {
             consumer: &shared.name,
@@ -228,6 +229,7 @@ impl<H: Handler> Worker<H> {
             routing_key: &routing_key,
             partition_key: partition_key.as_deref(),
             version,
+            source: source.as_deref(),
         };
         let mut outages = connection_backoff();
         loop {

@@ -21,6 +21,9 @@ pub struct Receipt<'a> {
     pub partition_key: Option<&'a str>,
     /// The version it carries for its key, if any.
     pub version: Option<i64>,
+    /// Where the version comes from (the outbox's `x-postbox-source`): versions are compared
+    /// only between messages of the same source. `None` for messages without one.
+    pub source: Option<&'a str>,
 }
 
 /// A decided message's outcome, as stored in `postbox.inbox.outcome`.
@@ -106,19 +109,21 @@ pub async fn claim(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Cla
 }
 
 const ADVANCE_VERSION: &str = r#"
-insert into postbox.inbox_versions as v (consumer, partition_key, version, message_id)
-values ($1, $2, $3, $4)
-on conflict (consumer, partition_key) do update
+insert into postbox.inbox_versions as v (consumer, source, partition_key, version, message_id)
+values ($1, $5, $2, $3, $4)
+on conflict (consumer, source, partition_key) do update
     set version = excluded.version, message_id = excluded.message_id, updated_at = now()
     where v.version < excluded.version
 returning v.version
 "#;
 
-/// Records `version` as the newest applied for the key, inside the handler's transaction.
-/// Returns false, changing nothing, when the key already has this version or a newer one.
+/// Records `version` as the newest applied for the key of `source` (`""`: none), inside the
+/// handler's transaction. Returns false, changing nothing, when the key already has this
+/// version or a newer one from that source.
 pub async fn advance_version(
     conn: &mut PgConnection,
     consumer: &str,
+    source: &str,
     partition_key: &str,
     version: i64,
     message_id: Uuid,
@@ -128,6 +133,7 @@ pub async fn advance_version(
         .bind(version_key(partition_key))
         .bind(version)
         .bind(message_id)
+        .bind(text(source))
         .fetch_optional(conn)
         .await
         .context("checking the key's version in postbox.inbox_versions")?;

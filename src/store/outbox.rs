@@ -107,6 +107,8 @@ pub struct ClaimedRow {
     pub created_at: DateTime<Utc>,
     /// Failed attempts before this one.
     pub attempts: i32,
+    /// The outbox's identity (`postbox.outbox_source`), sent as `x-postbox-source`.
+    pub source: Option<Uuid>,
 }
 
 // Candidates are the first due pending rows in id order that no other batch has locked, that
@@ -170,10 +172,12 @@ keyed as (
     where key_rank <= $4
 )
 -- One row per kept candidate, each with what was locked (how many rows, the last id, over how
--- many keys); a single row of nulls with those figures when none is kept.
-select w.locked, w.last_locked, w.locked_keys, k.*
+-- many keys) and the outbox's identity; a single row of nulls with those figures when none is
+-- kept.
+select w.locked, w.last_locked, w.locked_keys, w.source, k.*
 from (select count(*) as locked, max(id) as last_locked,
-             count(distinct partition_key) as locked_keys
+             count(distinct partition_key) as locked_keys,
+             (select id from postbox.outbox_source limit 1) as source
       from candidates) as w
 left join lateral (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
@@ -244,18 +248,23 @@ pub async fn claim(
         claim.locked = count("locked")?;
         claim.locked_keys = count("locked_keys")?;
         claim.last_locked = row.try_get("last_locked").context("reading a claim")?;
+        let source: Option<Uuid> = row.try_get("source").context("reading a claim")?;
         let id: Option<i64> = row.try_get("id").context("reading a claim")?;
         let Some(id) = id else {
             continue; // nothing kept
         };
         claim
             .rows
-            .push(claimed_row(id, row).context("reading claimed outbox rows")?);
+            .push(claimed_row(id, source, row).context("reading claimed outbox rows")?);
     }
     Ok(claim)
 }
 
-fn claimed_row(id: i64, row: &sqlx::postgres::PgRow) -> Result<ClaimedRow, sqlx::Error> {
+fn claimed_row(
+    id: i64,
+    source: Option<Uuid>,
+    row: &sqlx::postgres::PgRow,
+) -> Result<ClaimedRow, sqlx::Error> {
     let text: Option<String> = row.try_get("payload")?;
     let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
     Ok(ClaimedRow {
@@ -269,6 +278,7 @@ fn claimed_row(id: i64, row: &sqlx::postgres::PgRow) -> Result<ClaimedRow, sqlx:
         headers: row.try_get("headers")?,
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
+        source,
     })
 }
 
