@@ -388,6 +388,43 @@ async fn partition_keys_postgres_cannot_index_are_still_versioned() {
     assert_eq!(runs.0.load(Ordering::SeqCst), 2);
 }
 
+/// With several workers, a worker waiting out a failed run's backoff gets no unkeyed
+/// deliveries: they go to a worker that can run them now, not round-robin behind the retry.
+#[tokio::test]
+async fn unkeyed_messages_are_not_queued_behind_a_retrying_worker() {
+    let sub = subscriber().await;
+    let poison = Uuid::new_v4();
+    let recorder = Recorder {
+        fail: Some(HandlerError::transient),
+        poison: Some(poison),
+        ..Recorder::default()
+    };
+    let options = ConsumerOptions {
+        concurrency: 2,
+        max_attempts: 2,
+        // Far beyond the test's deadline: whatever waits behind the retry fails the test.
+        retry_initial_delay: Duration::from_secs(60),
+        retry_max_delay: Duration::from_secs(60),
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", recorder.clone(), options);
+    sub.send(poison, FieldTable::default(), b"{}").await;
+    wait_for(&consumer, "the first failed run", |stats| {
+        stats.failures() == 1
+    })
+    .await;
+    for _ in 0..10 {
+        sub.send(Uuid::new_v4(), FieldTable::default(), b"{}").await;
+    }
+    let stats = wait_for(&consumer, "ten applied", |stats| stats.applied() == 10).await;
+    assert_eq!(
+        stats.dead_lettered(),
+        0,
+        "the poison message is still retrying"
+    );
+    consumer.stop().await.expect("stops");
+}
+
 #[tokio::test]
 async fn attempts_are_remembered_across_restarts() {
     let mut sub = subscriber().await;

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetters;
-use super::worker::{Counter, Job, Malformed, Shared, Worker};
+use super::worker::{Counter, Job, Load, Malformed, Shared, Worker};
 use super::{ConsumerOptions, Handler, Incoming};
 use crate::amqp::message::HEADER_PARTITION_KEY;
 use crate::amqp::Broker;
@@ -266,13 +266,17 @@ impl Session {
         let session = shutdown.child_token();
         let mut workers = JoinSet::new();
         let mut queues = Vec::with_capacity(shared.options.concurrency);
+        let mut loads = Vec::with_capacity(shared.options.concurrency);
         for _ in 0..shared.options.concurrency {
+            let load = Arc::new(Load::default());
+            loads.push(load.clone());
             // Never full: the broker sends at most `prefetch` unacked deliveries.
             let (tx, mut rx) = mpsc::channel::<Job>(usize::from(shared.options.prefetch));
             let worker = Worker {
                 shared: shared.clone(),
                 dead_letters: self.dead_letters.clone(),
                 session: session.clone(),
+                load,
             };
             // With one worker, jobs arrive in delivery-tag order, so a batch's acks can be one
             // `multiple` ack; with several, a multiple ack would cover other workers' messages.
@@ -281,18 +285,18 @@ impl Session {
             workers.spawn(async move {
                 let mut jobs = Vec::with_capacity(batch_size);
                 while rx.recv_many(&mut jobs, batch_size).await > 0 {
+                    let taken = jobs.len();
                     if worker.session.is_cancelled() {
                         // Unacked: the broker redelivers them.
                         jobs.clear();
-                        continue;
-                    }
-                    if jobs.len() == 1 {
+                    } else if taken == 1 {
                         for job in jobs.drain(..) {
                             worker.process(job).await;
                         }
                     } else {
                         worker.process_batch(&mut jobs, ack_multiple).await;
                     }
+                    worker.load.queued.fetch_sub(taken, Ordering::Relaxed);
                 }
             });
             queues.push(tx);
@@ -321,7 +325,7 @@ impl Session {
                 }
                 None => {
                     next_unkeyed = next_unkeyed.wrapping_add(1);
-                    next_unkeyed % queues.len()
+                    least_loaded(&loads, next_unkeyed)
                 }
             };
             let message =
@@ -336,6 +340,7 @@ impl Session {
                 acker: delivery.acker,
                 message,
             };
+            loads[worker].queued.fetch_add(1, Ordering::Relaxed);
             if queues[worker].send(job).await.is_err() {
                 break false;
             }
@@ -366,6 +371,23 @@ impl Session {
             .await;
         stopped
     }
+}
+
+/// Where an unkeyed delivery waits least: a worker not held up by a retry, with the fewest
+/// deliveries queued; ties go round-robin from `turn`. A retrying worker would hold it for the
+/// whole backoff, and round-robin alone would keep feeding it.
+fn least_loaded(loads: &[Arc<Load>], turn: usize) -> usize {
+    let n = loads.len();
+    (0..n)
+        .map(|i| (turn + i) % n)
+        .min_by_key(|&i| {
+            let load = &loads[i];
+            (
+                load.retrying.load(Ordering::Relaxed),
+                load.queued.load(Ordering::Relaxed),
+            )
+        })
+        .unwrap_or(0)
 }
 
 fn partition_key(delivery: &lapin::message::Delivery) -> Option<String> {

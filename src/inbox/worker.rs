@@ -2,6 +2,7 @@
 //! in one transaction; commit, then ack. Failures are retried, recorded, and dead-lettered.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +78,17 @@ pub(crate) struct Worker<H> {
     /// Cancelled when the session ends (shutdown or connection lost): deliveries not yet
     /// started are left to the broker to redeliver, retries stop waiting.
     pub session: CancellationToken,
+    /// What the dispatcher reads to send unkeyed deliveries where they wait least.
+    pub load: Arc<Load>,
+}
+
+/// How busy a worker is, as the dispatcher sees it.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    /// Deliveries sent to the worker and not yet finished.
+    pub queued: AtomicUsize,
+    /// Waiting out a failed run's backoff: whatever is sent to it waits at least that long.
+    pub retrying: AtomicBool,
 }
 
 impl<H: Handler> Worker<H> {
@@ -320,7 +332,9 @@ impl<H: Handler> Worker<H> {
                 max_attempts = shared.options.max_attempts, retry_in = ?delay, %error,
                 "consumer: handler failed; retrying"
             );
+            self.load.retrying.store(true, Ordering::Relaxed);
             self.pause(delay).await;
+            self.load.retrying.store(false, Ordering::Relaxed);
         }
     }
 
