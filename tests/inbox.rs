@@ -425,6 +425,52 @@ async fn unkeyed_messages_are_not_queued_behind_a_retrying_worker() {
     consumer.stop().await.expect("stops");
 }
 
+/// After a fix, a dead letter moved back to the queue must run the handler: `postbox inbox
+/// retry` makes it undecided again (without it, the redelivery is absorbed as a duplicate).
+#[tokio::test]
+async fn a_dead_letter_given_another_chance_runs_the_handler() {
+    let mut sub = subscriber().await;
+    let id = Uuid::new_v4();
+    let failing = Recorder {
+        fail: Some(HandlerError::permanent),
+        ..Recorder::default()
+    };
+    let consumer = sub.consumer("billing", failing, sub.options());
+    sub.send(id, relay_headers(1, None), b"{}").await;
+    expect_dead_letter(&mut sub, consumer, id).await;
+
+    let retry = |ids: &[Uuid]| {
+        let mut command = common::postbox_command();
+        command
+            .args(["inbox", "retry", "--consumer", "billing"])
+            .env("DATABASE_URL", &sub.db.url);
+        for id in ids {
+            command.args(["--id", &id.to_string()]);
+        }
+        command.output().expect("run postbox inbox retry")
+    };
+    // One id that is not a dead letter: nothing changes, exit 2.
+    let output = retry(&[id, Uuid::new_v4()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nothing was changed"));
+    assert_eq!(
+        sub.inbox_row("billing", id).await.0.as_deref(),
+        Some("dead_lettered")
+    );
+    let output = retry(&[id]);
+    assert!(output.status.success(), "{output:?}");
+
+    let healthy = Recorder::default();
+    let consumer = sub.consumer("billing", healthy.clone(), sub.options());
+    sub.send(id, relay_headers(1, None), b"{}").await; // moved back from the dead letters
+    let stats = stop_when(consumer, "applied", |stats| stats.applied() == 1).await;
+    assert_eq!(stats.duplicates(), 0);
+    assert_eq!(healthy.runs.load(Ordering::SeqCst), 1);
+    let (outcome, _, attempts) = sub.inbox_row("billing", id).await;
+    assert_eq!(outcome.as_deref(), Some("applied"));
+    assert_eq!(attempts, 0);
+}
+
 #[tokio::test]
 async fn attempts_are_remembered_across_restarts() {
     let mut sub = subscriber().await;

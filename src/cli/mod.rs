@@ -3,6 +3,7 @@
 mod bench;
 mod cleanup;
 mod dead;
+mod inbox;
 mod migrate;
 mod reconcile;
 mod replay;
@@ -100,6 +101,8 @@ pub enum Command {
     /// The rows become pending again and the running relay publishes them. Rows already
     /// deleted by retention cannot be replayed.
     Replay(replay::ReplayArgs),
+    /// Work with a consumer's inbox: give its dead-lettered messages another chance.
+    Inbox(inbox::InboxArgs),
     /// Compare a consumer's inbox with the outbox: published messages it never processed
     /// (exit 3 if any) and messages delivered to it more than once.
     Reconcile(reconcile::ReconcileArgs),
@@ -129,6 +132,7 @@ impl Cli {
             Command::Dead(args) => dead::run(settings, args).await,
             Command::Cleanup(args) => cleanup::run(settings, args).await,
             Command::Replay(args) => replay::run(settings, args).await,
+            Command::Inbox(args) => inbox::run(settings, args).await,
             Command::Reconcile(args) => reconcile::run(settings, args).await,
         };
         match result {

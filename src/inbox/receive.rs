@@ -103,3 +103,15 @@ pub async fn record_failure<'e, E: sqlx::PgExecutor<'e>>(
         .await?
         .map(|attempts| u32::try_from(attempts).unwrap_or(0)))
 }
+
+/// Gives `consumer`'s dead-lettered messages (those in `ids`, or all) another chance: their
+/// inbox rows become undecided with a fresh set of attempts, so the next delivery of each (moved
+/// back from the dead-letter queue, say) runs the handler instead of being absorbed as a
+/// duplicate. Returns the ids changed. `postbox inbox retry` runs it.
+pub async fn retry_dead_lettered<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    consumer: &str,
+    ids: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>> {
+    inbox::retry_dead_lettered(executor, consumer, ids).await
+}

@@ -9,7 +9,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Stats;
 use crate::error::Context;
-use crate::store::outbox::{self, ClaimedRow, Completion};
+use crate::store::operations::wake_relays;
+use crate::store::outbox::{ClaimedRow, Completion};
 
 /// Rows claimed in one transaction. The transaction holds their row locks until the completer
 /// commits it; dropping the batch rolls back and releases the rows untouched.
@@ -35,7 +36,7 @@ impl Batch {
         let rows = self.rows.len() as u64;
         let mut tx = self.tx;
         let release = async {
-            outbox::announce(&mut *tx).await?;
+            wake_relays(&mut *tx).await?;
             tx.commit().await.context("releasing a batch")
         };
         match tokio::time::timeout(RELEASE_TIMEOUT, release).await {

@@ -91,7 +91,7 @@ impl Completer {
         if released > 0 {
             // Rows left unmarked are free now: let other relays know. After the commit, so
             // that the marks never depend on it.
-            if let Err(error) = outbox::announce(&self.pool).await {
+            if let Err(error) = crate::store::operations::wake_relays(&self.pool).await {
                 tracing::debug!(%error, "relay: could not announce released rows");
             }
         }

@@ -387,3 +387,29 @@ pub async fn unsettled(
         })
         .collect())
 }
+
+// A dead-lettered message made undecided again, with a fresh set of attempts: when it comes
+// back (moved from the dead-letter queue, or published again), the handler runs.
+const RETRY_DEAD_LETTERED: &str = r#"
+update postbox.inbox
+set outcome = null, processed_at = null, attempts = 0
+where consumer = $1 and outcome = 'dead_lettered'
+  and ($2::uuid[] is null or message_id = any($2))
+returning message_id
+"#;
+
+/// Makes `consumer`'s dead-lettered messages (those in `ids`, or all) undecided again, so
+/// that their next delivery runs the handler instead of being absorbed as a duplicate.
+/// Returns the ids changed.
+pub async fn retry_dead_lettered<'e, E: PgExecutor<'e>>(
+    executor: E,
+    consumer: &str,
+    ids: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>> {
+    sqlx::query_scalar(RETRY_DEAD_LETTERED)
+        .bind(consumer)
+        .bind(ids)
+        .fetch_all(executor)
+        .await
+        .context("making dead-lettered inbox rows undecided")
+}

@@ -250,7 +250,8 @@ pub async fn release_dead<'e, E: PgExecutor<'e>>(
         .context("releasing dead rows")
 }
 
-/// Wakes running relays (as a commit into the outbox does).
+/// Wakes running relays (as a commit into the outbox does): rows are free to claim. Sent inside a
+/// transaction, it is delivered when that transaction commits.
 pub async fn wake_relays<'e, E: PgExecutor<'e>>(executor: E) -> Result<()> {
     sqlx::query("select pg_notify('postbox_outbox', '')")
         .execute(executor)

@@ -410,17 +410,6 @@ pub async fn complete(
     Ok(written.try_into().unwrap_or(0))
 }
 
-/// Tells every relay listening (this one too) that rows are free to claim, as a commit of new
-/// rows does. Sent inside a transaction, it is delivered when that transaction commits.
-pub async fn announce<'e, E: PgExecutor<'e>>(executor: E) -> Result<()> {
-    sqlx::query("select pg_notify($1, '')")
-        .bind(crate::relay::CHANNEL)
-        .execute(executor)
-        .await
-        .context("notifying relays of released rows")?;
-    Ok(())
-}
-
 const NEXT_DUE: &str = r#"
 -- null when nothing is pending (greatest() would turn that into 0, "due now"); the caller
 -- clamps rows already due to zero

@@ -1,0 +1,86 @@
+//! `postbox inbox`: a consumer's dead letters, given another chance.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::error::{Context, Error, Result};
+use crate::store;
+
+/// Options of `postbox inbox`.
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    /// What to do with the consumer's inbox.
+    #[command(subcommand)]
+    pub command: InboxCommand,
+}
+
+/// `postbox inbox` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum InboxCommand {
+    /// Make dead-lettered messages undecided again, with a full set of attempts, so that their
+    /// next delivery runs the handler (otherwise it is absorbed as a duplicate). Then move the
+    /// dead letters back to the queue.
+    ///
+    /// With --id, all named messages must be dead-lettered for the consumer, or nothing changes
+    /// (exit 2).
+    Retry {
+        /// The consumer's name.
+        #[arg(long)]
+        consumer: String,
+        /// A dead-lettered message id (repeatable).
+        #[arg(
+            long = "id",
+            value_name = "MESSAGE_ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<Uuid>,
+        /// Every message the consumer dead-lettered.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub(super) async fn run(settings: Settings, args: InboxArgs) -> Result<()> {
+    let pool = store::connect_for_command(&settings).await?;
+    let result = match args.command {
+        InboxCommand::Retry { consumer, ids, all } => {
+            retry(&pool, &consumer, (!all).then_some(ids)).await
+        }
+    };
+    pool.close().await;
+    result
+}
+
+async fn retry(pool: &sqlx::PgPool, consumer: &str, ids: Option<Vec<Uuid>>) -> Result<()> {
+    let mut tx = pool.begin().await.context("beginning the retry")?;
+    let changed = crate::inbox::retry_dead_lettered(&mut *tx, consumer, ids.as_deref()).await?;
+    let missing: Vec<String> = ids
+        .unwrap_or_default()
+        .iter()
+        .filter(|id| !changed.contains(id))
+        .map(Uuid::to_string)
+        .collect();
+    if !missing.is_empty() {
+        // `tx` rolls back as it is dropped.
+        return Err(Error::Config {
+            setting: "--id",
+            value: missing.join(", "),
+            reason: format!(
+                "not a message consumer {consumer:?} dead-lettered (or its inbox row was \
+                 deleted by retention); nothing was changed"
+            ),
+        });
+    }
+    tx.commit().await.context("committing the retry")?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "{} dead-lettered message(s) of consumer {consumer:?} undecided again; move them back \
+         to the queue to run the handler",
+        changed.len()
+    );
+    Ok(())
+}
