@@ -518,6 +518,10 @@ async fn permanent_failures_are_dead_lettered_without_retries() {
     let stats = stop_when(consumer, "recorded", |stats| stats.dead_lettered() == 1).await;
     assert_eq!(recorder.runs.load(Ordering::SeqCst), 1);
     assert_eq!(stats.failures(), 0);
+    // The inbox row agrees with the dead letter's header: one failed run.
+    let (outcome, _, attempts) = sub.inbox_row("billing", id).await;
+    assert_eq!(outcome.as_deref(), Some("dead_lettered"));
+    assert_eq!(attempts, 1);
 }
 
 #[tokio::test]

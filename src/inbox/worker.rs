@@ -442,7 +442,10 @@ impl<H: Handler> Worker<H> {
             MalformedPolicy::Discard => {
                 tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; discarding it");
                 if let Some(receipt) = receipt {
-                    if !self.record(receipt, Outcome::Discarded, reason).await {
+                    if !self
+                        .record(receipt, Outcome::Discarded, reason, attempts)
+                        .await
+                    {
                         return false;
                     }
                 }
@@ -481,7 +484,10 @@ impl<H: Handler> Worker<H> {
         }
         tracing::warn!(message_id = %incoming.message_id, queue = %shared.queue, consumer = %shared.name, attempts, error, "consumer: message dead-lettered");
         if let Some(receipt) = receipt {
-            if !self.record(receipt, Outcome::DeadLettered, error).await {
+            if !self
+                .record(receipt, Outcome::DeadLettered, error, attempts)
+                .await
+            {
                 return false;
             }
         }
@@ -492,9 +498,15 @@ impl<H: Handler> Worker<H> {
     /// Records an outcome decided outside the handler's transaction, retrying while Postgres
     /// is down. An attempt under way finishes even if the session ends; returns false if the
     /// session ended before one succeeded.
-    async fn record(&self, receipt: &Receipt<'_>, outcome: Outcome, error: &str) -> bool {
+    async fn record(
+        &self,
+        receipt: &Receipt<'_>,
+        outcome: Outcome,
+        error: &str,
+        attempts: u32,
+    ) -> bool {
         until_ok_finishing("consumer: recording the outcome", &self.session, || {
-            inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error))
+            inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error), attempts)
         })
         .await
         .is_some()

@@ -191,25 +191,28 @@ pub async fn record_failure<'e, E: PgExecutor<'e>>(
 const RECORD_OUTCOME: &str = r#"
 insert into postbox.inbox as i
     (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at,
-     last_error)
-values ($1, $2, $3, $4, $5, $6, $7, now(), $8)
+     last_error, attempts)
+values ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9)
 on conflict (consumer, message_id) do update
     set outcome = excluded.outcome, processed_at = now(), last_error = excluded.last_error,
-        last_received_at = now()
+        last_received_at = now(), attempts = greatest(i.attempts, excluded.attempts)
     where i.outcome is null
 "#;
 
-/// Records an outcome decided without the handler (dead-lettered, discarded) on its own.
-/// A message decided meanwhile keeps its outcome.
+/// Records an outcome decided without the handler's transaction (dead-lettered, discarded) on
+/// its own, with the failed runs that led to it (`attempts`: a permanent failure is one run
+/// more than those recorded before). A message decided meanwhile keeps its outcome.
 pub async fn record_outcome<'e, E: PgExecutor<'e>>(
     executor: E,
     receipt: &Receipt<'_>,
     outcome: Outcome,
     error: Option<&str>,
+    attempts: u32,
 ) -> Result<()> {
     bind(sqlx::query(RECORD_OUTCOME), receipt)
         .bind(outcome.as_str())
         .bind(error.map(text))
+        .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
         .execute(executor)
         .await
         .context("recording an outcome in postbox.inbox")?;
