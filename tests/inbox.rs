@@ -439,26 +439,30 @@ async fn a_dead_letter_given_another_chance_runs_the_handler() {
     sub.send(id, relay_headers(1, None), b"{}").await;
     expect_dead_letter(&mut sub, consumer, id).await;
 
-    let retry = |ids: &[Uuid]| {
-        let mut command = common::postbox_command();
-        command
+    let retry = |args: &[String]| {
+        common::postbox_command()
             .args(["inbox", "retry", "--consumer", "billing"])
-            .env("DATABASE_URL", &sub.db.url);
-        for id in ids {
-            command.args(["--id", &id.to_string()]);
-        }
-        command.output().expect("run postbox inbox retry")
+            .args(args)
+            .env("DATABASE_URL", &sub.db.url)
+            .output()
+            .expect("run postbox inbox retry")
     };
     // One id that is not a dead letter: nothing changes, exit 2.
-    let output = retry(&[id, Uuid::new_v4()]);
+    let output = retry(&[
+        "--id".into(),
+        id.to_string(),
+        "--id".into(),
+        Uuid::new_v4().to_string(),
+    ]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nothing was changed"));
     assert_eq!(
         sub.inbox_row("billing", id).await.0.as_deref(),
         Some("dead_lettered")
     );
-    let output = retry(&[id]);
+    let output = retry(&["--all".into()]);
     assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("1 dead-lettered message(s)"));
 
     let healthy = Recorder::default();
     let consumer = sub.consumer("billing", healthy.clone(), sub.options());

@@ -118,18 +118,20 @@ impl ConsumerOptions {
             value,
             reason: reason.into(),
         };
-        if ShortString::try_new(queue).is_err() || queue.is_empty() {
+        // Both are written to Postgres `text` with every message, which cannot hold NUL.
+        if ShortString::try_new(queue).is_err() || queue.is_empty() || queue.contains('\0') {
             return Err(invalid(
                 "consumer.queue",
-                queue.into(),
-                "expected a queue name of 1 to 255 bytes",
+                queue.escape_debug().to_string(),
+                "expected a queue name of 1 to 255 bytes, without NUL characters",
             ));
         }
-        if name.is_empty() {
+        if name.is_empty() || name.contains('\0') {
             return Err(invalid(
                 "consumer.name",
-                name.into(),
-                "expected a non-empty consumer name (it keys the inbox rows)",
+                name.escape_debug().to_string(),
+                "expected a non-empty consumer name without NUL characters (it keys the inbox \
+                 rows)",
             ));
         }
         if self.concurrency == 0 {
@@ -255,6 +257,14 @@ mod tests {
         let defaults = ConsumerOptions::default();
         assert_eq!(setting_at_fault(&defaults, "", "billing"), "consumer.queue");
         assert_eq!(setting_at_fault(&defaults, "orders", ""), "consumer.name");
+        assert_eq!(
+            setting_at_fault(&defaults, "orders", "bill\0ing"),
+            "consumer.name"
+        );
+        assert_eq!(
+            setting_at_fault(&defaults, "ord\0ers", "billing"),
+            "consumer.queue"
+        );
         let cases = [
             (
                 ConsumerOptions {

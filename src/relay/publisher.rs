@@ -105,41 +105,49 @@ impl Publisher {
                 batch.release(&self.stats).await;
                 continue;
             }
-            let Some((channel, frame_max)) = self.channel(&shutdown).await else {
+            let block_changes = self.stats.broker.block_changes();
+            let stats = self.stats.clone();
+            let block_timeout = self.write_timeout;
+            let attempt = async {
+                let (channel, frame_max) = self.channel(&shutdown).await?;
+                let missing_exchanges = self.missing_exchanges(&batch).await;
+                let limits = Limits {
+                    max_message_bytes: self.max_message_bytes,
+                    frame_max,
+                    missing_exchanges: &missing_exchanges,
+                };
+                let sent = publish_rows(&channel, &batch, limits)
+                    .instrument(tracing::debug_span!(
+                        "postbox.publish",
+                        rows = batch.rows.len()
+                    ))
+                    .await;
+                Some((channel, sent))
+            };
+            // lapin writes nothing while the broker blocks publishing (a resource alarm), so
+            // reopening a channel, probing an exchange or publishing can wait for as long as
+            // the alarm lasts: once the broker has blocked for a confirm timeout, give up and
+            // give the rows back without counting an attempt (writes lapin queued may still go
+            // out later: duplicates, with the same message ids). Without a block, writes wait
+            // as long as the connection lives.
+            let written = tokio::select! {
+                _ = hard_stop.cancelled() => break,
+                written = attempt => written,
+                _ = blocked_for(&stats, block_timeout, block_changes) => {
+                    tracing::warn!(
+                        rows = batch.rows.len(),
+                        "relay: the broker blocks publishing; the batch goes back to pending without using an attempt"
+                    );
+                    batch.release(&self.stats).await;
+                    continue;
+                }
+            };
+            let Some((channel, sent)) = written else {
                 // Stopping before the broker came back.
                 batch.release(&self.stats).await;
                 break;
             };
-            let missing_exchanges = self.missing_exchanges(&batch).await;
             let got_window = std::time::Instant::now();
-            let rows = batch.rows.len();
-            let limits = Limits {
-                max_message_bytes: self.max_message_bytes,
-                frame_max,
-                missing_exchanges: &missing_exchanges,
-            };
-            let block_changes = self.stats.broker.block_changes();
-            // lapin holds writes while the broker blocks publishing (a resource alarm), so
-            // publishes can wait for as long as the alarm lasts: give up after the confirm
-            // timeout, and give the rows back without counting an attempt (the writes may
-            // still go out later: duplicates, with the same message ids).
-            let written = tokio::select! {
-                _ = hard_stop.cancelled() => break,
-                written = tokio::time::timeout(
-                    self.write_timeout,
-                    publish_rows(&channel, &batch, limits)
-                        .instrument(tracing::debug_span!("postbox.publish", rows)),
-                ) => written,
-            };
-            let Ok(sent) = written else {
-                tracing::warn!(
-                    rows,
-                    blocked = self.stats.broker.blocked(),
-                    "relay: the broker took no publishes within the confirm timeout; the batch goes back to pending without using an attempt"
-                );
-                batch.release(&self.stats).await;
-                continue;
-            };
             let published = Published {
                 batch,
                 sent,
@@ -149,8 +157,7 @@ impl Publisher {
             };
             tracing::trace!(
                 wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
-                wait_window_ms = (got_window - got_batch).as_secs_f64() * 1e3,
-                publish_ms = got_window.elapsed().as_secs_f64() * 1e3,
+                wait_and_publish_ms = (got_window - got_batch).as_secs_f64() * 1e3,
                 "relay: published"
             );
             // The next round reconnects (closing the old connection, forgetting its probed
@@ -178,7 +185,7 @@ impl Publisher {
         self.stats.broker.set_connected(false);
         self.watcher = None;
         if let Some((connection, _)) = self.connection.take() {
-            let _ = connection.close(200, "postbox relay stopping".into()).await;
+            close(&connection, "postbox relay stopping").await;
         }
     }
 
@@ -236,9 +243,7 @@ impl Publisher {
             tracing::warn!("rabbitmq: connection lost; reconnecting");
             self.watcher = None; // its events no longer say anything about the broker
             if let Some((connection, _)) = self.connection.take() {
-                let _ = connection
-                    .close(200, "postbox relay reconnecting".into())
-                    .await;
+                close(&connection, "postbox relay reconnecting").await;
             }
             self.stats.broker.set_connected(false);
         }
@@ -364,6 +369,24 @@ async fn watch_connection(
             _ => {}
         }
     }
+}
+
+/// Returns once the broker has blocked publishing for `timeout` (checked every `timeout`)
+/// since it had `block_changes` changes; never while it does not block.
+async fn blocked_for(stats: &super::Stats, timeout: std::time::Duration, block_changes: u64) {
+    loop {
+        tokio::time::sleep(timeout).await;
+        if stats.broker.blocked() || stats.broker.block_changes() != block_changes {
+            return;
+        }
+    }
+}
+
+/// Closes `connection`, waiting a little for the broker's close-ok: a blocked or dead
+/// connection never sends it, and shutdown must not wait for an alarm to clear.
+async fn close(connection: &Connection, reason: &str) {
+    let closing = connection.close(200, reason.into());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
 }
 
 fn frame_max(connection: &Connection) -> usize {
