@@ -67,6 +67,14 @@ impl Broker {
     }
 }
 
+/// Closes `connection`, waiting a little for the broker's close-ok: a connection the broker
+/// blocks (lapin then writes nothing, not even the close) or a dead one never gets it, and a
+/// shutdown must not wait for an alarm to clear.
+pub async fn close(connection: &Connection, reason: &str) {
+    let closing = connection.close(200, reason.into());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+}
+
 /// Opens a channel with publisher confirms enabled.
 pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
     let channel = connection

@@ -365,10 +365,7 @@ impl Session {
             // Dropping a running handler drops its transaction, which rolls back.
             workers.shutdown().await;
         }
-        let _ = self
-            .connection
-            .close(200, "postbox consumer stopping".into())
-            .await;
+        crate::amqp::close(&self.connection, "postbox consumer stopping").await;
         stopped
     }
 }

@@ -185,7 +185,7 @@ impl Publisher {
         self.stats.broker.set_connected(false);
         self.watcher = None;
         if let Some((connection, _)) = self.connection.take() {
-            close(&connection, "postbox relay stopping").await;
+            amqp::close(&connection, "postbox relay stopping").await;
         }
     }
 
@@ -243,7 +243,7 @@ impl Publisher {
             tracing::warn!("rabbitmq: connection lost; reconnecting");
             self.watcher = None; // its events no longer say anything about the broker
             if let Some((connection, _)) = self.connection.take() {
-                close(&connection, "postbox relay reconnecting").await;
+                amqp::close(&connection, "postbox relay reconnecting").await;
             }
             self.stats.broker.set_connected(false);
         }
@@ -380,13 +380,6 @@ async fn blocked_for(stats: &super::Stats, timeout: std::time::Duration, block_c
             return;
         }
     }
-}
-
-/// Closes `connection`, waiting a little for the broker's close-ok: a blocked or dead
-/// connection never sends it, and shutdown must not wait for an alarm to clear.
-async fn close(connection: &Connection, reason: &str) {
-    let closing = connection.close(200, reason.into());
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
 }
 
 fn frame_max(connection: &Connection) -> usize {
