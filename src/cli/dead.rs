@@ -139,12 +139,16 @@ async fn release(pool: &sqlx::PgPool, ids: Vec<i64>, key: Option<String>) -> Res
 
 /// With `--id`, all named rows must have changed; otherwise the caller's transaction is
 /// dropped (rolled back) and the error names the others.
-fn every_named_row(named: Option<&[i64]>, changed: &[i64], why: &str) -> Result<()> {
+pub(super) fn every_named_row<T: PartialEq + std::fmt::Display>(
+    named: Option<&[T]>,
+    changed: &[T],
+    why: &str,
+) -> Result<()> {
     let missing: Vec<String> = named
         .unwrap_or_default()
         .iter()
         .filter(|id| !changed.contains(id))
-        .map(i64::to_string)
+        .map(T::to_string)
         .collect();
     if missing.is_empty() {
         return Ok(());

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::store;
 
 /// Options of `postbox inbox`.
@@ -58,23 +58,14 @@ pub(super) async fn run(settings: Settings, args: InboxArgs) -> Result<()> {
 async fn retry(pool: &sqlx::PgPool, consumer: &str, ids: Option<Vec<Uuid>>) -> Result<()> {
     let mut tx = pool.begin().await.context("beginning the retry")?;
     let changed = crate::inbox::retry_dead_lettered(&mut *tx, consumer, ids.as_deref()).await?;
-    let missing: Vec<String> = ids
-        .unwrap_or_default()
-        .iter()
-        .filter(|id| !changed.contains(id))
-        .map(Uuid::to_string)
-        .collect();
-    if !missing.is_empty() {
-        // `tx` rolls back as it is dropped.
-        return Err(Error::Config {
-            setting: "--id",
-            value: missing.join(", "),
-            reason: format!(
-                "not a message consumer {consumer:?} dead-lettered (or its inbox row was \
-                 deleted by retention); nothing was changed"
-            ),
-        });
-    }
+    super::dead::every_named_row(
+        ids.as_deref(),
+        &changed,
+        &format!(
+            "not a message consumer {consumer:?} dead-lettered (or its inbox row was deleted \
+             by retention)"
+        ),
+    )?;
     tx.commit().await.context("committing the retry")?;
     let _ = writeln!(
         std::io::stdout(),
