@@ -94,6 +94,17 @@ impl Scan {
             self.scan_all_next();
             return false;
         }
+        if claim.locked == batch_size
+            && claim.locked_keys > FEW_KEYS
+            && kept_keys(claim) == claim.locked_keys
+        {
+            // Every key the scan found is now in flight in this very batch: a claim right away
+            // would find the rest of the window held back behind it and keep nothing (half of
+            // all claims in a 100-key drain, and most of Postgres's time there). Wait for a
+            // finished batch or a commit instead, as after such an empty claim.
+            self.scan_all_next();
+            return false;
+        }
         true
     }
 
@@ -101,6 +112,16 @@ impl Scan {
     fn scan_all_next(&self) {
         self.full_next.store(true, Ordering::Relaxed);
     }
+}
+
+/// Partition keys among the rows a claim kept.
+fn kept_keys(claim: &outbox::Claim) -> u32 {
+    let keys: std::collections::HashSet<&str> = claim
+        .rows
+        .iter()
+        .filter_map(|row| row.partition_key.as_deref())
+        .collect();
+    u32::try_from(keys.len()).unwrap_or(u32::MAX)
 }
 
 /// What one claim found.
@@ -266,5 +287,69 @@ impl Claimer {
             },
             again,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::outbox::{Claim, ClaimedRow};
+
+    fn row(id: i64, key: Option<String>) -> ClaimedRow {
+        ClaimedRow {
+            id,
+            message_id: uuid::Uuid::nil(),
+            exchange: String::new(),
+            routing_key: "q".into(),
+            partition_key: key,
+            payload: Vec::new(),
+            content_type: "application/json".into(),
+            headers: serde_json::json!({}),
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+            source: None,
+        }
+    }
+
+    /// A full window of `keys` keys of which the claim kept one row each.
+    fn one_row_per_key(keys: u32, batch_size: u32) -> Claim {
+        Claim {
+            rows: (0..keys)
+                .map(|k| row(i64::from(k) + 1, Some(format!("key-{k}"))))
+                .collect(),
+            locked: batch_size,
+            last_locked: Some(i64::from(batch_size)),
+            locked_keys: keys,
+        }
+    }
+
+    #[test]
+    fn a_batch_holding_every_key_of_a_full_window_waits_instead_of_claiming_again() {
+        let scan = Scan::default();
+        let from = scan.start(); // the first claim is a full scan anyway
+        assert!(!scan.claimed(from, &one_row_per_key(100, 500), 500));
+        assert_eq!(scan.start(), 0, "the next claim looks at the whole table");
+
+        // Whereas after a batch that claims again, the next claim starts after it.
+        let scan = Scan::default();
+        let from = scan.start();
+        let mut claim = one_row_per_key(100, 500);
+        claim.locked_keys = 120;
+        assert!(scan.claimed(from, &claim, 500));
+        assert_eq!(scan.start(), 101);
+    }
+
+    #[test]
+    fn otherwise_a_kept_batch_claims_again() {
+        // A few keys: the step-over handles them, and a claim again moves past them.
+        assert!(Scan::default().claimed(0, &one_row_per_key(5, 500), 500));
+        // Unkeyed rows fill the batch.
+        let unkeyed = Claim {
+            rows: (1..=500).map(|id| row(id, None)).collect(),
+            locked: 500,
+            last_locked: Some(500),
+            locked_keys: 0,
+        };
+        assert!(Scan::default().claimed(0, &unkeyed, 500));
     }
 }
