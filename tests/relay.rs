@@ -677,3 +677,59 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
     assert_eq!(results.len(), 1, "nothing is queued after a failed publish");
     assert!(results[0].is_err());
 }
+
+/// The broker acks many publishes at once (`multiple`), and lapin hands a basic.return to
+/// whichever confirm such an ack resolves first. Returns must still fail exactly the rows that
+/// were returned: every unroutable row dead with its reason, every other row published, never
+/// the other way round (which would drop an event silently and kill a good one).
+#[tokio::test]
+async fn unroutable_rows_among_many_fail_alone() {
+    const ROWS: usize = 3_000;
+    let db = TestDb::migrated().await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue().await;
+    let mut inbox = rabbit.consume(&queue).await;
+    let missing = format!("{queue}-missing");
+    let messages: Vec<Message> = (0..ROWS)
+        .map(|n| {
+            if n % 97 == 13 {
+                Message::text(&missing, format!("nowhere {n}"))
+            } else {
+                Message::text(&queue, format!("row {n}"))
+            }
+        })
+        .collect();
+    let unroutable = (0..ROWS).filter(|n| n % 97 == 13).count();
+    postbox::enqueue_many(&db.pool, &messages)
+        .await
+        .expect("enqueue");
+    let mut settings = db.settings();
+    settings.relay.max_attempts = 1;
+    let relay = RunningRelay::start(settings).await;
+    inbox.take(ROWS - unroutable, DEADLINE).await;
+    wait_until("every row decided", DEADLINE, || async {
+        (db.count("published_at is null and dead_at is null").await == 0).then_some(())
+    })
+    .await;
+    relay.stop().await;
+    let dead: Vec<(String, Option<String>)> = sqlx::query_as(
+        "select routing_key, last_error from postbox.outbox where dead_at is not null",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("dead rows");
+    assert_eq!(dead.len(), unroutable, "exactly the unroutable rows died");
+    for (routing_key, error) in dead {
+        assert_eq!(routing_key, missing, "a routable row died: {error:?}");
+        assert!(error.is_some_and(|e| e.contains("NO_ROUTE")));
+    }
+    let published_unroutable = db
+        .count(&format!(
+            "routing_key = '{missing}' and published_at is not null"
+        ))
+        .await;
+    assert_eq!(
+        published_unroutable, 0,
+        "an unroutable row was marked published"
+    );
+}

@@ -117,13 +117,14 @@ impl DeadLetters {
                 self.routing_key.as_str()
             )
         };
-        let channel = {
-            let mut channel = self.channel.lock().await;
-            if !channel.status().connected() {
-                *channel = confirm_channel(&self.connection).await?;
-            }
-            channel.clone()
-        };
+        // Held until the confirm is in: one dead letter in flight per channel, because lapin
+        // hands a basic.return to whichever pending confirm a `multiple` ack resolves first,
+        // and with two in flight one worker could take the other's return (and ack an original
+        // whose dead letter the broker dropped).
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() {
+            *channel = confirm_channel(&self.connection).await?;
+        }
         let confirmation = channel
             .basic_publish(
                 self.exchange.clone(),

@@ -1,5 +1,6 @@
 //! Stage 3: await a batch's publisher confirms and decide each row's fate.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,11 +20,29 @@ pub(crate) struct Confirmer {
     pub confirm_timeout: Duration,
     pub policy: RetryPolicy,
     pub stats: Arc<Stats>,
+    /// Messages the broker returned as unroutable, by message id, with the broker's reason,
+    /// until their rows are decided (see `decide`).
+    pub returned: HashMap<uuid::Uuid, String>,
+}
+
+/// Returned messages remembered at most (a row whose batch was released never claims its own).
+const RETURNED_KEPT: usize = 10_000;
+
+/// What became of one row's publish.
+enum Heard {
+    Ack,
+    Nack,
+    NotRequested,
+    /// The connection went away before the confirm.
+    Lost(lapin::Error),
+    TimedOut,
+    /// Decided before any confirm (refused, failed, released).
+    Sent(Sent),
 }
 
 impl Confirmer {
     pub async fn run(
-        self,
+        mut self,
         mut input: mpsc::Receiver<Published>,
         out: mpsc::Sender<Decided>,
         hard_stop: CancellationToken,
@@ -47,12 +66,39 @@ impl Confirmer {
         }
     }
 
+    /// Remembers a returned message, by its message id, until its row is decided.
+    fn note_returned(&mut self, returned: Option<lapin::message::BasicReturnMessage>) {
+        let Some(returned) = returned else {
+            return;
+        };
+        let reason = format!("{} {}", returned.reply_code, returned.reply_text);
+        let id = returned
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+        match id {
+            Some(id) => {
+                if self.returned.len() >= RETURNED_KEPT {
+                    // Returns whose rows never came to be decided (released batches): forget
+                    // them rather than grow without end.
+                    self.returned.clear();
+                }
+                self.returned.insert(id, reason);
+            }
+            None => {
+                tracing::warn!(%reason, "relay: the broker returned a message without a postbox message id")
+            }
+        }
+    }
+
     /// Whether the broker blocked publishing at any time since it had `block_changes` changes.
     fn broker_blocked_since(&self, block_changes: u64) -> bool {
         self.stats.broker.blocked() || self.stats.broker.block_changes() != block_changes
     }
 
-    async fn decide(&self, published: Published) -> Decided {
+    async fn decide(&mut self, published: Published) -> Decided {
         let Published {
             batch,
             sent,
@@ -62,48 +108,73 @@ impl Confirmer {
         } = published;
         let mut withheld = 0;
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let mut completions = Vec::with_capacity(sent.len());
-        for (row, sent) in batch.rows.iter().zip(sent) {
-            let failure = match sent {
-                Sent::Released => continue,
-                Sent::Refused(error) => {
+        // Every confirm first, then the decisions: lapin hands a basic.return to whichever
+        // confirm a `multiple` ack resolves first (in hash order), not to the returned
+        // message's own, even one of an earlier batch. So returns are matched to rows by
+        // message id, and one that arrived on another row's confirm waits here for its row.
+        let mut heard = Vec::with_capacity(sent.len());
+        for sent in sent {
+            heard.push(match sent {
+                Sent::Confirm(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(Confirmation::Ack(returned))) => {
+                        self.note_returned(returned);
+                        Heard::Ack
+                    }
+                    Ok(Ok(Confirmation::Nack(returned))) => {
+                        self.note_returned(returned);
+                        Heard::Nack
+                    }
+                    Ok(Ok(Confirmation::NotRequested)) => Heard::NotRequested,
+                    Ok(Err(error)) => Heard::Lost(error),
+                    Err(_) => Heard::TimedOut,
+                },
+                other => Heard::Sent(other),
+            });
+        }
+        let mut completions = Vec::with_capacity(heard.len());
+        for (row, heard) in batch.rows.iter().zip(heard) {
+            let returned = match heard {
+                Heard::Ack | Heard::Nack => self.returned.remove(&row.message_id),
+                _ => None,
+            };
+            let failure = match heard {
+                Heard::Sent(Sent::Released) => continue,
+                Heard::Sent(Sent::Refused(error)) => {
                     completions.push((row.id, Completion::Dead { error }));
                     continue;
                 }
-                Sent::Failed(error) => error,
-                Sent::Confirm(confirm) => {
-                    match tokio::time::timeout_at(deadline, confirm).await {
-                        Ok(Ok(Confirmation::Ack(None))) => {
-                            completions.push((row.id, Completion::Published));
-                            continue;
-                        }
-                        Ok(Ok(Confirmation::Ack(Some(returned)))) => format!(
-                            "returned by the broker as unroutable ({} {}): no queue is bound \
-                             to exchange {:?} with routing key {:?}",
-                            returned.reply_code, returned.reply_text, row.exchange, row.routing_key
-                        ),
-                        Ok(Ok(Confirmation::Nack(_))) => "nacked by the broker".to_string(),
-                        Ok(Ok(Confirmation::NotRequested)) => {
-                            "the channel was not in confirm mode".to_string()
-                        }
-                        // The connection went away: whether the broker has the message is
-                        // unknown, so it is published again, with the same message id.
-                        Ok(Err(error)) => {
-                            tracing::warn!(id = row.id, %error, "relay: confirm lost with the connection; the row will be published again");
-                            continue;
-                        }
-                        Err(_) if self.broker_blocked_since(block_changes) => {
-                            // The broker withheld the confirm (a resource alarm): not the
-                            // row's fault, so no attempt is counted; it goes back untouched.
-                            withheld += 1;
-                            continue;
-                        }
-                        Err(_) => format!(
-                            "no publisher confirm within {}",
-                            humantime::format_duration(self.confirm_timeout)
-                        ),
-                    }
+                Heard::Sent(Sent::Failed(error)) => error,
+                Heard::Sent(Sent::Confirm(_)) => continue, // not left after the first pass
+                Heard::Ack | Heard::Nack if returned.is_some() => {
+                    let reason = returned.unwrap_or_default();
+                    format!(
+                        "returned by the broker as unroutable ({reason}): no queue is bound \
+                         to exchange {:?} with routing key {:?}",
+                        row.exchange, row.routing_key
+                    )
                 }
+                Heard::Ack => {
+                    completions.push((row.id, Completion::Published));
+                    continue;
+                }
+                Heard::Nack => "nacked by the broker".to_string(),
+                Heard::NotRequested => "the channel was not in confirm mode".to_string(),
+                // The connection went away: whether the broker has the message is unknown, so
+                // it is published again, with the same message id.
+                Heard::Lost(error) => {
+                    tracing::warn!(id = row.id, %error, "relay: confirm lost with the connection; the row will be published again");
+                    continue;
+                }
+                Heard::TimedOut if self.broker_blocked_since(block_changes) => {
+                    // The broker withheld the confirm (a resource alarm): not the row's fault,
+                    // so no attempt is counted; it goes back untouched.
+                    withheld += 1;
+                    continue;
+                }
+                Heard::TimedOut => format!(
+                    "no publisher confirm within {}",
+                    humantime::format_duration(self.confirm_timeout)
+                ),
             };
             completions.push((row.id, self.policy.after_failure(row.attempts, failure)));
         }
