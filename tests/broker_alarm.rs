@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::checker::{assert_settled, Committed};
-use common::{wait_until, Rabbit, RunningRelay, TestDb};
+use common::{wait_until, RunningRelay, Stage};
 use postbox::Message;
 
 /// `rabbitmqctl` with `args`; its trimmed output.
@@ -60,10 +60,12 @@ impl Drop for MemoryAlarm {
 #[tokio::test]
 async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     const ROWS: usize = 20;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let mut settings = db.settings();
     settings.relay.confirm_timeout = Duration::from_secs(1);
     settings.relay.max_attempts = 1;

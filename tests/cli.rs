@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::{amqp_url, postbox_command, wait_until, Rabbit, TestDb};
+use common::{amqp_url, postbox_command, wait_until, Stage, TestDb};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -207,10 +207,12 @@ async fn unreachable_postgres_is_retried_and_named_without_the_password() {
 
 #[tokio::test]
 async fn sigterm_mid_stream_loses_nothing() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     const ROWS: usize = 20_000;
     let messages: Vec<postbox::Message> = (0..ROWS)
         .map(|n| postbox::Message::text(&queue, n.to_string()))

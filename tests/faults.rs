@@ -11,7 +11,7 @@ use common::checker::{assert_settled, in_flight_rows, Committed};
 use common::proxy::Proxy;
 use common::{
     admin_database_url, amqp_url, host_port, wait_until, Inbox, Rabbit, Received, RelayProcess,
-    RunningRelay, TestDb,
+    RunningRelay, Stage, TestDb,
 };
 use postbox::Message;
 
@@ -28,10 +28,12 @@ struct Scenario {
 
 impl Scenario {
     async fn start(rows: usize, keys: usize) -> Self {
-        let db = TestDb::migrated().await;
-        let rabbit = Rabbit::connect().await;
-        let queue = rabbit.queue().await;
-        let inbox = rabbit.consume(&queue).await;
+        let Stage {
+            db,
+            rabbit,
+            queue,
+            inbox,
+        } = Stage::start().await;
         let committed = backlog(&db, &queue, rows, keys).await;
         Self {
             db,
@@ -353,10 +355,12 @@ async fn commit(db: &TestDb, messages: &[Message]) -> Vec<i64> {
 /// Key `k`'s first event is unroutable until a binding appears; its two later events and ten
 /// other keys' events are routable. Returns the outbox ids of the key's events in arrival order.
 async fn a_keys_first_event_fails_until_routable(rows_per_key: u32) -> Vec<i64> {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let exchange = format!("postbox-test-{}", uuid::Uuid::new_v4().simple());
     rabbit.exchange_to(&exchange, &queue).await;
     let to = |routing_key: &str, key: &str| {
@@ -425,10 +429,12 @@ async fn with_runs_per_key_a_retry_arrives_after_its_keys_later_rows() {
 
 #[tokio::test]
 async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let big_header = serde_json::json!("x".repeat(300_000));
     let messages = vec![
         // larger than relay.max_message_bytes below
@@ -524,10 +530,12 @@ async fn the_relay_fails_over_to_the_next_broker_node() {
 /// every confirm in flight, batch after batch: the relay probes exchanges first instead.
 #[tokio::test]
 async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let missing = format!("postbox-test-missing-{}", uuid::Uuid::new_v4().simple());
     let ids = commit(
         &db,
@@ -562,10 +570,12 @@ async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
 /// and `postbox_broker_up` tell the truth; it reconnects when there is work again.
 #[tokio::test]
 async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let broker = Proxy::tcp(&host_port(&amqp_url())).await;
     let mut settings = db.settings();
     settings.amqp_url = broker.redirect(&amqp_url());
@@ -597,10 +607,12 @@ async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
 /// once — the poll interval here is far beyond the test's deadlines.
 #[tokio::test]
 async fn the_listener_comes_back_after_postgres_does_and_commits_wake_the_relay_again() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let postgres = Proxy::start(host_port(&admin_database_url())).await;
     let mut settings = db.settings();
     settings.database_url = postgres.url_for(&db.url);
@@ -652,10 +664,12 @@ async fn the_listener_comes_back_after_postgres_does_and_commits_wake_the_relay_
 #[tokio::test]
 async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
     const ROWS: usize = 60;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let broker = Proxy::tcp(&host_port(&amqp_url())).await;
     let mut settings = db.settings();
     settings.relay.poll_interval = Duration::from_secs(600);

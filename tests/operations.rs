@@ -5,7 +5,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{postbox_command, wait_until, Rabbit, RunningRelay, TestDb};
+use common::{postbox_command, wait_until, Rabbit, RunningRelay, Stage, TestDb};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -122,10 +122,12 @@ async fn views_and_status_show_every_state() {
 
 #[tokio::test]
 async fn a_dead_row_fixed_by_an_operator_is_retried_and_published() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let mut settings = db.settings();
     settings.relay.max_attempts = 1;
     let relay = RunningRelay::start(settings).await;
@@ -288,10 +290,12 @@ impl Drop for Daemon {
 
 #[tokio::test]
 async fn metrics_health_and_readiness_over_http() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let port = free_port();
     let daemon = Daemon::start(&db.url, &common::amqp_url(), port);
 
@@ -429,10 +433,12 @@ async fn health_answers_while_postgres_is_unreachable_at_start() {
 
 #[tokio::test]
 async fn replay_republishes_retained_events_with_their_original_ids() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     // No fallback poll within the test: replayed rows must wake the relay.
     let mut settings = db.settings();
     settings.relay.poll_interval = Duration::from_secs(3600);
@@ -653,10 +659,12 @@ async fn with_a_dead_row_on_key_k(
     park: bool,
     batch_size: Option<u32>,
 ) -> (TestDb, Rabbit, String, common::Inbox, RunningRelay, i64) {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit,
+        queue,
+        inbox,
+    } = Stage::start().await;
     let mut settings = db.settings();
     settings.relay.max_attempts = 1;
     settings.relay.dead_rows_park_keys = park;

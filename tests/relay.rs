@@ -5,7 +5,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{proxy::PgProxy, wait_until, Harness, Rabbit, RunningRelay, TestDb};
+use common::{proxy::PgProxy, wait_until, Harness, Rabbit, RunningRelay, Stage, TestDb};
 use lapin::types::AMQPValue;
 use postbox::{enqueue, Message};
 
@@ -215,10 +215,12 @@ async fn lower_id_committed_after_a_higher_id_was_published_still_goes_out() {
 
 #[tokio::test]
 async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let mut settings = db.settings();
     // Far beyond the deadline below: only LISTEN/NOTIFY can deliver in time.
     settings.relay.poll_interval = Duration::from_secs(600);
@@ -279,10 +281,12 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_stop_others
 /// mark them, in all-published batches and in batches with failures alike; failed rows stay.
 #[tokio::test]
 async fn without_history_published_rows_are_deleted_and_failed_rows_stay() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let missing = format!("{queue}-missing");
     // Committed before the relay starts, so the first claim takes them as one batch: five
     // confirmed and one returned as unroutable.
@@ -391,10 +395,12 @@ async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
 #[tokio::test]
 async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_their_backlogs() {
     const KEYS: usize = 24;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     // Each key's first row: on even keys a failure waiting an hour for its retry, on odd keys
     // an event scheduled an hour ahead.
     for key in 0..KEYS {
@@ -445,10 +451,12 @@ async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_th
 #[tokio::test]
 async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
     const BURST: usize = 1_000;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let mut messages: Vec<Message> = (0..BURST)
         .map(|n| Message::text(&queue, format!("hot {n}")).partition_key("hot"))
         .collect();
@@ -496,10 +504,12 @@ async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
 /// and returns the statements it sent, the batches it completed and the claims it ran.
 async fn statements_for(batches: usize, batch_size: u32) -> (u64, u64, u64) {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let rows = batches * batch_size as usize;
     let messages: Vec<Message> = (0..rows)
         .map(|n| Message::text(&queue, n.to_string()))
@@ -557,10 +567,12 @@ async fn statements_per_batch_do_not_grow_with_batch_size() {
 
 #[tokio::test]
 async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let mut settings = db.settings();
     // Small batches of runs of a key's rows, so both relays take turns many times over the
     // same keys; more keys than one relay can hold at once (12 open batches × 5 keys), so the
@@ -685,10 +697,12 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
 #[tokio::test]
 async fn unroutable_rows_among_many_fail_alone() {
     const ROWS: usize = 3_000;
-    let db = TestDb::migrated().await;
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue().await;
-    let mut inbox = rabbit.consume(&queue).await;
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
     let missing = format!("{queue}-missing");
     let messages: Vec<Message> = (0..ROWS)
         .map(|n| {

@@ -30,8 +30,9 @@ pub(crate) struct Publisher {
     stats: Arc<super::Stats>,
     /// Payloads above this are refused without trying (`relay.max_message_bytes`).
     max_message_bytes: usize,
-    /// How long a batch's publishes may take to be written (`relay.confirm_timeout`).
-    write_timeout: std::time::Duration,
+    /// How long a batch may wait on a broker that blocks publishing before it is given back
+    /// (`relay.confirm_timeout`).
+    block_timeout: std::time::Duration,
     connection: Option<(Connection, Channel)>,
     /// A channel of its own for passive exchange declares (a failed one closes its channel).
     probe: Option<Channel>,
@@ -53,7 +54,7 @@ impl Publisher {
             window,
             stats,
             max_message_bytes: settings.max_message_bytes,
-            write_timeout: settings.confirm_timeout,
+            block_timeout: settings.confirm_timeout,
             connection: None,
             probe: None,
             known_exchanges: HashSet::new(),
@@ -107,7 +108,7 @@ impl Publisher {
             }
             let block_changes = self.stats.broker.block_changes();
             let stats = self.stats.clone();
-            let block_timeout = self.write_timeout;
+            let block_timeout = self.block_timeout;
             let attempt = async {
                 let (channel, frame_max) = self.channel(&shutdown).await?;
                 let missing_exchanges = self.missing_exchanges(&batch).await;
@@ -147,7 +148,7 @@ impl Publisher {
                 batch.release(&self.stats).await;
                 break;
             };
-            let got_window = std::time::Instant::now();
+            let written_at = std::time::Instant::now();
             let published = Published {
                 batch,
                 sent,
@@ -157,7 +158,7 @@ impl Publisher {
             };
             tracing::trace!(
                 wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
-                wait_and_publish_ms = (got_window - got_batch).as_secs_f64() * 1e3,
+                wait_and_publish_ms = (written_at - got_batch).as_secs_f64() * 1e3,
                 "relay: published"
             );
             // The next round reconnects (closing the old connection, forgetting its probed

@@ -214,6 +214,31 @@ impl RunningRelay {
     }
 }
 
+/// The usual setup for a test that starts its own relays: a migrated database and a queue of
+/// its own with a consumer.
+pub struct Stage {
+    pub db: TestDb,
+    /// Owns the test's exclusive queue.
+    pub rabbit: Rabbit,
+    pub queue: String,
+    pub inbox: Inbox,
+}
+
+impl Stage {
+    pub async fn start() -> Self {
+        let db = TestDb::migrated().await;
+        let rabbit = Rabbit::connect().await;
+        let queue = rabbit.queue().await;
+        let inbox = rabbit.consume(&queue).await;
+        Self {
+            db,
+            rabbit,
+            queue,
+            inbox,
+        }
+    }
+}
+
 /// The usual test setup: a migrated database, a queue with a consumer, and a relay.
 pub struct Harness {
     pub db: TestDb,
