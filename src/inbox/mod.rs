@@ -2,8 +2,9 @@
 //!
 //! A [`Consumer`] takes deliveries from one RabbitMQ queue. For each, in one Postgres
 //! transaction, it records the message id in `postbox.inbox` under the consumer's name,
-//! checks the message's version against the newest applied for its partition key, runs the
-//! [`Handler`] only if the id is new and the version is newer, commits, and only then acks.
+//! checks the message's version against the newest applied for its partition key (from the
+//! same outbox), runs the [`Handler`] only if the id is new and the version is newer, commits,
+//! and only then acks.
 //!
 //! - A duplicate (a redelivery after a crash between commit and ack, a relay retry, a replay)
 //!   finds its id decided, is acked without running the handler, and is counted.
