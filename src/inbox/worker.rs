@@ -554,10 +554,10 @@ fn is_outage(error: &crate::Error) -> bool {
     };
     // SQLSTATE classes 22 (data exception), 23 (integrity constraint violation) and 54
     // (program limit exceeded) are about the values written.
-    let class = database
-        .code()
-        .map(|code| code.chars().take(2).collect::<String>());
-    !matches!(class.as_deref(), Some("22" | "23" | "54"))
+    let code = database.code().unwrap_or_default();
+    !["22", "23", "54"]
+        .iter()
+        .any(|class| code.starts_with(class))
 }
 
 /// Whether a transient failure is Postgres going away (connection refused, reset, pool

@@ -36,8 +36,12 @@ enum Heard {
     /// The connection went away before the confirm.
     Lost(lapin::Error),
     TimedOut,
-    /// Decided before any confirm (refused, failed, released).
-    Sent(Sent),
+    /// Not published: the connection or shutdown (released untouched).
+    Released,
+    /// The broker refused the publish (a failed attempt).
+    Failed(String),
+    /// Never sendable as it is (dead at once).
+    Refused(String),
 }
 
 impl Confirmer {
@@ -128,31 +132,31 @@ impl Confirmer {
                     Ok(Err(error)) => Heard::Lost(error),
                     Err(_) => Heard::TimedOut,
                 },
-                other => Heard::Sent(other),
+                Sent::Released => Heard::Released,
+                Sent::Failed(error) => Heard::Failed(error),
+                Sent::Refused(error) => Heard::Refused(error),
             });
         }
         let mut completions = Vec::with_capacity(heard.len());
         for (row, heard) in batch.rows.iter().zip(heard) {
-            let returned = match heard {
-                Heard::Ack | Heard::Nack => self.returned.remove(&row.message_id),
-                _ => None,
-            };
+            if let (Heard::Ack | Heard::Nack, Some(reason)) =
+                (&heard, self.returned.remove(&row.message_id))
+            {
+                let failure = format!(
+                    "returned by the broker as unroutable ({reason}): no queue is bound to \
+                     exchange {:?} with routing key {:?}",
+                    row.exchange, row.routing_key
+                );
+                completions.push((row.id, self.policy.after_failure(row.attempts, failure)));
+                continue;
+            }
             let failure = match heard {
-                Heard::Sent(Sent::Released) => continue,
-                Heard::Sent(Sent::Refused(error)) => {
+                Heard::Released => continue,
+                Heard::Refused(error) => {
                     completions.push((row.id, Completion::Dead { error }));
                     continue;
                 }
-                Heard::Sent(Sent::Failed(error)) => error,
-                Heard::Sent(Sent::Confirm(_)) => continue, // not left after the first pass
-                Heard::Ack | Heard::Nack if returned.is_some() => {
-                    let reason = returned.unwrap_or_default();
-                    format!(
-                        "returned by the broker as unroutable ({reason}): no queue is bound \
-                         to exchange {:?} with routing key {:?}",
-                        row.exchange, row.routing_key
-                    )
-                }
+                Heard::Failed(error) => error,
                 Heard::Ack => {
                     completions.push((row.id, Completion::Published));
                     continue;
