@@ -205,6 +205,9 @@ impl Publisher {
         tokio::pin!(connect);
         loop {
             tokio::select! {
+                // The connection first: once it is up, a batch claimed because of it is for
+                // the main loop to publish, not to give back.
+                biased;
                 _ = hard_stop.cancelled() => return false,
                 channel = &mut connect => return channel.is_some(),
                 batch = input.recv() => match batch {
