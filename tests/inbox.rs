@@ -890,10 +890,16 @@ impl Handler for BatchRecorder {
             }
         }
         let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id()).collect();
+        let keys: Vec<Option<&str>> = messages.iter().map(|m| m.partition_key()).collect();
+        let outbox_ids: Vec<Option<i64>> = messages.iter().map(|m| m.outbox_id()).collect();
         sqlx::query(
-            "insert into applied (message_id, attempt) select id, 1 from unnest($1::uuid[]) id",
+            "insert into applied (message_id, partition_key, outbox_id, attempt) \
+             select id, key, outbox_id, 1 from unnest($1::uuid[], $2::text[], $3::int8[]) \
+                 as m(id, key, outbox_id)",
         )
         .bind(&ids)
+        .bind(&keys)
+        .bind(&outbox_ids)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -972,6 +978,66 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
         "duplicate counted"
     );
     assert_eq!(sub.rabbit.ready(&sub.queue).await, 0, "all acked");
+}
+
+/// A batch decides each message as processing them one after another would: of a key's
+/// positions 2, 1, 4, 3 only 2 and 4 are applied, whichever batches they fall into.
+#[tokio::test]
+async fn batches_skip_stale_messages_as_single_runs_would() {
+    let sub = subscriber().await;
+    let mut stale = Vec::new();
+    for key in 0..10 {
+        let key = format!("acc-{key}");
+        for (position, late) in [(2, false), (1, true), (4, false), (3, true)] {
+            let id = Uuid::new_v4();
+            sub.send(id, relay_headers(position, Some(&key)), b"{}")
+                .await;
+            if late {
+                stale.push(id);
+            }
+        }
+    }
+    let handler = BatchRecorder::default();
+    let options = ConsumerOptions {
+        batch_size: 16,
+        concurrency: 1,
+        ..sub.options()
+    };
+    let consumer = sub.consumer("billing", handler.clone(), options);
+    let stats = stop_when(consumer, "20 applied, 20 stale", |stats| {
+        stats.applied() == 20 && stats.stale() == 20
+    })
+    .await;
+    assert_eq!(stats.failures(), 0);
+    let batches = handler.batches.lock().expect("lock").clone();
+    assert!(
+        batches.iter().any(|n| *n > 1),
+        "messages were applied in batches: {batches:?}"
+    );
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for (_, key, outbox_id) in applied(&sub).await {
+        per_key
+            .entry(key.expect("keyed"))
+            .or_default()
+            .push(outbox_id.expect("outbox id"));
+    }
+    assert_eq!(per_key.len(), 10);
+    assert!(
+        per_key.values().all(|positions| positions == &[2, 4]),
+        "only the newer positions applied, in order: {per_key:?}"
+    );
+    for id in stale {
+        assert_eq!(
+            sub.inbox_row("billing", id).await.0.as_deref(),
+            Some("stale")
+        );
+    }
+    let versions: Vec<i64> =
+        sqlx::query_scalar("select version from postbox.inbox_versions where consumer = 'billing'")
+            .fetch_all(&sub.db.pool)
+            .await
+            .expect("versions");
+    assert_eq!(versions, [4; 10]);
 }
 
 #[tokio::test]
@@ -1173,6 +1239,107 @@ async fn the_inbox_functions_work_inside_any_transaction() {
     assert_eq!(
         status(failing, 7, true).await,
         Status::New { failed_attempts: 1 }
+    );
+}
+
+#[tokio::test]
+async fn receive_batch_decides_like_receiving_one_after_another() {
+    use postbox::inbox::{receive, receive_batch, record_failure, Receipt, Status};
+    let sub = subscriber().await;
+    let receipt = |message_id, key: Option<&'static str>, version| Receipt {
+        consumer: "own-loop",
+        message_id,
+        queue: "q",
+        routing_key: "rk",
+        partition_key: key,
+        version,
+        source: Some("outbox-a"),
+    };
+    let ids: Vec<Uuid> = (0..9).map(|_| Uuid::new_v4()).collect();
+    let mut tx = sub.db.pool.begin().await.expect("begin");
+    let before = receive(&mut tx, &receipt(ids[0], Some("key-1"), Some(5)))
+        .await
+        .expect("receive");
+    assert_eq!(before, Status::New { failed_attempts: 0 });
+    tx.commit().await.expect("commit");
+    let failures = record_failure(
+        &sub.db.pool,
+        &receipt(ids[8], Some("key-3"), Some(1)),
+        "boom",
+    )
+    .await
+    .expect("record failure");
+    assert_eq!(failures, Some(1));
+
+    let batch = [
+        receipt(ids[1], Some("key-1"), Some(4)), // older than the stored 5
+        receipt(ids[2], Some("key-1"), Some(7)),
+        receipt(ids[3], Some("key-1"), Some(6)), // older than 7, earlier in the batch
+        receipt(ids[4], Some("key-2"), Some(1)), // a key seen for the first time
+        receipt(ids[5], Some("key-2"), Some(1)), // the same version again
+        receipt(ids[6], None, Some(1)),          // no key: never stale
+        receipt(ids[2], Some("key-1"), Some(7)), // the same id twice
+        receipt(ids[0], Some("key-1"), Some(5)), // decided before
+        receipt(ids[8], Some("key-3"), Some(1)), // failed once before
+    ];
+    let new = Status::New { failed_attempts: 0 };
+    let expected = [
+        Status::Stale,
+        new,
+        Status::Stale,
+        new,
+        Status::Stale,
+        new,
+        Status::Duplicate,
+        Status::Duplicate,
+        Status::New { failed_attempts: 1 },
+    ];
+    // Rolled back, the batch leaves nothing behind: the same statuses come back.
+    for commit in [false, true] {
+        let mut tx = sub.db.pool.begin().await.expect("begin");
+        let statuses = receive_batch(&mut tx, &batch).await.expect("receive batch");
+        assert_eq!(statuses, expected, "commit: {commit}");
+        if commit {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+    }
+    let outcomes: Vec<(Uuid, Option<String>)> =
+        sqlx::query_as("select message_id, outcome from postbox.inbox where consumer = 'own-loop'")
+            .fetch_all(&sub.db.pool)
+            .await
+            .expect("outcomes");
+    let outcomes: HashMap<Uuid, Option<String>> = outcomes.into_iter().collect();
+    let outcome = |i: usize| outcomes.get(&ids[i]).cloned().flatten();
+    for i in [1, 3, 5] {
+        assert_eq!(outcome(i).as_deref(), Some("stale"), "message {i}");
+    }
+    for i in [0, 2, 4, 6, 8] {
+        assert_eq!(outcome(i).as_deref(), Some("applied"), "message {i}");
+    }
+    let mut versions: Vec<(String, i64, Uuid)> = sqlx::query_as(
+        "select partition_key, version, message_id from postbox.inbox_versions \
+         where consumer = 'own-loop'",
+    )
+    .fetch_all(&sub.db.pool)
+    .await
+    .expect("versions");
+    versions.sort();
+    assert_eq!(
+        versions,
+        [
+            ("key-1".to_owned(), 7, ids[2]),
+            ("key-2".to_owned(), 1, ids[4]),
+            ("key-3".to_owned(), 1, ids[8]),
+        ]
+    );
+    // Against what the batch stored, the next one is checked as well.
+    let mut tx = sub.db.pool.begin().await.expect("begin");
+    let next = [receipt(Uuid::new_v4(), Some("key-1"), Some(7))];
+    assert_eq!(
+        receive_batch(&mut tx, &next).await.expect("receive batch"),
+        [Status::Stale]
     );
 }
 

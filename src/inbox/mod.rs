@@ -50,6 +50,8 @@ pub use dead_letter::{
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
-pub use receive::{receive, receive_many, record_failure, retry_dead_lettered, Status};
+pub use receive::{
+    receive, receive_batch, receive_many, record_failure, retry_dead_lettered, Status,
+};
 pub use retention::cleanup;
 pub use upsert::VersionedUpsert;

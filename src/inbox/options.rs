@@ -59,9 +59,8 @@ pub struct ConsumerOptions {
     /// Messages applied per transaction through [`Handler::handle_batch`](super::Handler),
     /// with one inbox statement for the whole batch. 1 (the default) processes each message in
     /// its own transaction. A batch is whatever has arrived, up to this many: no waiting to
-    /// fill it. Batches deduplicate by message id but do not check versions (see
-    /// [`Versioning`]); guard order-sensitive writes with a
-    /// [`VersionedUpsert`](super::VersionedUpsert).
+    /// fill it. A batch decides as its messages would one after another: duplicates and stale
+    /// messages (see [`Versioning`]) are skipped, not passed to the handler.
     pub batch_size: usize,
     /// Handler runs before a transiently failing message is dead-lettered.
     pub max_attempts: u32,

@@ -76,20 +76,76 @@ pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<S
     Ok(Status::New { failed_attempts })
 }
 
+/// [`receive`] for a batch applied in one transaction, with as few statements as the batch
+/// allows (one when every id is new and none carries a version): the statuses come back in the
+/// order given, as if the receipts had been received one after another (an id given twice is
+/// new at most once; of a key's versions, each must be newer than those applied before it).
+/// Commit the transaction whatever the statuses; ack the messages only after the commit.
+pub async fn receive_batch(
+    conn: &mut PgConnection,
+    receipts: &[Receipt<'_>],
+) -> Result<Vec<Status>> {
+    let claimed = inbox::claim_batch(conn, receipts).await?;
+    let new: Vec<Receipt<'_>> = receipts
+        .iter()
+        .zip(&claimed)
+        .filter(|(_, claim)| claim.is_some())
+        .map(|(receipt, _)| receipt.clone())
+        .collect();
+    let fresh = inbox::advance_versions(conn, &new).await?;
+    let stale: Vec<(&str, Uuid)> = new
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, fresh)| !**fresh)
+        .map(|(receipt, _)| (receipt.consumer, receipt.message_id))
+        .collect();
+    if !stale.is_empty() {
+        inbox::decide_many(conn, &stale, Outcome::Stale).await?;
+    }
+    // `fresh` has one flag per new receipt, in order.
+    let mut fresh = fresh.into_iter();
+    Ok(claimed
+        .into_iter()
+        .map(|claim| match claim {
+            None => Status::Duplicate,
+            Some(attempts) if fresh.next().unwrap_or(true) => Status::New {
+                failed_attempts: u32::try_from(attempts).unwrap_or(0),
+            },
+            Some(_) => Status::Stale,
+        })
+        .collect())
+}
+
 /// Claims many message ids in one statement, for a batch applied in the caller's transaction:
 /// returns the ids that are new (now `applied`, committing with the caller's writes); the
-/// others are counted as duplicates (an id given twice is new at most once). Versions are not checked here: guard the writes with a
-/// [`VersionedUpsert`](super::VersionedUpsert) where order matters.
+/// others are counted as duplicates (an id given twice is new at most once). Versions are not
+/// checked: use [`receive_batch`] for that, or guard the writes with a
+/// [`VersionedUpsert`](super::VersionedUpsert).
 pub async fn receive_many(
     conn: &mut PgConnection,
     consumer: &str,
     queue: &str,
     message_ids: &[Uuid],
 ) -> Result<Vec<Uuid>> {
-    let mut ids = message_ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    inbox::claim_many(conn, consumer, queue, &ids).await
+    let receipts: Vec<Receipt<'_>> = message_ids
+        .iter()
+        .map(|&message_id| Receipt {
+            consumer,
+            message_id,
+            queue,
+            routing_key: "",
+            partition_key: None,
+            version: None,
+            source: None,
+        })
+        .collect();
+    let claimed = inbox::claim_batch(conn, &receipts).await?;
+    Ok(message_ids
+        .iter()
+        .zip(claimed)
+        .filter(|(_, claim)| claim.is_some())
+        .map(|(id, _)| *id)
+        .collect())
 }
 
 /// Records a failed attempt in its own statement (run it outside the rolled-back transaction).

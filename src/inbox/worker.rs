@@ -51,6 +51,14 @@ pub(crate) struct Shared<H> {
     pub stats: Arc<ConsumerStats>,
 }
 
+/// What a batch transaction decided, message by message.
+#[derive(Debug, Default)]
+struct BatchCounts {
+    applied: usize,
+    duplicates: usize,
+    stale: usize,
+}
+
 /// Why a run did not decide the message.
 enum Failed {
     /// Postgres could not be reached: wait and retry without counting an attempt.
@@ -167,9 +175,10 @@ impl<H: Handler> Worker<H> {
             return;
         };
         match self.apply_batch(&messages).await {
-            Ok((applied, duplicates)) => {
-                self.count_many(Counter::Applied, applied as u64);
-                self.count_many(Counter::Duplicates, duplicates as u64);
+            Ok(counts) => {
+                self.count_many(Counter::Applied, counts.applied as u64);
+                self.count_many(Counter::Duplicates, counts.duplicates as u64);
+                self.count_many(Counter::Stale, counts.stale as u64);
                 if ack_multiple && all_done {
                     self.ack(last, true).await;
                 } else {
@@ -195,25 +204,39 @@ impl<H: Handler> Worker<H> {
         }
     }
 
-    /// The batch transaction. Returns (applied, duplicates).
-    async fn apply_batch(&self, messages: &[Incoming]) -> Result<(usize, usize), String> {
+    /// The batch transaction. Returns the count of each outcome.
+    async fn apply_batch(&self, messages: &[Incoming]) -> Result<BatchCounts, String> {
         let shared = &self.shared;
         let mut tx = shared.pool.begin().await.map_err(|e| e.to_string())?;
-        let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.message_id).collect();
-        let new: std::collections::HashSet<uuid::Uuid> =
-            super::receive_many(&mut tx, &shared.name, &shared.queue, &ids)
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .collect();
-        // Each new id once, in arrival order; the rest (an id twice in the batch included) are
-        // duplicates.
-        let mut seen = std::collections::HashSet::new();
-        let batch: Vec<Incoming> = messages
+        let receipts: Vec<Receipt<'_>> = messages
             .iter()
-            .filter(|m| new.contains(&m.message_id) && seen.insert(m.message_id))
-            .cloned()
+            .map(|incoming| Receipt {
+                consumer: &shared.name,
+                message_id: incoming.message_id,
+                queue: &shared.queue,
+                routing_key: &incoming.routing_key,
+                partition_key: incoming.partition_key(),
+                version: self.version(incoming),
+                source: incoming.source(),
+            })
             .collect();
+        let statuses = super::receive_batch(&mut tx, &receipts)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut counts = BatchCounts::default();
+        let mut batch = Vec::with_capacity(messages.len());
+        for (incoming, status) in messages.iter().zip(statuses) {
+            match status {
+                Status::Duplicate => counts.duplicates += 1,
+                Status::Stale => counts.stale += 1,
+                Status::New { failed_attempts } => {
+                    let mut incoming = incoming.clone();
+                    incoming.attempt = failed_attempts.saturating_add(1);
+                    batch.push(incoming);
+                }
+            }
+        }
+        counts.applied = batch.len();
         // A panic fails the batch; the one-by-one rerun then counts it against its message.
         AssertUnwindSafe(shared.handler.handle_batch(&mut tx, &batch))
             .catch_unwind()
@@ -221,16 +244,21 @@ impl<H: Handler> Worker<H> {
             .map_err(|panic| panicked(panic).to_string())?
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
-        Ok((batch.len(), messages.len() - batch.len()))
+        Ok(counts)
+    }
+
+    /// The version `incoming` carries for its partition key, as the consumer's options say.
+    fn version(&self, incoming: &Incoming) -> Option<i64> {
+        match &self.shared.options.versioning {
+            Versioning::OutboxId => incoming.outbox_id(),
+            Versioning::Header(name) => incoming.header_i64(name),
+            Versioning::Off => None,
+        }
     }
 
     async fn process_incoming(&self, mut incoming: Incoming) -> bool {
         let shared = &self.shared;
-        let version = match &shared.options.versioning {
-            Versioning::OutboxId => incoming.outbox_id(),
-            Versioning::Header(name) => incoming.header_i64(name),
-            Versioning::Off => None,
-        };
+        let version = self.version(&incoming);
         let partition_key = incoming.partition_key().map(str::to_owned);
         let source = incoming.source().map(str::to_owned);
         let routing_key = incoming.routing_key.clone();

@@ -220,10 +220,13 @@ pub async fn record_outcome<'e, E: PgExecutor<'e>>(
 }
 
 const INSERT_MANY: &str = r#"
-insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at)
-select $1, m.id, $2, 'applied', now() from unnest($3::uuid[]) as m(id)
+insert into postbox.inbox
+    (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at)
+select m.consumer, m.id, m.queue, m.routing_key, m.partition_key, m.version, 'applied', now()
+from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[])
+    as m(consumer, id, queue, routing_key, partition_key, version)
 on conflict (consumer, message_id) do nothing
-returning message_id
+returning consumer, message_id
 "#;
 
 // For ids that were there already: undecided ones (failed before) become applied now, decided
@@ -236,48 +239,218 @@ set outcome = coalesce(i.outcome, 'applied'),
     duplicates = i.duplicates + (old.outcome is not null)::int,
     last_received_at = now()
 from (select consumer, message_id, outcome from postbox.inbox
-      where consumer = $1 and message_id = any($2)
+      where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))
       for update) as old
 where i.consumer = old.consumer and i.message_id = old.message_id
-returning i.message_id, old.outcome is null
+returning i.consumer, i.message_id, old.outcome is null, i.attempts
 "#;
 
-/// Claims many distinct message ids at once for a batch handler, marking the new ones applied
-/// (the caller commits its writes in the same transaction). Returns the new ids; the others
-/// are counted as duplicates. One statement when every id is new, two otherwise.
-pub async fn claim_many(
+/// Claims the message ids of `receipts` at once, for a batch applied in one transaction: the
+/// new ones (and those that only failed before) are marked applied and committed with the
+/// caller's writes. Returns, in the order given, the failed runs recorded before for each new
+/// receipt, or `None` for a duplicate (an id given twice is new at most once). One statement
+/// when every id is new, two otherwise.
+pub async fn claim_batch(
     conn: &mut PgConnection,
-    consumer: &str,
-    queue: &str,
-    message_ids: &[Uuid],
-) -> Result<Vec<Uuid>> {
-    let mut new: Vec<Uuid> = sqlx::query_scalar(INSERT_MANY)
-        .bind(consumer)
-        .bind(queue)
-        .bind(message_ids)
+    receipts: &[Receipt<'_>],
+) -> Result<Vec<Option<i32>>> {
+    use std::collections::{HashMap, HashSet};
+    let mut unique = HashSet::with_capacity(receipts.len());
+    let mut distinct: Vec<&Receipt<'_>> = receipts
+        .iter()
+        .filter(|r| unique.insert((r.consumer, r.message_id)))
+        .collect();
+    // One lock order for every batch, so concurrent batches wait on each other, not deadlock.
+    distinct.sort_unstable_by_key(|r| (r.consumer, r.message_id));
+    let column = |field: fn(&Receipt<'_>) -> Option<String>| -> Vec<Option<String>> {
+        distinct.iter().map(|r| field(r)).collect()
+    };
+    let consumers: Vec<&str> = distinct.iter().map(|r| r.consumer).collect();
+    let ids: Vec<Uuid> = distinct.iter().map(|r| r.message_id).collect();
+    let inserted: Vec<(String, Uuid)> = sqlx::query_as(INSERT_MANY)
+        .bind(&consumers)
+        .bind(&ids)
+        .bind(column(|r| Some(text(r.queue))))
+        .bind(column(|r| Some(text(r.routing_key))))
+        .bind(column(|r| r.partition_key.map(text)))
+        .bind(distinct.iter().map(|r| r.version).collect::<Vec<_>>())
         .fetch_all(&mut *conn)
         .await
         .context("claiming message ids in postbox.inbox")?;
-    if new.len() < message_ids.len() {
-        let inserted: std::collections::HashSet<Uuid> = new.iter().copied().collect();
-        let rest: Vec<Uuid> = message_ids
+    let mut new: HashMap<(String, Uuid), i32> = inserted.into_iter().map(|key| (key, 0)).collect();
+    if new.len() < distinct.len() {
+        let (consumers, ids): (Vec<&str>, Vec<Uuid>) = distinct
             .iter()
-            .filter(|id| !inserted.contains(id))
-            .copied()
-            .collect();
+            .filter(|r| !new.contains_key(&(r.consumer.to_owned(), r.message_id)))
+            .map(|r| (r.consumer, r.message_id))
+            .unzip();
         let rows = sqlx::query(REVISIT_MANY)
-            .bind(consumer)
-            .bind(&rest)
+            .bind(&consumers)
+            .bind(&ids)
             .fetch_all(&mut *conn)
             .await
             .context("counting duplicates in postbox.inbox")?;
-        new.extend(
-            rows.iter()
-                .filter(|row| row.get::<bool, _>(1))
-                .map(|row| row.get::<Uuid, _>(0)),
-        );
+        for row in rows.iter().filter(|row| row.get::<bool, _>(2)) {
+            new.insert((row.get(0), row.get(1)), row.get(3));
+        }
     }
-    Ok(new)
+    Ok(receipts
+        .iter()
+        .map(|r| new.remove(&(r.consumer.to_owned(), r.message_id)))
+        .collect())
+}
+
+// Keys seen for the first time take the batch's newest version at once; `do nothing` waits for
+// a concurrent insert of the same key and then leaves it alone, so a returned key truly had no
+// version before.
+const INSERT_VERSIONS: &str = r#"
+insert into postbox.inbox_versions (consumer, source, partition_key, version, message_id)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::uuid[])
+on conflict (consumer, source, partition_key) do nothing
+returning consumer, source, partition_key
+"#;
+
+// The other keys move forward where the batch has something newer. As in REVISIT_MANY, the
+// locking subquery reads each key's version as it was before this update, after waiting for any
+// transaction that holds it; a key not returned already has the batch's newest or newer.
+const ADVANCE_VERSIONS: &str = r#"
+update postbox.inbox_versions v
+set version = x.version, message_id = x.message_id, updated_at = now()
+from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::uuid[])
+        as x(consumer, source, partition_key, version, message_id),
+     (select consumer, source, partition_key, version from postbox.inbox_versions
+      where (consumer, source, partition_key) in
+            (select * from unnest($1::text[], $2::text[], $3::text[]))
+      for update) as old
+where v.consumer = x.consumer and v.source = x.source and v.partition_key = x.partition_key
+  and old.consumer = v.consumer and old.source = v.source and old.partition_key = v.partition_key
+  and v.version < x.version
+returning v.consumer, v.source, v.partition_key, old.version
+"#;
+
+/// The newest version of one key in a batch, and the message carrying it.
+struct Newest {
+    version: i64,
+    message_id: Uuid,
+}
+
+/// Checks the versions of a batch's messages against the newest applied for their keys, in the
+/// order given, as one message after another would be: a message is fresh if its version is
+/// newer than the key's stored one and than every earlier fresh message of the key in the batch.
+/// Records each key's newest version (inside the caller's transaction). Returns one flag per
+/// receipt: false for a stale one. Receipts without a key or a version are fresh.
+pub async fn advance_versions(
+    conn: &mut PgConnection,
+    receipts: &[Receipt<'_>],
+) -> Result<Vec<bool>> {
+    use std::collections::{BTreeMap, HashMap};
+    type Key = (String, String, String);
+    let key_of = |r: &Receipt<'_>| -> Option<(Key, i64)> {
+        let (key, version) = (r.partition_key?, r.version?);
+        let source = text(r.source.unwrap_or_default());
+        Some(((r.consumer.to_owned(), source, version_key(key)), version))
+    };
+    // Sorted: one lock order for every batch.
+    let mut newest: BTreeMap<Key, Newest> = BTreeMap::new();
+    for r in receipts {
+        if let Some((key, version)) = key_of(r) {
+            let entry = newest.entry(key).or_insert(Newest {
+                version,
+                message_id: r.message_id,
+            });
+            if version > entry.version {
+                *entry = Newest {
+                    version,
+                    message_id: r.message_id,
+                };
+            }
+        }
+    }
+    if newest.is_empty() {
+        return Ok(vec![true; receipts.len()]);
+    }
+    // Before the batch: `None` for a key seen for the first time, `i64::MAX` for one whose
+    // stored version is at least the batch's newest (every message of it is stale).
+    let mut before: HashMap<Key, Option<i64>> = HashMap::with_capacity(newest.len());
+    let inserted: Vec<Key> = bind_versions(sqlx::query_as(INSERT_VERSIONS), newest.iter())
+        .fetch_all(&mut *conn)
+        .await
+        .context("recording keys' versions in postbox.inbox_versions")?;
+    for key in inserted {
+        before.insert(key, None);
+    }
+    if before.len() < newest.len() {
+        let rest = newest.iter().filter(|(key, _)| !before.contains_key(*key));
+        let advanced: Vec<(String, String, String, i64)> =
+            bind_versions(sqlx::query_as(ADVANCE_VERSIONS), rest)
+                .fetch_all(&mut *conn)
+                .await
+                .context("checking keys' versions in postbox.inbox_versions")?;
+        for (consumer, source, key, version) in advanced {
+            before.insert((consumer, source, key), Some(version));
+        }
+    }
+    let mut applied: HashMap<Key, Option<i64>> = HashMap::with_capacity(newest.len());
+    Ok(receipts
+        .iter()
+        .map(|r| {
+            let Some((key, version)) = key_of(r) else {
+                return true;
+            };
+            let stored = before.get(&key).copied().unwrap_or(Some(i64::MAX));
+            let last = applied.entry(key).or_insert(stored);
+            let fresh = last.is_none_or(|last| version > last);
+            if fresh {
+                *last = Some(version);
+            }
+            fresh
+        })
+        .collect())
+}
+
+fn bind_versions<'q, 'k, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    keys: impl Iterator<Item = (&'k (String, String, String), &'k Newest)>,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let (mut consumers, mut sources, mut partition_keys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut versions, mut message_ids) = (Vec::new(), Vec::new());
+    for ((consumer, source, key), newest) in keys {
+        consumers.push(consumer.clone());
+        sources.push(source.clone());
+        partition_keys.push(key.clone());
+        versions.push(newest.version);
+        message_ids.push(newest.message_id);
+    }
+    query
+        .bind(consumers)
+        .bind(sources)
+        .bind(partition_keys)
+        .bind(versions)
+        .bind(message_ids)
+}
+
+const DECIDE_MANY: &str = r#"
+update postbox.inbox
+set outcome = $3, processed_at = now()
+where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))
+"#;
+
+/// Sets the outcome of claimed messages (`(consumer, message_id)` pairs), inside the handler's
+/// transaction.
+pub async fn decide_many(
+    conn: &mut PgConnection,
+    messages: &[(&str, Uuid)],
+    outcome: Outcome,
+) -> Result<()> {
+    let (consumers, ids): (Vec<&str>, Vec<Uuid>) = messages.iter().copied().unzip();
+    sqlx::query(DECIDE_MANY)
+        .bind(consumers)
+        .bind(ids)
+        .bind(outcome.as_str())
+        .execute(conn)
+        .await
+        .context("recording outcomes in postbox.inbox")?;
+    Ok(())
 }
 
 // Small batches, each its own statement and transaction: no long locks, and concurrent
