@@ -10,8 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::checker::{assert_settled, Committed};
+use common::http::http_get;
 use common::{wait_until, RunningRelay, Stage};
 use postbox::Message;
+use tokio_util::sync::CancellationToken;
 
 /// `rabbitmqctl` with `args`; its trimmed output.
 fn rabbitmqctl(args: &[&str]) -> String {
@@ -53,10 +55,29 @@ impl Drop for MemoryAlarm {
     }
 }
 
+/// Serves the relay's HTTP endpoints (as `postbox run --metrics-addr` does) for `relay`;
+/// returns the port and the token that stops the server.
+async fn serve_endpoints(db: &common::TestDb, relay: &RunningRelay) -> (u16, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let port = listener.local_addr().expect("local address").port();
+    let probe = postbox::metrics::Probe {
+        pool: db.pool.clone(),
+        stats: relay.stats.clone(),
+        max_lag: None,
+        park_keys: true,
+        handle: postbox::metrics::install().expect("the only recorder in this binary"),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(postbox::metrics::serve(listener, probe, shutdown.clone()));
+    (port, shutdown)
+}
+
 /// While the broker blocks publishing, confirms do not come; that is the broker's doing, not
 /// the rows': with `max_attempts = 1`, a timeout counted as an attempt would kill every row.
 /// The relay must instead give the rows back untouched, claim nothing until the alarm clears,
-/// and then deliver everything.
+/// and then deliver everything. Meanwhile its readiness check and its gauge say why.
 #[tokio::test]
 async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     const ROWS: usize = 20;
@@ -73,6 +94,11 @@ async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     let stats = relay.stats.clone();
     wait_until("the relay connected", Duration::from_secs(20), || async {
         stats.broker_connected().then_some(())
+    })
+    .await;
+    let (port, endpoints) = serve_endpoints(&db, &relay).await;
+    wait_until("/readyz to answer 200", Duration::from_secs(20), || async {
+        http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)
     })
     .await;
 
@@ -105,6 +131,21 @@ async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     assert_eq!(db.count("dead_at is not null").await, 0, "no row died");
     assert_eq!(db.count("attempts > 0").await, 0, "no attempt was counted");
     assert_eq!(stats.published(), 0);
+    let (status, body) = http_get(port, "/readyz").await.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_eq!(
+        ready["checks"]["broker"], "the broker blocks publishing (resource alarm)",
+        "{body}"
+    );
+    let (_, metrics) = http_get(port, "/metrics").await.expect("/metrics answers");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "postbox_broker_blocked 1"),
+        "{metrics}"
+    );
+    endpoints.cancel();
     // A shutdown during the alarm still ends (the blocked connection never answers a close).
     relay.stop().await;
 

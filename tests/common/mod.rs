@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod checker;
+pub mod http;
 pub mod proxy;
 
 use std::future::Future;
