@@ -67,6 +67,11 @@ pub enum Error {
     #[error("reconcile: {0}")]
     Discrepancy(String),
 
+    /// Concurrent transactions kept changing what this one reads (the inbox's versions of a
+    /// key): roll back and run it again.
+    #[error("postgres: {0}; retry the transaction")]
+    Conflict(String),
+
     /// The Prometheus recorder could not be installed.
     #[error("metrics: {0}")]
     Metrics(String),

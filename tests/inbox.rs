@@ -1318,6 +1318,13 @@ async fn receive_batch_decides_like_receiving_one_after_another() {
     for i in [0, 2, 4, 6, 8] {
         assert_eq!(outcome(i).as_deref(), Some("applied"), "message {i}");
     }
+    for i in [0, 2] {
+        assert_eq!(
+            sub.inbox_row("own-loop", ids[i]).await.1,
+            1,
+            "message {i}'s second copy counted as a duplicate"
+        );
+    }
     let mut versions: Vec<(String, i64, Uuid)> = sqlx::query_as(
         "select partition_key, version, message_id from postbox.inbox_versions \
          where consumer = 'own-loop'",
@@ -1341,6 +1348,77 @@ async fn receive_batch_decides_like_receiving_one_after_another() {
         receive_batch(&mut tx, &next).await.expect("receive batch"),
         [Status::Stale]
     );
+}
+
+/// Two transactions receiving batches with one key at once (two instances of a consumer): the
+/// second waits for the first, then decides against what the first committed, whether the key
+/// was seen before or is new to both.
+#[tokio::test]
+async fn concurrent_batches_on_one_key_decide_against_each_other() {
+    use postbox::inbox::{receive_batch, Receipt, Status};
+    let sub = subscriber().await;
+    let receipt = |key: &'static str, version| Receipt {
+        consumer: "own-loop",
+        message_id: Uuid::new_v4(),
+        queue: "q",
+        routing_key: "rk",
+        partition_key: Some(key),
+        version: Some(version),
+        source: None,
+    };
+    let new = Status::New { failed_attempts: 0 };
+    let mut tx = sub.db.pool.begin().await.expect("begin");
+    receive_batch(&mut tx, &[receipt("seen", 1)])
+        .await
+        .expect("receive batch");
+    tx.commit().await.expect("commit");
+    // (key, the first transaction's version, the second's batch, what the second decides)
+    let cases = [
+        ("seen", 5, vec![7, 3], vec![new, Status::Stale]),
+        ("fresh", 9, vec![7], vec![Status::Stale]),
+        ("fresh-too", 2, vec![1, 4], vec![Status::Stale, new]),
+    ];
+    for (key, first, second, expected) in cases {
+        let mut holder = sub.db.pool.begin().await.expect("begin");
+        let held = receive_batch(&mut holder, &[receipt(key, first)])
+            .await
+            .expect("receive batch");
+        assert_eq!(held, [new]);
+        let pool = sub.db.pool.clone();
+        let newest = second.iter().copied().chain([first]).max();
+        let waiter = tokio::spawn(async move {
+            let batch: Vec<Receipt<'_>> = second.iter().map(|v| receipt(key, *v)).collect();
+            let mut tx = pool.begin().await.expect("begin");
+            let statuses = receive_batch(&mut tx, &batch).await.expect("receive batch");
+            tx.commit().await.expect("commit");
+            statuses
+        });
+        wait_until(
+            "the second batch to wait for the first",
+            DEADLINE,
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+                )
+                .fetch_one(&sub.db.pool)
+                .await
+                .expect("pg_stat_activity");
+                (waiting > 0).then_some(())
+            },
+        )
+        .await;
+        holder.commit().await.expect("commit");
+        assert_eq!(waiter.await.expect("no panic"), expected, "key {key}");
+        let stored: i64 = sqlx::query_scalar(
+            "select version from postbox.inbox_versions where partition_key = $1",
+        )
+        .bind(key)
+        .fetch_one(&sub.db.pool)
+        .await
+        .expect("version row");
+        assert_eq!(Some(stored), newest, "key {key}");
+    }
 }
 
 #[tokio::test]

@@ -112,8 +112,9 @@ pub(super) async fn consumer_cases(
         }
         let mut result = CaseResult::from_samples(case, queue_type, &mut rates, "msgs/s", None);
         result.note = format!(
-            "queue filled first, 10 % redeliveries; concurrency {concurrency}, batch_size \
-             {batch_size}, prefetch {prefetch}; a handler that writes nothing"
+            "queue filled first, 10 % redeliveries, {KEYS} partition keys (versions checked); \
+             concurrency {concurrency}, batch_size {batch_size}, prefetch {prefetch}; a handler \
+             that writes nothing"
         );
         results.push(result);
     }
@@ -161,8 +162,12 @@ async fn consume_once(
     Ok(rate)
 }
 
-/// Publishes `options.messages` messages shaped as the relay sends them; every tenth reuses
-/// the message id of the one five before, as a relay retry would.
+/// Partition keys of the consumer cases' messages, in turn.
+const KEYS: u32 = 1000;
+
+/// Publishes `options.messages` messages shaped as the relay sends them, over [`KEYS`] partition
+/// keys (so the inbox checks versions, as it does for most real events); every tenth reuses the
+/// message id of the one five before, as a relay retry would.
 async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()> {
     let payload = vec![b'x'; options.payload_size];
     let mut row = super::cases::bench_row(queue);
@@ -173,6 +178,7 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()
         let mut messages = Vec::with_capacity(n as usize);
         for i in sent..sent + n {
             row.id += 1;
+            row.partition_key = Some(format!("key-{}", i % KEYS));
             // the message five before is always a fresh one: each redelivery repeats a
             // different id
             let earlier = i.checked_sub(5).and_then(|e| ids.get(e as usize)).copied();

@@ -47,8 +47,8 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// Applies several new messages in one transaction, when the consumer's `batch_size` is
-    /// above 1 (duplicates and stale messages are filtered out first, with one inbox statement
-    /// for the batch, and one or two more for its keys' versions).
+    /// above 1 (duplicates and stale messages are filtered out first, with a few inbox
+    /// statements for the whole batch).
     /// Override it to write the batch in a few statements; the default calls
     /// [`handle`](Handler::handle) for each message in order. If it fails, the consumer rolls
     /// the batch back and processes its messages one by one, with the usual retries.

@@ -229,6 +229,13 @@ impl<H: Handler> Worker<H> {
             match status {
                 Status::Duplicate => counts.duplicates += 1,
                 Status::Stale => counts.stale += 1,
+                // Rolled back: one by one, the message goes where its attempts say.
+                Status::New { failed_attempts } if shared.retry.exhausted(failed_attempts) => {
+                    return Err(format!(
+                        "message {} failed {failed_attempts} times before",
+                        incoming.message_id
+                    ));
+                }
                 Status::New { failed_attempts } => {
                     let mut incoming = incoming.clone();
                     incoming.attempt = failed_attempts.saturating_add(1);

@@ -220,73 +220,90 @@ pub async fn record_outcome<'e, E: PgExecutor<'e>>(
 }
 
 const INSERT_MANY: &str = r#"
-insert into postbox.inbox
-    (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at)
-select m.consumer, m.id, m.queue, m.routing_key, m.partition_key, m.version, 'applied', now()
-from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[])
-    as m(consumer, id, queue, routing_key, partition_key, version)
+insert into postbox.inbox as i
+    (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at,
+     duplicates)
+select m.consumer, m.id, m.queue, m.routing_key, m.partition_key, m.version, 'applied', now(),
+       m.copies - 1
+from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int4[])
+    as m(consumer, id, queue, routing_key, partition_key, version, copies)
 on conflict (consumer, message_id) do nothing
 returning consumer, message_id
 "#;
 
 // For ids that were there already: undecided ones (failed before) become applied now, decided
-// ones count a duplicate. The locking subquery reads each row's outcome as it was before this
-// update, after waiting for any transaction that holds it.
+// ones count a duplicate per copy in the batch. The locking subquery reads each row's outcome as
+// it was before this update, after waiting for any transaction that holds it; it locks in the
+// order the batch was sorted in, so concurrent batches wait on each other instead of deadlocking.
 const REVISIT_MANY: &str = r#"
 update postbox.inbox i
 set outcome = coalesce(i.outcome, 'applied'),
     processed_at = coalesce(i.processed_at, now()),
-    duplicates = i.duplicates + (old.outcome is not null)::int,
+    duplicates = i.duplicates + m.copies - (old.outcome is null)::int,
     last_received_at = now()
-from (select consumer, message_id, outcome from postbox.inbox
+from unnest($1::text[], $2::uuid[], $3::int4[]) as m(consumer, message_id, copies),
+     (select consumer, message_id, outcome from postbox.inbox
       where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))
+      order by consumer collate "C", message_id
       for update) as old
 where i.consumer = old.consumer and i.message_id = old.message_id
+  and m.consumer = old.consumer and m.message_id = old.message_id
 returning i.consumer, i.message_id, old.outcome is null, i.attempts
 "#;
 
 /// Claims the message ids of `receipts` at once, for a batch applied in one transaction: the
 /// new ones (and those that only failed before) are marked applied and committed with the
 /// caller's writes. Returns, in the order given, the failed runs recorded before for each new
-/// receipt, or `None` for a duplicate (an id given twice is new at most once). One statement
-/// when every id is new, two otherwise.
+/// receipt, or `None` for a duplicate (an id given twice is new at most once, and the inbox
+/// counts its other copies as duplicates). One statement when every id is new, two otherwise.
 pub async fn claim_batch(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],
 ) -> Result<Vec<Option<i32>>> {
-    use std::collections::{HashMap, HashSet};
-    let mut unique = HashSet::with_capacity(receipts.len());
-    let mut distinct: Vec<&Receipt<'_>> = receipts
-        .iter()
-        .filter(|r| unique.insert((r.consumer, r.message_id)))
-        .collect();
-    // One lock order for every batch, so concurrent batches wait on each other, not deadlock.
-    distinct.sort_unstable_by_key(|r| (r.consumer, r.message_id));
+    use std::collections::{BTreeMap, HashMap};
+    // Sorted (byte order, as `collate "C"` sorts): one lock order for every batch.
+    let mut distinct: BTreeMap<(&str, Uuid), (&Receipt<'_>, i32)> = BTreeMap::new();
+    for receipt in receipts {
+        distinct
+            .entry((receipt.consumer, receipt.message_id))
+            .or_insert((receipt, 0))
+            .1 += 1;
+    }
     let column = |field: fn(&Receipt<'_>) -> Option<String>| -> Vec<Option<String>> {
-        distinct.iter().map(|r| field(r)).collect()
+        distinct.values().map(|(r, _)| field(r)).collect()
     };
-    let consumers: Vec<&str> = distinct.iter().map(|r| r.consumer).collect();
-    let ids: Vec<Uuid> = distinct.iter().map(|r| r.message_id).collect();
+    let (consumers, ids): (Vec<&str>, Vec<Uuid>) = distinct.keys().copied().unzip();
+    let copies: Vec<i32> = distinct.values().map(|(_, n)| *n).collect();
     let inserted: Vec<(String, Uuid)> = sqlx::query_as(INSERT_MANY)
         .bind(&consumers)
         .bind(&ids)
         .bind(column(|r| Some(text(r.queue))))
         .bind(column(|r| Some(text(r.routing_key))))
         .bind(column(|r| r.partition_key.map(text)))
-        .bind(distinct.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(
+            distinct
+                .values()
+                .map(|(r, _)| r.version)
+                .collect::<Vec<_>>(),
+        )
+        .bind(&copies)
         .fetch_all(&mut *conn)
         .await
         .context("claiming message ids in postbox.inbox")?;
     let mut new: HashMap<(String, Uuid), i32> = inserted.into_iter().map(|key| (key, 0)).collect();
     if new.len() < distinct.len() {
-        let (consumers, ids): (Vec<&str>, Vec<Uuid>) = distinct
-            .iter()
-            .filter(|r| !new.contains_key(&(r.consumer.to_owned(), r.message_id)))
-            .map(|r| (r.consumer, r.message_id))
-            .unzip();
+        let mut rest = (Vec::new(), Vec::new(), Vec::new());
+        for ((consumer, id), (_, n)) in &distinct {
+            if !new.contains_key(&((*consumer).to_owned(), *id)) {
+                rest.0.push(*consumer);
+                rest.1.push(*id);
+                rest.2.push(*n);
+            }
+        }
         let rows = sqlx::query(REVISIT_MANY)
-            .bind(&consumers)
-            .bind(&ids)
+            .bind(&rest.0)
+            .bind(&rest.1)
+            .bind(&rest.2)
             .fetch_all(&mut *conn)
             .await
             .context("counting duplicates in postbox.inbox")?;
@@ -300,32 +317,39 @@ pub async fn claim_batch(
         .collect())
 }
 
+// Keys seen before: locked (in one order for every batch), read as they were before this
+// statement after waiting for any transaction that holds them, and moved forward where the
+// batch has something newer. Returns every key found, with its version before.
+const ADVANCE_VERSIONS: &str = r#"
+with old as (
+    select consumer, source, partition_key, version from postbox.inbox_versions
+    where (consumer, source, partition_key) in
+          (select * from unnest($1::text[], $2::text[], $3::text[]))
+    order by consumer collate "C", source collate "C", partition_key collate "C"
+    for update
+),
+advanced as (
+    update postbox.inbox_versions v
+    set version = x.version, message_id = x.message_id, updated_at = now()
+    from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::uuid[])
+            as x(consumer, source, partition_key, version, message_id),
+         old
+    where v.consumer = x.consumer and v.source = x.source and v.partition_key = x.partition_key
+      and old.consumer = x.consumer and old.source = x.source
+      and old.partition_key = x.partition_key
+      and old.version < x.version
+)
+select consumer, source, partition_key, version from old
+"#;
+
 // Keys seen for the first time take the batch's newest version at once; `do nothing` waits for
 // a concurrent insert of the same key and then leaves it alone, so a returned key truly had no
-// version before.
+// version before, and one not returned has one now, committed by another transaction.
 const INSERT_VERSIONS: &str = r#"
 insert into postbox.inbox_versions (consumer, source, partition_key, version, message_id)
 select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::uuid[])
 on conflict (consumer, source, partition_key) do nothing
 returning consumer, source, partition_key
-"#;
-
-// The other keys move forward where the batch has something newer. As in REVISIT_MANY, the
-// locking subquery reads each key's version as it was before this update, after waiting for any
-// transaction that holds it; a key not returned already has the batch's newest or newer.
-const ADVANCE_VERSIONS: &str = r#"
-update postbox.inbox_versions v
-set version = x.version, message_id = x.message_id, updated_at = now()
-from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::uuid[])
-        as x(consumer, source, partition_key, version, message_id),
-     (select consumer, source, partition_key, version from postbox.inbox_versions
-      where (consumer, source, partition_key) in
-            (select * from unnest($1::text[], $2::text[], $3::text[]))
-      for update) as old
-where v.consumer = x.consumer and v.source = x.source and v.partition_key = x.partition_key
-  and old.consumer = v.consumer and old.source = v.source and old.partition_key = v.partition_key
-  and v.version < x.version
-returning v.consumer, v.source, v.partition_key, old.version
 "#;
 
 /// The newest version of one key in a batch, and the message carrying it.
@@ -337,8 +361,9 @@ struct Newest {
 /// Checks the versions of a batch's messages against the newest applied for their keys, in the
 /// order given, as one message after another would be: a message is fresh if its version is
 /// newer than the key's stored one and than every earlier fresh message of the key in the batch.
-/// Records each key's newest version (inside the caller's transaction). Returns one flag per
-/// receipt: false for a stale one. Receipts without a key or a version are fresh.
+/// Records each key's newest version (inside the caller's transaction): one statement when every
+/// key was seen before, two otherwise. Returns one flag per receipt: false for a stale one.
+/// Receipts without a key or a version are fresh.
 pub async fn advance_versions(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],
@@ -369,43 +394,56 @@ pub async fn advance_versions(
     if newest.is_empty() {
         return Ok(vec![true; receipts.len()]);
     }
-    // Before the batch: `None` for a key seen for the first time, `i64::MAX` for one whose
-    // stored version is at least the batch's newest (every message of it is stale).
+    // Each key's version before the batch; `None` for a key seen for the first time.
     let mut before: HashMap<Key, Option<i64>> = HashMap::with_capacity(newest.len());
-    let inserted: Vec<Key> = bind_versions(sqlx::query_as(INSERT_VERSIONS), newest.iter())
-        .fetch_all(&mut *conn)
-        .await
-        .context("recording keys' versions in postbox.inbox_versions")?;
-    for key in inserted {
-        before.insert(key, None);
-    }
-    if before.len() < newest.len() {
-        let rest = newest.iter().filter(|(key, _)| !before.contains_key(*key));
-        let advanced: Vec<(String, String, String, i64)> =
-            bind_versions(sqlx::query_as(ADVANCE_VERSIONS), rest)
+    // A key inserted by another transaction between the two statements is read again; versions
+    // are never deleted, so the second round finds it.
+    for _ in 0..2 {
+        let pending = newest.iter().filter(|(key, _)| !before.contains_key(*key));
+        let found: Vec<(String, String, String, i64)> =
+            bind_versions(sqlx::query_as(ADVANCE_VERSIONS), pending)
                 .fetch_all(&mut *conn)
                 .await
                 .context("checking keys' versions in postbox.inbox_versions")?;
-        for (consumer, source, key, version) in advanced {
+        for (consumer, source, key, version) in found {
             before.insert((consumer, source, key), Some(version));
+        }
+        if before.len() == newest.len() {
+            break;
+        }
+        let pending = newest.iter().filter(|(key, _)| !before.contains_key(*key));
+        let inserted: Vec<Key> = bind_versions(sqlx::query_as(INSERT_VERSIONS), pending)
+            .fetch_all(&mut *conn)
+            .await
+            .context("recording keys' versions in postbox.inbox_versions")?;
+        for key in inserted {
+            before.insert(key, None);
+        }
+        if before.len() == newest.len() {
+            break;
         }
     }
     let mut applied: HashMap<Key, Option<i64>> = HashMap::with_capacity(newest.len());
-    Ok(receipts
+    receipts
         .iter()
         .map(|r| {
             let Some((key, version)) = key_of(r) else {
-                return true;
+                return Ok(true);
             };
-            let stored = before.get(&key).copied().unwrap_or(Some(i64::MAX));
+            let Some(&stored) = before.get(&key) else {
+                return Err(crate::Error::Conflict(format!(
+                    "the version of partition key {:?} changed while it was being read",
+                    key.2
+                )));
+            };
             let last = applied.entry(key).or_insert(stored);
             let fresh = last.is_none_or(|last| version > last);
             if fresh {
                 *last = Some(version);
             }
-            fresh
+            Ok(fresh)
         })
-        .collect())
+        .collect()
 }
 
 fn bind_versions<'q, 'k, O>(
