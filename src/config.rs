@@ -1,7 +1,8 @@
 //! Settings: built-in defaults, then a TOML file, then the environment.
 //!
 //! Environment variables: `DATABASE_URL` and `AMQP_URL` as most tools use them, and every
-//! setting as `POSTBOX_<SECTION>__<NAME>` (`POSTBOX_RELAY__BATCH_SIZE=1000`), which wins over both.
+//! setting as `POSTBOX_<NAME>` or `POSTBOX_<SECTION>__<NAME>` (`POSTBOX_RELAY__BATCH_SIZE=1000`),
+//! which wins over both.
 
 use std::path::Path;
 use std::time::Duration;
@@ -134,18 +135,41 @@ vacuum = "auto"
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the environment, and validates the result.
+    /// A key in `file` that is not a setting is an error (a misspelt setting would otherwise be
+    /// ignored without a word); a `POSTBOX_…` variable that is not one is logged as a warning.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
-        }
-        for (var, key) in [("DATABASE_URL", "database_url"), ("AMQP_URL", "amqp_url")] {
-            if let Ok(value) = std::env::var(var) {
-                builder = builder.set_override(key, value)?;
+            let contents = config::Config::builder()
+                .add_source(config::File::from(file).format(config::FileFormat::Toml))
+                .build()
+                .map_err(|error| file_error(file, error))?;
+            if let Some(key) = keys(&contents)
+                .into_iter()
+                .find(|key| !known_keys().contains(key))
+            {
+                return Err(Error::UnknownSetting {
+                    name: key,
+                    origin: file.display().to_string(),
+                });
             }
+            builder = builder.add_source(contents);
+        }
+        // The usual variables, below their `POSTBOX_` names.
+        let plain: config::Map<String, String> = ["DATABASE_URL", "AMQP_URL"]
+            .into_iter()
+            .filter_map(|var| Some((var.to_owned(), std::env::var(var).ok()?)))
+            .collect();
+        for var in unknown_environment() {
+            tracing::warn!(
+                variable = %var,
+                "not a postbox setting, ignored (settings are POSTBOX_<NAME> or \
+                 POSTBOX_<SECTION>__<NAME>, such as POSTBOX_RELAY__BATCH_SIZE)"
+            );
         }
         let settings: Settings = builder
+            .add_source(config::Environment::default().source(Some(plain)))
             .add_source(
                 config::Environment::with_prefix("POSTBOX")
                     .prefix_separator("_")
@@ -165,8 +189,27 @@ impl Settings {
             &self.database_url,
             &["postgres", "postgresql"],
         )?;
+        if let Err(error) =
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&self.database_url)
+        {
+            return Err(invalid(
+                "database_url",
+                redact_url(&self.database_url),
+                &format!(
+                    "a Postgres URL ({})",
+                    without_password(&error.to_string(), &self.database_url)
+                ),
+            ));
+        }
         for url in self.amqp_urls() {
             check_url("amqp_url", url, &["amqp", "amqps"])?;
+            if let Err(error) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid(
+                    "amqp_url",
+                    redact_url(url),
+                    &format!("an AMQP URI ({})", without_password(&error, url)),
+                ));
+            }
         }
         if self.amqp_urls().next().is_none() {
             return Err(invalid(
@@ -240,6 +283,37 @@ impl Settings {
                 ));
             }
         }
+        // Far enough for any real setting, near enough that no deadline computed from one
+        // overflows.
+        const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        for (setting, value) in [
+            ("readiness_max_lag", self.readiness_max_lag),
+            ("relay.poll_interval", relay.poll_interval),
+            ("relay.confirm_timeout", relay.confirm_timeout),
+            ("relay.retry_initial_delay", relay.retry_initial_delay),
+            ("relay.retry_max_delay", relay.retry_max_delay),
+            ("relay.shutdown_timeout", relay.shutdown_timeout),
+            ("relay.retention", relay.retention),
+            ("relay.cleanup_interval", relay.cleanup_interval),
+            ("relay.heartbeat_interval", relay.heartbeat_interval),
+        ] {
+            if value > LONGEST {
+                return Err(invalid(
+                    setting,
+                    humantime::format_duration(value),
+                    "a duration of at most 100 years",
+                ));
+            }
+        }
+        // Postgres's idle_in_transaction_session_timeout, which enforces it, is an int of ms.
+        if relay.takeover_timeout > Duration::from_millis(i32::MAX as u64) {
+            return Err(invalid(
+                "relay.takeover_timeout",
+                humantime::format_duration(relay.takeover_timeout),
+                "at most 24d 20h 31m 23s 647ms (Postgres's longest \
+                 idle_in_transaction_session_timeout)",
+            ));
+        }
         if relay.retry_max_delay < relay.retry_initial_delay {
             return Err(invalid(
                 "relay.retry_max_delay",
@@ -256,6 +330,82 @@ impl Settings {
             .split(',')
             .map(str::trim)
             .filter(|url| !url.is_empty())
+    }
+}
+
+/// The dotted names of every setting (`relay.batch_size`), from the defaults.
+fn known_keys() -> Vec<String> {
+    config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        .build()
+        .map(|defaults| keys(&defaults))
+        .unwrap_or_default()
+}
+
+/// The dotted names of the leaf values in `config`.
+fn keys(config: &config::Config) -> Vec<String> {
+    fn walk(prefix: &str, table: config::Map<String, config::Value>, out: &mut Vec<String>) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match value.kind {
+                config::ValueKind::Table(table) => walk(&key, table, out),
+                _ => out.push(key),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(table) = config::Source::collect(config) {
+        walk("", table, &mut out);
+    }
+    out
+}
+
+/// `POSTBOX_…` variables that name no setting (nor one of the CLI's own options).
+fn unknown_environment() -> Vec<String> {
+    let mut known: Vec<String> = known_keys()
+        .iter()
+        .map(|key| format!("POSTBOX_{}", key.replace('.', "__").to_uppercase()))
+        .collect();
+    known.extend(["POSTBOX_CONFIG".into(), "POSTBOX_INBOX_DATABASE_URL".into()]);
+    let mut unknown: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("POSTBOX_") && !known.contains(name))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// A configuration file that does not parse, said without quoting the file: its lines may hold
+/// passwords.
+fn file_error(file: &Path, error: config::ConfigError) -> Error {
+    match error {
+        config::ConfigError::FileParse { cause, .. } => {
+            // TOML errors quote the offending line between the position and the message.
+            let reason: Vec<String> = cause
+                .to_string()
+                .lines()
+                .filter(|line| {
+                    !line
+                        .trim_start()
+                        .starts_with(|c: char| c.is_ascii_digit() || c == '|')
+                })
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Error::ConfigFile {
+                path: file.display().to_string(),
+                reason: reason.join("; "),
+            }
+        }
+        other => Error::ConfigFile {
+            path: file.display().to_string(),
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -276,9 +426,25 @@ fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()>
             .collect::<Vec<_>>()
             .join(" or ")
     );
+    // No host is fine: Postgres then connects through its Unix socket (`?host=/run/postgresql`).
     match url::Url::parse(value) {
-        Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => Ok(()),
+        Ok(url) if schemes.contains(&url.scheme()) => Ok(()),
         _ => Err(invalid(setting, redact_url(value), &expected)),
+    }
+}
+
+/// `message` with the password of `url` (if any) masked: parser errors may quote it.
+fn without_password(message: &str, url: &str) -> String {
+    let password = url::Url::parse(url).ok().and_then(|url| {
+        let query = url
+            .query_pairs()
+            .find(|(key, _)| key.eq_ignore_ascii_case("password"))
+            .map(|(_, value)| value.into_owned());
+        url.password().map(str::to_owned).or(query)
+    });
+    match password {
+        Some(password) if !password.is_empty() => message.replace(&password, "***"),
+        _ => message.to_owned(),
     }
 }
 
@@ -286,19 +452,56 @@ fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()>
 /// Text that does not parse as a URL is returned with everything between `:` and `@` masked.
 pub fn redact_url(value: &str) -> String {
     match url::Url::parse(value) {
-        Ok(mut url) if url.password().is_some() => {
-            // Setting a password only fails for URLs that cannot have one, which have none.
-            let _ = url.set_password(Some("***"));
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Setting a password only fails for URLs that cannot have one, which have none.
+                let _ = url.set_password(Some("***"));
+            }
+            // libpq and sqlx also take the password as a query parameter.
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if key.eq_ignore_ascii_case("password") {
+                        "***".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            if pairs
+                .iter()
+                .any(|(key, _)| key.eq_ignore_ascii_case("password"))
+            {
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
-        Ok(url) => url.to_string(),
-        Err(_) => match (value.rfind('@'), value.find("://")) {
-            (Some(at), Some(scheme)) => match value[scheme + 3..at].find(':') {
-                Some(colon) => format!("{}:***{}", &value[..scheme + 3 + colon], &value[at..]),
-                None => value.to_string(),
-            },
-            _ => value.to_string(),
-        },
+        Err(_) => {
+            let masked = match (value.rfind('@'), value.find("://")) {
+                (Some(at), Some(scheme)) => match value[scheme + 3..at].find(':') {
+                    Some(colon) => {
+                        format!("{}:***{}", &value[..scheme + 3 + colon], &value[at..])
+                    }
+                    None => value.to_string(),
+                },
+                _ => value.to_string(),
+            };
+            mask_password_parameter(&masked)
+        }
+    }
+}
+
+/// `password=…` in text that is not a URL masked up to the next `&`.
+fn mask_password_parameter(value: &str) -> String {
+    let lower = value.to_ascii_lowercase();
+    match lower.find("password=") {
+        Some(start) => {
+            let from = start + "password=".len();
+            let end = value[from..].find('&').map_or(value.len(), |n| from + n);
+            format!("{}***{}", &value[..from], &value[end..])
+        }
+        None => value.to_string(),
     }
 }
 
@@ -317,6 +520,58 @@ mod tests {
             "postgres://app:***@db/app"
         );
         assert!(!redact_url("postgres://app:pa ss@db:x/app").contains("pa ss"));
+        assert_eq!(
+            redact_url("postgres://app@db/app?sslmode=require&password=s3cr3t"),
+            "postgres://app@db/app?sslmode=require&password=***"
+        );
+        assert!(!redact_url("postgres://app@db:x/app?Password=s3cr3t&a=b").contains("s3cr3t"));
+    }
+
+    fn defaults() -> Settings {
+        config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap()
+    }
+
+    #[test]
+    fn urls_are_checked_as_the_clients_parse_them() {
+        let mut settings = defaults();
+        settings.database_url = "postgres:///app?host=/var/run/postgresql".into();
+        settings.validate().unwrap();
+        settings.database_url = "postgres://app:s3cr3t@db/app?sslmode=bogus".into();
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("database_url") && error.contains("sslmode"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cr3t"), "{error}");
+        let mut settings = defaults();
+        settings.amqp_url = "amqp://guest:s3cr3t@host/%2f?heartbeat=abc".into();
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("amqp_url"), "{error}");
+        assert!(!error.contains("s3cr3t"), "{error}");
+    }
+
+    #[test]
+    fn durations_no_deadline_can_hold_are_refused() {
+        let mut settings = defaults();
+        settings.relay.poll_interval = Duration::from_secs(500_000_000_000 * 365 * 86400);
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("relay.poll_interval"), "{error}");
+        let mut settings = defaults();
+        settings.relay.takeover_timeout = Duration::from_secs(30 * 86400);
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("relay.takeover_timeout"), "{error}");
+    }
+
+    #[test]
+    fn the_known_settings_are_those_with_defaults() {
+        let known = known_keys();
+        assert!(known.contains(&"relay.batch_size".to_string()));
+        assert!(known.contains(&"database_url".to_string()));
+        assert_eq!(known.len(), 22, "{known:?}");
     }
 
     #[test]

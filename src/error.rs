@@ -20,8 +20,26 @@ pub enum Error {
     #[error("could not load configuration: {0}")]
     ConfigLoad(#[from] config::ConfigError),
 
+    /// The configuration file does not parse.
+    #[error("could not read configuration file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What is wrong, and where (without the file's text, which may hold passwords).
+        reason: String,
+    },
+
+    /// The configuration names something that is not a setting (a misspelling, most likely).
+    #[error("unknown setting `{name}` in {origin}; see README \"Configuration\" for the settings")]
+    UnknownSetting {
+        /// The key as written (`relay.batch_sise`).
+        name: String,
+        /// Where it was found.
+        origin: String,
+    },
+
     /// A Postgres operation failed.
-    #[error("postgres: {context}: {source}")]
+    #[error("postgres: {context}: {}", describe(source))]
     Database {
         /// What postbox was doing, e.g. "claiming a batch" or "connecting to 127.0.0.1:5432/app".
         context: String,
@@ -84,6 +102,31 @@ pub enum Error {
         /// How long postbox waited.
         after: Duration,
     },
+}
+
+/// A driver error as a user reads it: the server's message with its detail, hint and SQLSTATE
+/// (not the line of Postgres's own source that raised it), and what to do when postbox's
+/// schema is missing.
+fn describe(error: &sqlx::Error) -> String {
+    let Some(server) = error
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+    else {
+        return error.to_string();
+    };
+    let mut text = format!("{} (SQLSTATE {})", server.message(), server.code());
+    if let Some(detail) = server.detail() {
+        text.push_str(&format!("; {detail}"));
+    }
+    if let Some(hint) = server.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    // undefined_table, undefined_function or invalid_schema_name on one of postbox's objects.
+    if matches!(server.code(), "42P01" | "42883" | "3F000") && server.message().contains("postbox")
+    {
+        text.push_str("; is the schema migrated? Run `postbox migrate`");
+    }
+    text
 }
 
 /// Shorthand for results with postbox's [`Error`].

@@ -47,7 +47,11 @@ pub fn parse_addr(value: &str) -> Result<SocketAddr> {
     let port_only = value.strip_prefix(':').unwrap_or(value);
     let parsed = match port_only.parse::<u16>() {
         Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
-        Err(_) => value.parse::<SocketAddr>(),
+        // A name (localhost:9187) resolves to its first address.
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(value)
+            .map(|mut addrs| addrs.next())
+            .map_err(|e| e.to_string())
+            .and_then(|addr| addr.ok_or_else(|| "the name has no address".to_string())),
     };
     parsed.map_err(|e| Error::Config {
         setting: "metrics_addr",
@@ -170,4 +174,22 @@ async fn ready(State(probe): State<Probe>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_addr;
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(parse_addr("9187").unwrap().to_string(), "127.0.0.1:9187");
+        assert_eq!(parse_addr(":9187").unwrap().to_string(), "127.0.0.1:9187");
+        assert_eq!(
+            parse_addr("0.0.0.0:9187").unwrap().to_string(),
+            "0.0.0.0:9187"
+        );
+        assert_eq!(parse_addr("localhost:9187").unwrap().port(), 9187);
+        let error = parse_addr("nonsense").unwrap_err().to_string();
+        assert!(error.contains("metrics_addr"), "{error}");
+    }
 }

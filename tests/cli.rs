@@ -129,6 +129,27 @@ fn bad_configuration_names_the_setting_and_exits_2() {
             "mysql://root:hunter2@127.0.0.1/app",
             "database_url",
         ),
+        (
+            "DATABASE_URL",
+            "postgres://app:hunter2@127.0.0.1/app?sslmode=bogus",
+            "database_url",
+        ),
+        (
+            "AMQP_URL",
+            "amqp://guest:hunter2@127.0.0.1/%2f?heartbeat=abc",
+            "amqp_url",
+        ),
+        // Durations no deadline can hold, and beyond what Postgres enforces.
+        (
+            "POSTBOX_RELAY__POLL_INTERVAL",
+            "500000000000y",
+            "relay.poll_interval",
+        ),
+        (
+            "POSTBOX_RELAY__TAKEOVER_TIMEOUT",
+            "30d",
+            "relay.takeover_timeout",
+        ),
     ];
     for (var, value, setting) in cases {
         let output = postbox_command()
@@ -139,6 +160,42 @@ fn bad_configuration_names_the_setting_and_exits_2() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{var}={value}: {stderr}");
         assert!(stderr.contains(setting), "{var}={value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+    }
+    // The POSTBOX_ name wins over the plain one.
+    let output = postbox_command()
+        .arg("run")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1/postgres")
+        .env("POSTBOX_DATABASE_URL", "mysql://root:hunter2@127.0.0.1/app")
+        .output()
+        .expect("run postbox");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mysql://root:***@"), "{stderr}");
+    // A file: a misspelt setting is named; a syntax error is placed without quoting the line.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for (contents, expected) in [
+        (
+            "[relay]\nbatch_sise = 5\n",
+            "unknown setting `relay.batch_sise`",
+        ),
+        (
+            "database_url = postgres://app:hunter2@db/app\n",
+            "line 1, column 16",
+        ),
+    ] {
+        let file = dir.join(format!("postbox-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&file, contents).expect("write config file");
+        let output = postbox_command()
+            .arg("--config")
+            .arg(&file)
+            .arg("migrate")
+            .output()
+            .expect("run postbox");
+        let _ = std::fs::remove_file(&file);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
         assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
     }
     let output = postbox_command()

@@ -195,8 +195,33 @@ async fn cleanup_deletes_only_old_published_rows() {
            values ('orders', '{}', now() - interval '30 days', now() - interval '20 days');",
     )
     .await;
-    let text = stdout(&postbox(&db, &["cleanup", "--older-than", "7d"]));
+    // 0s keeps everything, for the inbox as for the outbox.
+    execute(
+        &db,
+        "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
+           values ('billing', gen_random_uuid(), 'q', 'applied', now() - interval '1 hour')",
+    )
+    .await;
+    let text = stdout(&postbox(
+        &db,
+        &["cleanup", "--older-than", "0s", "--inbox-older-than", "0s"],
+    ));
+    assert!(text.contains("nothing deleted"), "{text}");
+    let inbox_rows = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from postbox.inbox")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count inbox")
+    };
+    assert_eq!(inbox_rows().await, 1, "{text}");
+    assert_eq!(db.count("published_at is not null").await, 2501);
+    let text = stdout(&postbox(
+        &db,
+        &["cleanup", "--older-than", "7d", "--inbox-older-than", "1m"],
+    ));
     assert!(text.contains("outbox: 2500 published row(s)"), "{text}");
+    assert!(text.contains("inbox: 1 decided row(s)"), "{text}");
+    assert_eq!(inbox_rows().await, 0);
     assert_eq!(db.count("published_at is not null").await, 1);
     assert_eq!(
         db.count("published_at is null").await,
@@ -481,6 +506,18 @@ async fn replay_republishes_retained_events_with_their_original_ids() {
     );
     let output = postbox(&db, &["replay"]);
     assert_eq!(output.status.code(), Some(2), "a range is required");
+    for range in [
+        ["--from-id", "10", "--to-id", "5"],
+        ["--since", "1h", "--until", "2h"],
+    ] {
+        let output = postbox(&db, &[&["replay"][..], &range[..]].concat());
+        assert_eq!(output.status.code(), Some(2), "an empty range: {range:?}");
+    }
+    assert_eq!(
+        db.count("published_at is null").await,
+        0,
+        "nothing was replayed"
+    );
 
     // Where relays delete what they publish, finding nothing is explained.
     let output = postbox_command()
@@ -590,6 +627,41 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
         report["published_checked"], 6,
         "no grace: the newest counts too"
     );
+    // A grace longer than history checks nothing, rather than failing.
+    let output = reconcile(&["--grace", "1000000000y"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["published_checked"], 0);
+    // A consumer name with no inbox rows is pointed out; a bad inbox URL is a usage error.
+    let output = postbox(
+        &outbox,
+        &[
+            "reconcile",
+            "--inbox-database-url",
+            consumer_db.url.as_str(),
+            "--consumer",
+            "biling",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no rows of consumer \"biling\""),
+        "{stderr}"
+    );
+    let output = postbox(
+        &outbox,
+        &[
+            "reconcile",
+            "--inbox-database-url",
+            "notaurl:s3cret",
+            "--consumer",
+            "billing",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--inbox-database-url"), "{stderr}");
 }
 
 #[tokio::test]

@@ -164,6 +164,8 @@ async fn nonsense_rows_are_rejected_by_named_constraints() {
          "outbox_headers_is_object"),
         ("insert into postbox.outbox (routing_key, payload) values (repeat('r', 256), 'x')",
          "outbox_routing_key_max_255_bytes"),
+        ("insert into postbox.outbox (routing_key, payload, available_at) values ('q', 'x', 'infinity')",
+         "outbox_available_at_finite"),
     ];
     for (sql, constraint) in cases {
         let error = sqlx::query(sql).execute(&db.pool).await.expect_err(sql);

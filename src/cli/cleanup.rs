@@ -15,7 +15,9 @@ pub struct CleanupArgs {
     /// Delete published outbox rows older than this (default: relay.retention).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub older_than: Option<Duration>,
-    /// Also delete decided inbox rows (all consumers) older than this.
+    /// Also delete decided inbox rows (all consumers) older than this (0s: none, as for the
+    /// outbox). Must exceed the longest time a message can come back: a duplicate arriving
+    /// after its row is gone is applied again.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub inbox_older_than: Option<Duration>,
 }
@@ -33,7 +35,9 @@ pub(super) async fn run(settings: Settings, args: CleanupArgs) -> Result<()> {
             humantime::format_duration(older_than)
         ));
     }
-    if let Some(inbox_older_than) = args.inbox_older_than {
+    if args.inbox_older_than.is_some_and(|d| d.is_zero()) {
+        report.push("inbox: 0s means keep forever; nothing deleted".to_string());
+    } else if let Some(inbox_older_than) = args.inbox_older_than {
         let deleted = crate::inbox::cleanup(&pool, None, inbox_older_than).await?;
         report.push(format!(
             "inbox: {deleted} decided row(s) older than {} deleted",

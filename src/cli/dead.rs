@@ -22,7 +22,7 @@ pub enum DeadCommand {
     /// List dead rows, oldest first, with their last error.
     List {
         /// Show at most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         /// Print JSON instead of text.
         #[arg(long)]

@@ -140,7 +140,10 @@ impl Cli {
             Err(error) => {
                 report(&error);
                 ExitCode::from(match error {
-                    Error::Config { .. } | Error::ConfigLoad(_) => EXIT_USAGE,
+                    Error::Config { .. }
+                    | Error::ConfigLoad(_)
+                    | Error::ConfigFile { .. }
+                    | Error::UnknownSetting { .. } => EXIT_USAGE,
                     Error::Discrepancy(_) => EXIT_DISCREPANCY,
                     _ => EXIT_FAILURE,
                 })

@@ -9,7 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::{redact_url, Settings};
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 use crate::store::inbox::{self, Unsettled};
 use crate::store::{self, operations};
 
@@ -96,15 +96,28 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
     if !settings.relay.keep_published {
         let _ = writeln!(std::io::stderr(), "{}", super::replay::NO_HISTORY);
     }
+    let inbox_settings = Settings {
+        database_url: args.inbox_database_url.clone(),
+        ..settings.clone()
+    };
+    if let Err(error) = inbox_settings.validate() {
+        return Err(Error::Config {
+            setting: "--inbox-database-url",
+            value: redact_url(&args.inbox_database_url),
+            reason: error.to_string(),
+        });
+    }
     let outbox_pool = store::connect_for_command(&settings).await?;
-    let inbox_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&args.inbox_database_url)
-        .await
-        .context(format!(
-            "connecting to the inbox database {}",
-            redact_url(&args.inbox_database_url)
-        ))?;
+    // Connected as the outbox is: a failure says what failed (refused, auth, no such database),
+    // not only that a pool timed out.
+    let inbox_pool = store::connect_for_command(&inbox_settings).await?;
+    if !inbox::has_rows(&inbox_pool, &args.consumer).await? {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the inbox database has no rows of consumer {:?}: is --consumer its name?",
+            args.consumer
+        );
+    }
     let selection = operations::Selection {
         since: args.since,
         routing_key: args.routing_key.clone(),
@@ -116,7 +129,8 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
     let published_before = chrono::Duration::from_std(args.grace)
         .ok()
         .and_then(|grace| now.checked_sub_signed(grace))
-        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+        .filter(|before| *before > DateTime::UNIX_EPOCH)
+        .unwrap_or(DateTime::UNIX_EPOCH);
     let mut report = Report {
         consumer: args.consumer.clone(),
         ..Report::default()

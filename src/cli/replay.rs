@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use clap::{ArgGroup, Args};
 
 use crate::config::Settings;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{self, operations};
 
 /// Options of `postbox replay`.
@@ -43,6 +43,24 @@ pub(super) const NO_HISTORY: &str = "note: relay.keep_published is false in this
      found here";
 
 pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
+    if let (Some(from), Some(to)) = (args.from_id, args.to_id) {
+        if to < from {
+            return Err(Error::Config {
+                setting: "--to-id",
+                value: to.to_string(),
+                reason: format!("expected an id at least --from-id ({from})"),
+            });
+        }
+    }
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if until <= since {
+            return Err(Error::Config {
+                setting: "--until",
+                value: until.to_rfc3339(),
+                reason: format!("expected a time after --since ({})", since.to_rfc3339()),
+            });
+        }
+    }
     let selection = operations::Selection {
         from_id: args.from_id,
         to_id: args.to_id,

@@ -123,7 +123,8 @@ impl Message {
         Ok(self.header(crate::trace::HEADER, value.trim()))
     }
 
-    /// An explicit message id. Without one, Postgres assigns a random UUID.
+    /// An explicit message id. Without one, the producer draws a time-ordered UUIDv7 (rows
+    /// written from SQL get the column default).
     pub fn message_id(mut self, id: Uuid) -> Self {
         self.message_id = Some(id);
         self

@@ -558,6 +558,15 @@ fn version_key(partition_key: &str) -> String {
     format!("postbox-uuid5:{digest}")
 }
 
+/// Whether `consumer` has any row in the inbox (a mistyped consumer name has none).
+pub async fn has_rows<'e, E: PgExecutor<'e>>(executor: E, consumer: &str) -> Result<bool> {
+    sqlx::query_scalar("select exists (select 1 from postbox.inbox where consumer = $1)")
+        .bind(consumer)
+        .fetch_one(executor)
+        .await
+        .context("reading postbox.inbox")
+}
+
 /// What `consumer`'s inbox says about one message id, when it is not simply "processed once".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsettled {

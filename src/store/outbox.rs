@@ -413,9 +413,11 @@ pub async fn complete(
 const NEXT_DUE: &str = r#"
 -- null when nothing is pending (greatest() would turn that into 0, "due now"); the caller
 -- clamps rows already due to zero
+-- clamps rows already due to zero; rows scheduled at ±infinity (from before the constraint
+-- against them) would make the subtraction fail, and are never the next one due
 select extract(epoch from min(available_at) - clock_timestamp())::float8
 from postbox.outbox
-where published_at is null and dead_at is null
+where published_at is null and dead_at is null and isfinite(available_at)
 "#;
 
 /// How long until the earliest pending row is due, by the database's clock (zero: due now;
@@ -426,5 +428,5 @@ pub async fn next_due<'e, E: PgExecutor<'e>>(executor: E) -> Result<Option<Durat
         .fetch_one(executor)
         .await
         .context("probing postbox.outbox for due rows")?;
-    Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
 }
