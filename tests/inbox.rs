@@ -252,6 +252,106 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
     );
 }
 
+/// A handler that never returns for one message, as if that message took its process down
+/// (out of memory, an abort): the test cuts the consumer's broker connection each time it starts.
+#[derive(Clone)]
+struct Fatal {
+    poison: Uuid,
+    started: Arc<Notify>,
+    runs: Arc<AtomicU32>,
+}
+
+impl Handler for Fatal {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        if message.message_id() == self.poison {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            self.started.notify_one();
+            std::future::pending::<()>().await;
+        }
+        sqlx::query("insert into applied (message_id, attempt) values ($1, $2)")
+            .bind(message.message_id())
+            .bind(message.attempt() as i32)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A run that takes the consumer down records nothing itself, so a redelivery's run is counted
+/// before it starts: a message that keeps killing its consumer is dead-lettered after
+/// `max_attempts` counted runs instead of coming back forever, and the message behind it (its
+/// redelivery counted ahead too) is applied with no attempt left on its row.
+#[tokio::test]
+async fn a_message_that_keeps_taking_its_consumer_down_is_dead_lettered() {
+    let mut sub = subscriber().await;
+    let proxy = Proxy::tcp(&common::host_port(&common::amqp_url())).await;
+    let poison = Uuid::new_v4();
+    let innocent = Uuid::new_v4();
+    let handler = Fatal {
+        poison,
+        started: Arc::new(Notify::new()),
+        runs: Arc::default(),
+    };
+    let options = ConsumerOptions {
+        max_attempts: 2,
+        // How long a lost session waits for its handlers before rolling them back: the
+        // "crashed" run's transaction ends unrecorded, as a dead process's would.
+        shutdown_timeout: Duration::from_millis(100),
+        ..sub.options()
+    };
+    let consumer = sub.consumer_via(
+        sub.db.pool.clone(),
+        &proxy.redirect(&common::amqp_url()),
+        "billing",
+        handler.clone(),
+        options,
+    );
+    sub.send(poison, relay_headers(1, Some("a")), b"{}").await;
+    sub.send(innocent, relay_headers(2, Some("b")), b"{}").await;
+    // The first delivery's run is not counted (it was not a redelivery); the next two are.
+    for run in 1..=3 {
+        tokio::time::timeout(DEADLINE, handler.started.notified())
+            .await
+            .unwrap_or_else(|_| panic!("run {run} of the poison started"));
+        proxy.cut();
+    }
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(
+        dead[0].message_id.as_deref(),
+        Some(poison.to_string().as_str())
+    );
+    let stats = stop_when(consumer, "poison dead, innocent applied", |stats| {
+        stats.dead_lettered() == 1 && stats.applied() == 1
+    })
+    .await;
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        stats.failures(),
+        0,
+        "no run failed in the handler's own way"
+    );
+    let (outcome, _, attempts) = sub.inbox_row("billing", poison).await;
+    assert_eq!(outcome.as_deref(), Some("dead_lettered"));
+    assert!(attempts >= 2, "the counted runs are on its row: {attempts}");
+    let (outcome, _, attempts) = sub.inbox_row("billing", innocent).await;
+    assert_eq!(outcome.as_deref(), Some("applied"));
+    assert_eq!(attempts, 0, "a redelivery that succeeded leaves no attempt");
+    let runs: Vec<(Uuid, i32)> =
+        sqlx::query_as("select message_id, attempt from applied order by seq")
+            .fetch_all(&sub.db.pool)
+            .await
+            .expect("applied");
+    assert_eq!(
+        runs,
+        [(innocent, 1)],
+        "the innocent message ran once, as its first attempt"
+    );
+}
+
 #[tokio::test]
 async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_queue() {
     let mut sub = subscriber().await;

@@ -174,7 +174,13 @@ impl<H: Handler> Worker<H> {
         let Some(last) = ackers.last() else {
             return;
         };
-        match self.apply_batch(&messages).await {
+        // A redelivery's run is counted ahead (see `process_incoming`), one message at a time.
+        let batch = if messages.iter().any(|m| m.redelivered) {
+            Err("redelivered messages are processed one by one".to_string())
+        } else {
+            self.apply_batch(&messages).await
+        };
+        match batch {
             Ok(counts) => {
                 self.count_many(Counter::Applied, counts.applied as u64);
                 self.count_many(Counter::Duplicates, counts.duplicates as u64);
@@ -279,11 +285,40 @@ impl<H: Handler> Worker<H> {
             source: source.as_deref(),
         };
         let mut outages = connection_backoff();
+        // A redelivered message may be back because its last run took the consumer down (out of
+        // memory, an abort, a kill), and such a run records nothing. So a redelivery's run is
+        // counted before it starts, in its own transaction, and uncounted in the transaction
+        // that records its outcome: a message that keeps taking consumers down is dead-lettered
+        // after `max_attempts` runs, as one that keeps failing is. Rare (redeliveries follow a
+        // lost connection or a crash), so the extra statement costs nothing in the usual case.
+        let mut counted_ahead = false;
+        if incoming.redelivered {
+            loop {
+                if self.session.is_cancelled() {
+                    return false;
+                }
+                match inbox::count_run_ahead(&shared.pool, &receipt).await {
+                    Ok(counted) => {
+                        // None: decided meanwhile; the run sees a duplicate.
+                        counted_ahead = counted.is_some();
+                        break;
+                    }
+                    Err(error) if !is_outage(&error) => {
+                        let error = error.to_string();
+                        return self
+                            .dead_letter(&incoming, None, &error, incoming.attempt)
+                            .await;
+                    }
+                    Err(error) => self.outage(&mut outages, &error).await,
+                }
+            }
+        }
         loop {
             if self.session.is_cancelled() {
                 return false;
             }
-            let failure = match self.run_once(&mut incoming, &receipt).await {
+            let run = self.run_once(&mut incoming, &receipt, counted_ahead).await;
+            let failure = match run {
                 Ok(Decision::Duplicate) => {
                     self.count(Counter::Duplicates);
                     tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
@@ -334,8 +369,15 @@ impl<H: Handler> Worker<H> {
                 }
                 FailureKind::Transient => {}
             }
-            let failures = match crate::inbox::record_failure(&shared.pool, &receipt, &error).await
-            {
+            // A run counted ahead is not counted again; the retries after it are runs of their
+            // own.
+            let recorded = if std::mem::take(&mut counted_ahead) {
+                inbox::record_error(&shared.pool, &receipt, &error).await
+            } else {
+                inbox::record_failure(&shared.pool, &receipt, &error).await
+            }
+            .map(|failures| failures.map(|n| u32::try_from(n).unwrap_or(0)));
+            let failures = match recorded {
                 Ok(Some(failures)) => {
                     self.count(Counter::Failures);
                     failures
@@ -385,10 +427,13 @@ impl<H: Handler> Worker<H> {
     }
 
     /// One transaction: claim the id, check the version, run the handler, record the outcome.
+    /// `counted_ahead`: this run is already counted among the message's failed runs (a
+    /// redelivery's); it is uncounted with the outcome.
     async fn run_once(
         &self,
         incoming: &mut Incoming,
         receipt: &Receipt<'_>,
+        counted_ahead: bool,
     ) -> Result<Decision, Failed> {
         let shared = &self.shared;
         let mut tx = shared
@@ -406,14 +451,15 @@ impl<H: Handler> Worker<H> {
                 tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, version = receipt.version, "consumer: stale message skipped; a newer version was applied");
                 Some(Outcome::Stale)
             }
-            // Rolled back with `tx`: the dead-letter path records the outcome.
-            Status::New { failed_attempts } if shared.retry.exhausted(failed_attempts) => {
-                return Ok(Decision::Exhausted {
-                    attempts: failed_attempts,
-                });
-            }
             Status::New { failed_attempts } => {
-                incoming.attempt = failed_attempts.saturating_add(1);
+                let failed_before = failed_attempts.saturating_sub(u32::from(counted_ahead));
+                // Rolled back with `tx`: the dead-letter path records the outcome.
+                if shared.retry.exhausted(failed_before) {
+                    return Ok(Decision::Exhausted {
+                        attempts: failed_before,
+                    });
+                }
+                incoming.attempt = failed_before.saturating_add(1);
                 // The handler's span carries the producer's trace ids (as fields, not as a
                 // remote parent: that takes an OpenTelemetry layer).
                 let trace = incoming.traceparent();
@@ -435,6 +481,11 @@ impl<H: Handler> Worker<H> {
                 Some(Outcome::Applied)
             }
         };
+        if counted_ahead && outcome.is_some() {
+            inbox::uncount_run(&mut tx, receipt)
+                .await
+                .map_err(refused_by_postgres)?;
+        }
         tx.commit()
             .await
             .context("committing the inbox transaction")

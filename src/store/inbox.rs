@@ -188,6 +188,80 @@ pub async fn record_failure<'e, E: PgExecutor<'e>>(
     Ok(row.map(|row| row.get(0)))
 }
 
+/// What a run counted ahead says until its outcome is recorded.
+const INTERRUPTED: &str =
+    "redelivered before an outcome was recorded: a consumer may have stopped while handling it";
+
+// Like RECORD_FAILURE, but an earlier run's real error is kept.
+const COUNT_RUN_AHEAD: &str = r#"
+insert into postbox.inbox as i
+    (consumer, message_id, queue, routing_key, partition_key, version, attempts, last_error)
+values ($1, $2, $3, $4, $5, $6, 1, $7)
+on conflict (consumer, message_id) do update
+    set attempts = i.attempts + 1, last_error = coalesce(i.last_error, excluded.last_error),
+        last_received_at = now()
+    where i.outcome is null
+returning i.attempts
+"#;
+
+/// Counts the run about to start as failed, on its own, before it starts: a run that takes
+/// its process down records nothing itself. Returns the failed runs so far, this one included,
+/// or `None` if the message was decided meanwhile.
+pub async fn count_run_ahead<'e, E: PgExecutor<'e>>(
+    executor: E,
+    receipt: &Receipt<'_>,
+) -> Result<Option<i32>> {
+    let row = bind(sqlx::query(COUNT_RUN_AHEAD), receipt)
+        .bind(INTERRUPTED)
+        .fetch_optional(executor)
+        .await
+        .context("counting a run ahead in postbox.inbox")?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+const UNCOUNT_RUN: &str = r#"
+update postbox.inbox
+set attempts = greatest(attempts - 1, 0),
+    last_error = nullif(last_error, $3)
+where consumer = $1 and message_id = $2
+"#;
+
+/// Takes back a run counted ahead that reached an outcome, in the outcome's transaction.
+pub async fn uncount_run(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<()> {
+    sqlx::query(UNCOUNT_RUN)
+        .bind(receipt.consumer)
+        .bind(receipt.message_id)
+        .bind(INTERRUPTED)
+        .execute(conn)
+        .await
+        .context("uncounting a run in postbox.inbox")?;
+    Ok(())
+}
+
+const RECORD_ERROR: &str = r#"
+update postbox.inbox as i
+set last_error = $3, last_received_at = now()
+where consumer = $1 and message_id = $2 and outcome is null
+returning attempts
+"#;
+
+/// Records the error of a failed run already counted ahead, on its own. Returns the failed
+/// runs so far, or `None` if the message was decided meanwhile.
+pub async fn record_error<'e, E: PgExecutor<'e>>(
+    executor: E,
+    receipt: &Receipt<'_>,
+    error: &str,
+) -> Result<Option<i32>> {
+    let row = sqlx::query(RECORD_ERROR)
+        .bind(receipt.consumer)
+        .bind(receipt.message_id)
+        .bind(text(error))
+        .fetch_optional(executor)
+        .await
+        .context("recording a failed attempt in postbox.inbox")?;
+    Ok(row.map(|row| row.get(0)))
+}
+
 const RECORD_OUTCOME: &str = r#"
 insert into postbox.inbox as i
     (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at,
