@@ -264,8 +264,13 @@ impl Settings {
                  confirm_timeout for a window slot and another for its own confirms)",
             ));
         }
-        if relay.max_attempts == 0 {
-            return Err(invalid("relay.max_attempts", 0, "at least 1"));
+        // `attempts` is a Postgres integer.
+        if relay.max_attempts == 0 || relay.max_attempts > i32::MAX as u32 {
+            return Err(invalid(
+                "relay.max_attempts",
+                relay.max_attempts,
+                "a whole number from 1 to 2147483647",
+            ));
         }
         for (setting, value) in [
             ("relay.poll_interval", relay.poll_interval),

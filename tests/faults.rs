@@ -445,6 +445,11 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
         // a header name beyond AMQP's 255 bytes
         Message::text(&queue, "{}").header("n".repeat(300), serde_json::json!(1)),
         Message::text(&queue, "fine").partition_key("fine"),
+        // headers nested deeper than the relay's JSON parser goes (Postgres takes them)
+        Message::text(&queue, "{}").header(
+            "deep",
+            (0..200).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner])),
+        ),
     ];
     let ids = commit(&db, &messages).await;
     let mut settings = db.settings();
@@ -453,8 +458,8 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
 
     let arrived = inbox.take(1, LONG).await;
     assert_eq!(arrived[0].outbox_id(), ids[4]);
-    wait_until("the three refused rows to die", LONG, || async {
-        (db.count("dead_at is not null").await == 3).then_some(())
+    wait_until("the four refused rows to die", LONG, || async {
+        (db.count("dead_at is not null").await == 4).then_some(())
     })
     .await;
     let dead: Vec<(i64, i32, String)> = sqlx::query_as(
@@ -467,6 +472,7 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
         (ids[0], "relay.max_message_bytes"),
         (ids[2], "frame_max"),
         (ids[3], "header name"),
+        (ids[5], "headers cannot be read"),
     ];
     for ((id, attempts, error), (expected_id, reason)) in dead.iter().zip(reasons) {
         assert_eq!(*id, expected_id);

@@ -661,7 +661,7 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
             partition_key: Some("one-key".into()),
             payload: format!("{{\"n\":{id}}}").into_bytes(),
             content_type: "application/json".into(),
-            headers: serde_json::json!({}),
+            headers: Ok(serde_json::json!({})),
             created_at: chrono::Utc::now(),
             attempts: 0,
             source: None,

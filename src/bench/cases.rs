@@ -363,7 +363,7 @@ pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
         partition_key: None,
         payload: Vec::new(),
         content_type: "application/json".into(),
-        headers: serde_json::json!({}),
+        headers: Ok(serde_json::json!({})),
         created_at: chrono::Utc::now(),
         attempts: 0,
         source: Some(uuid::Uuid::new_v4()),

@@ -148,6 +148,11 @@ impl Claimer {
         let mut next_poll = Instant::now() + self.poll_interval;
         let mut errors = connection_backoff();
         loop {
+            // `select!` picks among ready branches at random: a stop must win over a free slot
+            // or a stored wake-up, or claims would go on after SIGTERM.
+            if stop.is_cancelled() {
+                return;
+            }
             if idle {
                 let poll = async {
                     if polls {
@@ -157,6 +162,7 @@ impl Claimer {
                     }
                 };
                 let woken_by_poll = tokio::select! {
+                    biased;
                     _ = stop.cancelled() => return,
                     _ = self.wake.notified() => false,
                     _ = poll => true,
@@ -183,11 +189,13 @@ impl Claimer {
             // is not blocked.
             if !self.stats.broker.usable() {
                 tokio::select! {
+                    biased;
                     _ = stop.cancelled() => return,
                     _ = self.stats.broker.until_usable() => {}
                 }
             }
             let permit = tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 permit = self.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
@@ -304,7 +312,7 @@ mod tests {
             partition_key: key,
             payload: Vec::new(),
             content_type: "application/json".into(),
-            headers: serde_json::json!({}),
+            headers: Ok(serde_json::json!({})),
             created_at: chrono::Utc::now(),
             attempts: 0,
             source: None,

@@ -111,7 +111,10 @@ impl Confirmer {
             window,
         } = published;
         let mut withheld = 0;
-        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        // From the publish, not from now: batches are decided one after another, so waiting
+        // out one's timeout must not push back the next one's (a broker that never confirms
+        // would otherwise hold the k-th batch's rows for k timeouts, past takeover_timeout).
+        let deadline = tokio::time::Instant::from_std(published_at) + self.confirm_timeout;
         // Every confirm first, then the decisions: lapin hands a basic.return to whichever
         // confirm a `multiple` ack resolves first (in hash order), not to the returned
         // message's own, even one of an earlier batch. So returns are matched to rows by

@@ -101,8 +101,9 @@ pub struct ClaimedRow {
     pub payload: Vec<u8>,
     /// AMQP content type.
     pub content_type: String,
-    /// The row's headers, a JSON object.
-    pub headers: serde_json::Value,
+    /// The row's headers, a JSON object; or why they could not be read (JSON nested deeper
+    /// than the relay parses: such a row is marked dead, not allowed to fail every claim).
+    pub headers: Result<serde_json::Value, String>,
     /// When the row was written.
     pub created_at: DateTime<Utc>,
     /// Failed attempts before this one.
@@ -181,7 +182,7 @@ from (select count(*) as locked, max(id) as last_locked,
       from candidates) as w
 left join lateral (
     select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
-           content_type, headers, created_at, attempts
+           content_type, headers::text as headers, created_at, attempts
     from candidates
     where partition_key is null or id in (select id from keyed)
 ) k on true
@@ -275,7 +276,10 @@ fn claimed_row(
         partition_key: row.try_get("partition_key")?,
         payload: text.map(String::into_bytes).or(bytes).unwrap_or_default(),
         content_type: row.try_get("content_type")?,
-        headers: row.try_get("headers")?,
+        // As text, parsed here: a jsonb nested deeper than serde_json's limit (Postgres takes
+        // far deeper) would otherwise fail the decoding of the whole claim, every time.
+        headers: serde_json::from_str(row.try_get::<&str, _>("headers")?)
+            .map_err(|e| format!("headers cannot be read: {e}")),
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
         source,
