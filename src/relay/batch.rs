@@ -89,9 +89,39 @@ pub(crate) struct Published {
     pub published_at: Instant,
     /// The broker's block changes when publishing began ([`super::BrokerState::block_changes`]).
     pub block_changes: u64,
-    /// One of the `max_in_flight_batches` broker-window slots, given back as soon as the
-    /// batch's confirms are in: marking it does not hold up the next publish.
-    pub window: OwnedSemaphorePermit,
+    /// One of the `max_in_flight_batches` broker-window slots with the channel the batch went
+    /// out on, given back as soon as the batch's confirms are in: marking it does not hold up
+    /// the next publish.
+    pub window: WindowSlot,
+}
+
+/// A broker-window slot: its permit, and the channel its batch was published on. Each batch in
+/// flight has a channel to itself, because lapin hands a `basic.return` to whichever confirm a
+/// `multiple` ack resolves first: an ack spanning two batches on one channel could put one
+/// batch's return on the other's confirm, and the returned row would be decided (published)
+/// before its return was seen.
+pub(crate) struct WindowSlot {
+    // Held for their drop, in this order: the channel goes back before the permit lets the
+    // next batch in.
+    pub channel: ChannelLease,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// A confirm-mode channel lent to one batch; it goes back to the publisher when dropped.
+pub(crate) struct ChannelLease {
+    /// Which connection the channel belongs to (a reconnect makes the old ones useless).
+    pub generation: u64,
+    pub channel: Option<lapin::Channel>,
+    pub back: tokio::sync::mpsc::UnboundedSender<(u64, lapin::Channel)>,
+}
+
+impl Drop for ChannelLease {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            // The publisher has stopped when this fails: nothing to give back to.
+            let _ = self.back.send((self.generation, channel));
+        }
+    }
 }
 
 /// A batch whose fate is decided; the completer writes it.

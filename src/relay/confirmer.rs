@@ -20,13 +20,7 @@ pub(crate) struct Confirmer {
     pub confirm_timeout: Duration,
     pub policy: RetryPolicy,
     pub stats: Arc<Stats>,
-    /// Messages the broker returned as unroutable, by message id, with the broker's reason,
-    /// until their rows are decided (see `decide`).
-    pub returned: HashMap<uuid::Uuid, String>,
 }
-
-/// Returned messages remembered at most (a row whose batch was released never claims its own).
-const RETURNED_KEPT: usize = 10_000;
 
 /// What became of one row's publish.
 enum Heard {
@@ -70,8 +64,11 @@ impl Confirmer {
         }
     }
 
-    /// Remembers a returned message, by its message id, until its row is decided.
-    fn note_returned(&mut self, returned: Option<lapin::message::BasicReturnMessage>) {
+    /// Notes a returned message in `returns`, by its message id, with the broker's reason.
+    fn note_returned(
+        returns: &mut HashMap<uuid::Uuid, String>,
+        returned: Option<lapin::message::BasicReturnMessage>,
+    ) {
         let Some(returned) = returned else {
             return;
         };
@@ -84,12 +81,7 @@ impl Confirmer {
             .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
         match id {
             Some(id) => {
-                if self.returned.len() >= RETURNED_KEPT {
-                    // Returns whose rows never came to be decided (released batches): forget
-                    // them rather than grow without end.
-                    self.returned.clear();
-                }
-                self.returned.insert(id, reason);
+                returns.insert(id, reason);
             }
             None => {
                 tracing::warn!(%reason, "relay: the broker returned a message without a postbox message id")
@@ -108,7 +100,7 @@ impl Confirmer {
             sent,
             published_at,
             block_changes,
-            window,
+            mut window,
         } = published;
         let mut withheld = 0;
         // From the publish, not from now: batches are decided one after another, so waiting
@@ -117,18 +109,19 @@ impl Confirmer {
         let deadline = tokio::time::Instant::from_std(published_at) + self.confirm_timeout;
         // Every confirm first, then the decisions: lapin hands a basic.return to whichever
         // confirm a `multiple` ack resolves first (in hash order), not to the returned
-        // message's own, even one of an earlier batch. So returns are matched to rows by
-        // message id, and one that arrived on another row's confirm waits here for its row.
+        // message's own. So returns are matched to rows by message id. The batch has its
+        // channel to itself (see `WindowSlot`), so its returns come on its own confirms.
+        let mut returns = HashMap::new();
         let mut heard = Vec::with_capacity(sent.len());
         for sent in sent {
             heard.push(match sent {
                 Sent::Confirm(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
                     Ok(Ok(Confirmation::Ack(returned))) => {
-                        self.note_returned(returned);
+                        Self::note_returned(&mut returns, returned);
                         Heard::Ack
                     }
                     Ok(Ok(Confirmation::Nack(returned))) => {
-                        self.note_returned(returned);
+                        Self::note_returned(&mut returns, returned);
                         Heard::Nack
                     }
                     Ok(Ok(Confirmation::NotRequested)) => Heard::NotRequested,
@@ -140,10 +133,14 @@ impl Confirmer {
                 Sent::Refused(error) => Heard::Refused(error),
             });
         }
+        let unheard = heard
+            .iter()
+            .filter(|heard| matches!(heard, Heard::TimedOut | Heard::Lost(_)))
+            .count();
         let mut completions = Vec::with_capacity(heard.len());
         for (row, heard) in batch.rows.iter().zip(heard) {
             if let (Heard::Ack | Heard::Nack, Some(reason)) =
-                (&heard, self.returned.remove(&row.message_id))
+                (&heard, returns.remove(&row.message_id))
             {
                 let failure = format!(
                     "returned by the broker as unroutable ({reason}): no queue is bound to \
@@ -190,6 +187,16 @@ impl Confirmer {
                 rows = withheld,
                 "relay: no confirms while the broker blocked publishing; the rows go back to pending without using an attempt"
             );
+        }
+        if unheard > 0 {
+            // Confirms still owed on this channel could arrive with the next batch's and carry
+            // its returns off to confirms nobody awaits: the channel is not used again.
+            if let Some(channel) = window.channel.channel.take() {
+                tokio::spawn(async move {
+                    let close = channel.close(200, "postbox: confirms timed out".into());
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
+                });
+            }
         }
         drop(window); // confirms are in: the next batch may go to the broker
         Decided {

@@ -27,7 +27,6 @@ pub use crate::retry::RetryPolicy;
 pub use listener::CHANNEL;
 pub use retention::cleanup;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -297,7 +296,6 @@ impl Relay {
             confirm_timeout: settings.confirm_timeout,
             policy: RetryPolicy::from_settings(&settings),
             stats: self.stats.clone(),
-            returned: HashMap::new(),
         };
         let confirmer = tokio::spawn(confirmer.run(published_rx, decided_tx, hard_stop.clone()));
         let mut completer = tokio::spawn(

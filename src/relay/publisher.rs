@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use super::batch::{Batch, Published, Sent};
+use super::batch::{Batch, ChannelLease, Published, Sent, WindowSlot};
 use crate::amqp::message::{outgoing, Outgoing};
 use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
@@ -21,8 +21,9 @@ use crate::store::outbox::ClaimedRow;
 /// How often an idle publisher looks at its connection, for readiness.
 const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Publishes batches in the order they were claimed, on one confirm-mode channel, so the
-/// broker sees each key's rows in id order.
+/// Publishes batches in the order they were claimed, each on a confirm-mode channel of its own
+/// while it is in flight (see [`WindowSlot`]). A batch's rows go out on one channel in id
+/// order; a key is never in two batches in flight, so its rows reach the broker in id order.
 pub(crate) struct Publisher {
     pub broker: Broker,
     /// Batches published whose confirms are not all in yet: the broker-side window.
@@ -33,7 +34,14 @@ pub(crate) struct Publisher {
     /// How long a batch may wait on a broker that blocks publishing before it is given back
     /// (`relay.confirm_timeout`).
     block_timeout: std::time::Duration,
-    connection: Option<(Connection, Channel)>,
+    connection: Option<Connection>,
+    /// Counts connections, so channels of an earlier one are told apart.
+    generation: u64,
+    /// Open channels of the current connection, not lent to a batch.
+    idle: Vec<Channel>,
+    /// Where lent channels come back, with their connection's generation.
+    returns_tx: mpsc::UnboundedSender<(u64, Channel)>,
+    returns_rx: mpsc::UnboundedReceiver<(u64, Channel)>,
     /// A channel of its own for passive exchange declares (a failed one closes its channel).
     probe: Option<Channel>,
     /// Exchanges seen to exist on the current connection.
@@ -49,6 +57,7 @@ impl Publisher {
         stats: Arc<super::Stats>,
         settings: &crate::config::RelaySettings,
     ) -> Self {
+        let (returns_tx, returns_rx) = mpsc::unbounded_channel();
         Self {
             broker,
             window,
@@ -56,6 +65,10 @@ impl Publisher {
             max_message_bytes: settings.max_message_bytes,
             block_timeout: settings.confirm_timeout,
             connection: None,
+            generation: 0,
+            idle: Vec::new(),
+            returns_tx,
+            returns_rx,
             probe: None,
             known_exchanges: HashSet::new(),
             watcher: None,
@@ -110,20 +123,21 @@ impl Publisher {
             let stats = self.stats.clone();
             let block_timeout = self.block_timeout;
             let attempt = async {
-                let (channel, frame_max) = self.channel(&shutdown).await?;
+                let (lease, frame_max) = self.channel(&shutdown).await?;
                 let missing_exchanges = self.missing_exchanges(&batch).await;
                 let limits = Limits {
                     max_message_bytes: self.max_message_bytes,
                     frame_max,
                     missing_exchanges: &missing_exchanges,
                 };
+                let channel = lease.channel.clone()?;
                 let sent = publish_rows(&channel, &batch, limits)
                     .instrument(tracing::debug_span!(
                         "postbox.publish",
                         rows = batch.rows.len()
                     ))
                     .await;
-                Some((channel, sent))
+                Some((lease, sent))
             };
             // lapin writes nothing while the broker blocks publishing (a resource alarm), so
             // reopening a channel, probing an exchange or publishing can wait for as long as
@@ -143,18 +157,25 @@ impl Publisher {
                     continue;
                 }
             };
-            let Some((channel, sent)) = written else {
+            let Some((lease, sent)) = written else {
                 // Stopping before the broker came back.
                 batch.release(&self.stats).await;
                 break;
             };
             let written_at = std::time::Instant::now();
+            let channel_connected = lease
+                .channel
+                .as_ref()
+                .is_some_and(|c| c.status().connected());
             let published = Published {
                 batch,
                 sent,
                 published_at: std::time::Instant::now(),
                 block_changes,
-                window,
+                window: WindowSlot {
+                    channel: lease,
+                    _permit: window,
+                },
             };
             tracing::trace!(
                 wait_batch_ms = (got_batch - waiting_since).as_secs_f64() * 1e3,
@@ -164,7 +185,7 @@ impl Publisher {
             // The next round reconnects (closing the old connection, forgetting its probed
             // exchanges) or `channel()` reopens the channel; readiness shows a lost connection
             // now rather than then.
-            if !channel.status().connected() {
+            if !channel_connected {
                 self.stats.broker.set_connected(self.connected());
             }
             if out.send(published).await.is_err() {
@@ -185,7 +206,7 @@ impl Publisher {
         hard_stop.cancelled().await;
         self.stats.broker.set_connected(false);
         self.watcher = None;
-        if let Some((connection, _)) = self.connection.take() {
+        if let Some(connection) = self.connection.take() {
             amqp::close(&connection, "postbox relay stopping").await;
         }
     }
@@ -209,6 +230,7 @@ impl Publisher {
                 // the main loop to publish, not to give back.
                 biased;
                 _ = hard_stop.cancelled() => return false,
+                // The channel goes back to the idle ones when the lease drops.
                 channel = &mut connect => return channel.is_some(),
                 batch = input.recv() => match batch {
                     Some(batch) => batch.release(&stats).await,
@@ -222,54 +244,74 @@ impl Publisher {
     fn connected(&self) -> bool {
         self.connection
             .as_ref()
-            .is_some_and(|(connection, _)| connection.status().connected())
+            .is_some_and(|connection| connection.status().connected())
     }
 
-    /// The open channel and the connection's negotiated frame size, reconnecting (with
-    /// backoff, across nodes) when there is none; `None` if `stop` is cancelled first.
-    async fn channel(&mut self, stop: &CancellationToken) -> Option<(Channel, usize)> {
-        if let Some((connection, channel)) = &self.connection {
-            if connection.status().connected() && channel.status().connected() {
-                return Some((channel.clone(), frame_max(connection)));
-            }
-            // Whatever closed the channel (a broker-side channel error, or the connection),
-            // exchanges may have changed meanwhile: probe them again.
-            self.known_exchanges.clear();
-            self.probe = None;
+    /// A channel for one batch, with the connection's negotiated frame size: an idle one, or
+    /// a new one, reconnecting (with backoff, across nodes) when the connection is gone;
+    /// `None` if `stop` is cancelled first.
+    async fn channel(&mut self, stop: &CancellationToken) -> Option<(ChannelLease, usize)> {
+        let lease = |publisher: &Self, channel: Channel| ChannelLease {
+            generation: publisher.generation,
+            channel: Some(channel),
+            back: publisher.returns_tx.clone(),
+        };
+        if let Some(connection) = &self.connection {
             if connection.status().connected() {
-                tracing::warn!("rabbitmq: channel closed by the broker; opening a new one");
+                let frame_max = frame_max(connection);
+                while let Ok((generation, channel)) = self.returns_rx.try_recv() {
+                    if generation == self.generation {
+                        self.idle.push(channel);
+                    }
+                }
+                let mut closed = false;
+                while let Some(channel) = self.idle.pop() {
+                    if channel.status().connected() {
+                        return Some((lease(self, channel), frame_max));
+                    }
+                    closed = true;
+                }
+                if closed {
+                    // Whatever closed the channel (a broker-side channel error), exchanges may
+                    // have changed meanwhile: probe them again.
+                    tracing::warn!("rabbitmq: channel closed by the broker; opening a new one");
+                    self.known_exchanges.clear();
+                    self.probe = None;
+                }
                 if let Ok(channel) = amqp::confirm_channel(connection).await {
-                    let frame_max = frame_max(connection);
-                    self.connection = self.connection.take().map(|(c, _)| (c, channel.clone()));
-                    return Some((channel, frame_max));
+                    return Some((lease(self, channel), frame_max));
                 }
             }
             tracing::warn!("rabbitmq: connection lost; reconnecting");
             self.watcher = None; // its events no longer say anything about the broker
-            if let Some((connection, _)) = self.connection.take() {
+            self.idle.clear();
+            self.known_exchanges.clear();
+            self.probe = None;
+            if let Some(connection) = self.connection.take() {
                 amqp::close(&connection, "postbox relay reconnecting").await;
             }
             self.stats.broker.set_connected(false);
         }
         let broker = &self.broker;
-        let pair = until_ok("rabbitmq", stop, || async {
+        let (connection, channel) = until_ok("rabbitmq", stop, || async {
             let connection = broker.connect("postbox relay").await?;
             let channel = amqp::confirm_channel(&connection).await?;
             Ok((connection, channel))
         })
         .await?;
-        let channel = (pair.1.clone(), frame_max(&pair.0));
+        let frame_max = frame_max(&connection);
         let watcher = CancellationToken::new();
         tokio::spawn(watch_connection(
-            pair.0.events_listener(),
-            pair.0.status().clone(),
+            connection.events_listener(),
+            connection.status().clone(),
             self.stats.clone(),
             watcher.clone(),
         ));
         self.watcher = Some(watcher.drop_guard());
-        self.connection = Some(pair);
+        self.connection = Some(connection);
+        self.generation += 1;
         self.stats.broker.set_connected(true);
-        Some(channel)
+        Some((lease(self, channel), frame_max))
     }
 }
 
@@ -282,7 +324,7 @@ impl Publisher {
     /// and the publish itself meets the outage.
     async fn missing_exchanges(&mut self, batch: &Batch) -> HashMap<String, String> {
         let mut missing = HashMap::new();
-        let Some((connection, _)) = &self.connection else {
+        let Some(connection) = &self.connection else {
             return missing;
         };
         for row in &batch.rows {
