@@ -572,6 +572,65 @@ async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
     relay.stop().await;
 }
 
+/// A publish the broker refuses by closing the channel (here: to an internal exchange, which
+/// exists, so the probe passes) is a counted failed attempt for the row whose exchange the
+/// broker names: the row dies after `max_attempts` instead of coming back forever, and the rows
+/// around it flow.
+#[tokio::test]
+async fn a_row_the_broker_refuses_by_closing_the_channel_dies_and_others_flow() {
+    let Stage {
+        db,
+        rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
+    let internal = format!("postbox-test-internal-{}", uuid::Uuid::new_v4().simple());
+    rabbit.internal_exchange_to(&internal, &queue).await;
+    let ids = commit(
+        &db,
+        // The refused row last: its publish is written before the broker's refusal comes
+        // back, so the refusal arrives on its confirm (the path that used to loop forever).
+        &[
+            Message::text(&queue, "fine"),
+            Message::text(&queue, "fine too"),
+            Message::text(&queue, "refused").exchange(&internal),
+        ],
+    )
+    .await;
+    let mut settings = db.settings();
+    settings.relay.max_attempts = 2;
+    settings.relay.retry_initial_delay = Duration::from_millis(50);
+    settings.relay.retry_max_delay = Duration::from_millis(100);
+    let relay = RunningRelay::start(settings).await;
+    let error = wait_until("the refused row to die", LONG, || async {
+        let error: Option<String> = sqlx::query_scalar(
+            "select last_error from postbox.outbox where id = $1 and dead_at is not null",
+        )
+        .bind(ids[2])
+        .fetch_optional(&db.pool)
+        .await
+        .expect("row")
+        .flatten();
+        error
+    })
+    .await;
+    assert!(error.contains(&internal), "{error}");
+    let mut arrived: Vec<i64> = inbox
+        .take(2, LONG)
+        .await
+        .iter()
+        .map(|m| m.outbox_id())
+        .collect();
+    arrived.sort_unstable();
+    assert_eq!(arrived, ids[..2]);
+    assert_eq!(
+        db.count("published_at is null and dead_at is null").await,
+        0,
+        "nothing left pending"
+    );
+    relay.stop().await;
+}
+
 /// An idle relay notices a lost broker without waiting for something to publish, so readiness
 /// and `postbox_broker_up` tell the truth; it reconnects when there is work again.
 #[tokio::test]

@@ -165,10 +165,13 @@ impl Confirmer {
                 Heard::NotRequested => "the channel was not in confirm mode".to_string(),
                 // The connection went away: whether the broker has the message is unknown, so
                 // it is published again, with the same message id.
-                Heard::Lost(error) => {
-                    tracing::warn!(id = row.id, %error, "relay: confirm lost with the connection; the row will be published again");
-                    continue;
-                }
+                Heard::Lost(error) => match refusal(&error, &row.exchange) {
+                    Some(refused) => refused,
+                    None => {
+                        tracing::warn!(id = row.id, %error, "relay: confirm lost with the channel or connection; the row will be published again");
+                        continue;
+                    }
+                },
                 Heard::TimedOut if self.broker_blocked_since(block_changes) => {
                     // The broker withheld the confirm (a resource alarm): not the row's fault,
                     // so no attempt is counted; it goes back untouched.
@@ -206,4 +209,23 @@ impl Confirmer {
             confirmed_at: Instant::now(),
         }
     }
+}
+
+/// Whether `error`, which closed the channel, is the broker refusing publishes to `exchange`
+/// (no write permission, an internal exchange): the reason, counted as a failed attempt. Such a
+/// row would otherwise come back again and again with no attempt counted, never dying, each
+/// time taking down the channel of the batch it rides in. The broker names the exchange, quoted,
+/// in its reply.
+fn refusal(error: &lapin::Error, exchange: &str) -> Option<String> {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    let soft = matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_));
+    let named = !exchange.is_empty()
+        && amqp
+            .get_message()
+            .as_str()
+            .contains(&format!("'{exchange}'"));
+    (soft && named)
+        .then(|| format!("the broker refused the publish and closed the channel: {amqp}"))
 }

@@ -428,6 +428,25 @@ impl Rabbit {
         self.bind(name, queue, queue).await;
     }
 
+    /// Declares the internal exchange `name` (clients may not publish to it; the broker closes
+    /// the channel of one that tries), auto-deleted with its binding to `queue`.
+    pub async fn internal_exchange_to(&self, name: &str, queue: &str) {
+        self.channel
+            .exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions {
+                    auto_delete: true,
+                    internal: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare internal test exchange");
+        self.bind(name, queue, queue).await;
+    }
+
     /// Binds `queue` to `exchange` with `routing_key` too.
     pub async fn bind(&self, exchange: &str, queue: &str, routing_key: &str) {
         self.channel
