@@ -791,3 +791,26 @@ async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
         .check(&received)
         .assert_sound("a relay lost its broker while holding rows", ROWS);
 }
+
+/// A Postgres that stops answering (no reset, no reply: a partition) must not keep a relay
+/// from stopping: stages stuck on it are aborted after a bound, their transactions ending with
+/// their connections.
+#[tokio::test]
+async fn a_relay_stops_while_postgres_is_stalled() {
+    let db = TestDb::migrated().await;
+    let postgres = Proxy::start(host_port(&admin_database_url())).await;
+    let mut settings = db.settings();
+    settings.database_url = postgres.url_for(&db.url);
+    settings.relay.shutdown_timeout = Duration::from_secs(1);
+    let relay = RunningRelay::start(settings).await;
+    let stats = relay.stats.clone();
+    wait_until("the relay listens", LONG, || async {
+        stats.listening().then_some(())
+    })
+    .await;
+    postgres.stall();
+    // Deregistering from postbox.relays hangs on the stalled connection; `stop` fails the
+    // test if the relay is not down within 30 s.
+    relay.stop().await;
+    postgres.resume();
+}

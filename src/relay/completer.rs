@@ -53,6 +53,10 @@ impl Completer {
                 rows,
                 "relay: could not mark a batch; its rows stay pending and will be published again"
             );
+            // Rolled back: every row goes back as it was, to be published again.
+            self.stats.record(0, 0, 0, rows as u64);
+            metrics::counter!("postbox_released_total").increment(rows as u64);
+            metrics::counter!("postbox_mark_failures_total").increment(1);
         }
         // A finished batch frees a slot and may unblock keys held back behind it.
         self.wake.notify_one();

@@ -188,11 +188,12 @@ impl Relay {
         }
     }
 
-    /// Database connections a relay with `settings` uses: up to two open batches per broker
-    /// window slot (one being published or confirmed, one claimed and waiting, or being marked),
-    /// plus one for the idle poll.
+    /// Database connections a relay with `settings` uses: up to three open batches per broker
+    /// window slot (one being published or confirmed, one claimed and waiting, one being
+    /// marked), one the LISTEN connection holds for good, and two for the idle poll,
+    /// heartbeats, release announcements and retention, so these never wait behind batches.
     pub fn connections_needed(settings: &RelaySettings) -> u32 {
-        3 * settings.max_in_flight_batches + 1
+        3 * settings.max_in_flight_batches + 3
     }
 
     /// Connects to the database in `settings` (Postgres must be reachable; the broker is
@@ -310,24 +311,32 @@ impl Relay {
 
         shutdown.cancelled().await;
         tracing::info!("relay: stopping; finishing in-flight batches");
+        const STRAGGLERS: std::time::Duration = std::time::Duration::from_secs(10);
         // The completer ends once everything upstream has drained.
-        if tokio::time::timeout(settings.shutdown_timeout, &mut completer)
+        let drained = tokio::time::timeout(settings.shutdown_timeout, &mut completer)
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !drained {
             tracing::warn!(
                 timeout = ?settings.shutdown_timeout,
                 "relay: in-flight batches did not finish in time; releasing them"
             );
-            hard_stop.cancel();
-            let _ = completer.await;
         }
         hard_stop.cancel();
-        for task in claimers
+        // A stage stuck on a stalled Postgres or broker (no reset, no answer) must not keep the
+        // process from exiting: past this, what is left is aborted; its transactions end with
+        // their connections, and rows still locked go to other relays (takeover_timeout).
+        let deadline = tokio::time::Instant::now() + STRAGGLERS;
+        for mut task in (!drained)
+            .then_some(completer)
             .into_iter()
+            .chain(claimers)
             .chain([listener, cleaner, heartbeat, publisher, confirmer])
         {
-            let _ = task.await;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(timeout = ?STRAGGLERS, "relay: a stage did not stop in time; aborting it");
+                task.abort();
+            }
         }
         tracing::info!("relay: stopped");
     }

@@ -123,7 +123,9 @@ impl Publisher {
             let stats = self.stats.clone();
             let block_timeout = self.block_timeout;
             let attempt = async {
-                let (lease, frame_max) = self.channel(&shutdown).await?;
+                // Without reconnecting: a connection lost since the check above is the next
+                // round's to restore, after this batch's rows are given back.
+                let (lease, frame_max) = self.channel(&shutdown, false).await?;
                 let missing_exchanges = self.missing_exchanges(&batch).await;
                 let limits = Limits {
                     max_message_bytes: self.max_message_bytes,
@@ -158,9 +160,10 @@ impl Publisher {
                 }
             };
             let Some((lease, sent)) = written else {
-                // Stopping before the broker came back.
+                // The connection went away: the rows go back, and the next round reconnects
+                // (or stops).
                 batch.release(&self.stats).await;
-                break;
+                continue;
             };
             let written_at = std::time::Instant::now();
             let channel_connected = lease
@@ -222,7 +225,7 @@ impl Publisher {
     ) -> bool {
         self.stats.broker.set_connected(false);
         let stats = self.stats.clone();
-        let connect = self.channel(shutdown);
+        let connect = self.channel(shutdown, true);
         tokio::pin!(connect);
         loop {
             tokio::select! {
@@ -248,9 +251,13 @@ impl Publisher {
     }
 
     /// A channel for one batch, with the connection's negotiated frame size: an idle one, or
-    /// a new one, reconnecting (with backoff, across nodes) when the connection is gone;
-    /// `None` if `stop` is cancelled first.
-    async fn channel(&mut self, stop: &CancellationToken) -> Option<(ChannelLease, usize)> {
+    /// a new one. When the connection is gone: `None` at once unless `reconnect`, else
+    /// reconnecting (with backoff, across nodes) until `stop` is cancelled (then `None`).
+    async fn channel(
+        &mut self,
+        stop: &CancellationToken,
+        reconnect: bool,
+    ) -> Option<(ChannelLease, usize)> {
         let lease = |publisher: &Self, channel: Channel| ChannelLease {
             generation: publisher.generation,
             channel: Some(channel),
@@ -291,6 +298,9 @@ impl Publisher {
                 amqp::close(&connection, "postbox relay reconnecting").await;
             }
             self.stats.broker.set_connected(false);
+        }
+        if !reconnect {
+            return None;
         }
         let broker = &self.broker;
         let (connection, channel) = until_ok("rabbitmq", stop, || async {
