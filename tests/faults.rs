@@ -532,6 +532,20 @@ async fn the_relay_fails_over_to_the_next_broker_node() {
     );
 }
 
+/// Row `id`'s last error, once `condition` holds for it.
+async fn last_error_once(db: &TestDb, id: i64, condition: &str) -> String {
+    let sql = format!("select last_error from postbox.outbox where id = $1 and {condition}");
+    wait_until(condition, LONG, || async {
+        sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("row")
+            .flatten()
+    })
+    .await
+}
+
 /// The broker answers a publish to a missing exchange by closing the channel, which would fail
 /// every confirm in flight, batch after batch: the relay probes exchanges first instead.
 #[tokio::test]
@@ -553,18 +567,7 @@ async fn a_row_for_a_missing_exchange_fails_visibly_and_others_flow() {
     .await;
     let relay = RunningRelay::start(db.settings()).await;
     assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), ids[1]);
-    let error = wait_until("the failure recorded", LONG, || async {
-        let error: Option<String> = sqlx::query_scalar(
-            "select last_error from postbox.outbox where id = $1 and attempts >= 1",
-        )
-        .bind(ids[0])
-        .fetch_optional(&db.pool)
-        .await
-        .expect("row")
-        .flatten();
-        error
-    })
-    .await;
+    let error = last_error_once(&db, ids[0], "attempts >= 1").await;
     assert!(error.contains(&missing), "{error}");
     // Once the exchange exists, the retry goes out.
     rabbit.exchange_to(&missing, &queue).await;
@@ -602,18 +605,7 @@ async fn a_row_the_broker_refuses_by_closing_the_channel_dies_and_others_flow() 
     settings.relay.retry_initial_delay = Duration::from_millis(50);
     settings.relay.retry_max_delay = Duration::from_millis(100);
     let relay = RunningRelay::start(settings).await;
-    let error = wait_until("the refused row to die", LONG, || async {
-        let error: Option<String> = sqlx::query_scalar(
-            "select last_error from postbox.outbox where id = $1 and dead_at is not null",
-        )
-        .bind(ids[2])
-        .fetch_optional(&db.pool)
-        .await
-        .expect("row")
-        .flatten();
-        error
-    })
-    .await;
+    let error = last_error_once(&db, ids[2], "dead_at is not null").await;
     assert!(error.contains(&internal), "{error}");
     let mut arrived: Vec<i64> = inbox
         .take(2, LONG)

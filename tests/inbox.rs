@@ -32,7 +32,7 @@ struct Recorder {
     gate: Option<(Arc<Notify>, Arc<Notify>)>,
     /// Deserialize the payload as this JSON shape.
     typed: bool,
-    /// Fail only this message (every message when `None`).
+    /// Fail or gate only this message (every message when `None`).
     poison: Option<Uuid>,
 }
 
@@ -77,14 +77,13 @@ impl Handler for Recorder {
         .bind(message.traceparent().map(|t| t.trace_id))
         .execute(&mut **tx)
         .await?;
-        if let Some((started, release)) = &self.gate {
+        let targeted = self.poison.is_none_or(|id| id == message.message_id());
+        if let Some((started, release)) = self.gate.as_ref().filter(|_| targeted) {
             started.notify_one();
             release.notified().await;
         }
         match self.fail {
-            Some(fail) if self.poison.is_none_or(|id| id == message.message_id()) => {
-                Err(fail(format!("boom on attempt {}", message.attempt())))
-            }
+            Some(fail) if targeted => Err(fail(format!("boom on attempt {}", message.attempt()))),
             _ => Ok(()),
         }
     }
@@ -252,35 +251,6 @@ async fn a_crash_between_commit_and_ack_redelivers_as_a_duplicate() {
     );
 }
 
-/// A handler that never returns for one message, as if that message took its process down
-/// (out of memory, an abort): the test cuts the consumer's broker connection each time it starts.
-#[derive(Clone)]
-struct Fatal {
-    poison: Uuid,
-    started: Arc<Notify>,
-    runs: Arc<AtomicU32>,
-}
-
-impl Handler for Fatal {
-    async fn handle(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        message: &Incoming,
-    ) -> Result<(), HandlerError> {
-        if message.message_id() == self.poison {
-            self.runs.fetch_add(1, Ordering::SeqCst);
-            self.started.notify_one();
-            std::future::pending::<()>().await;
-        }
-        sqlx::query("insert into applied (message_id, attempt) values ($1, $2)")
-            .bind(message.message_id())
-            .bind(message.attempt() as i32)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
-
 /// A run that takes the consumer down records nothing itself, so a redelivery's run is counted
 /// before it starts: a message that keeps killing its consumer is dead-lettered after
 /// `max_attempts` counted runs instead of coming back forever, and the message behind it (its
@@ -291,10 +261,12 @@ async fn a_message_that_keeps_taking_its_consumer_down_is_dead_lettered() {
     let proxy = Proxy::tcp(&common::host_port(&common::amqp_url())).await;
     let poison = Uuid::new_v4();
     let innocent = Uuid::new_v4();
-    let handler = Fatal {
-        poison,
-        started: Arc::new(Notify::new()),
-        runs: Arc::default(),
+    // The poison's runs never end, as if each took its process down: the test cuts the
+    // consumer's broker connection each time one starts.
+    let (gated, started, _never) = Recorder::gated();
+    let handler = Recorder {
+        poison: Some(poison),
+        ..gated
     };
     let options = ConsumerOptions {
         max_attempts: 2,
@@ -314,7 +286,7 @@ async fn a_message_that_keeps_taking_its_consumer_down_is_dead_lettered() {
     sub.send(innocent, relay_headers(2, Some("b")), b"{}").await;
     // The first delivery's run is not counted (it was not a redelivery); the next two are.
     for run in 1..=3 {
-        tokio::time::timeout(DEADLINE, handler.started.notified())
+        tokio::time::timeout(DEADLINE, started.notified())
             .await
             .unwrap_or_else(|_| panic!("run {run} of the poison started"));
         proxy.cut();
@@ -328,7 +300,11 @@ async fn a_message_that_keeps_taking_its_consumer_down_is_dead_lettered() {
         stats.dead_lettered() == 1 && stats.applied() == 1
     })
     .await;
-    assert_eq!(handler.runs.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        handler.runs.load(Ordering::SeqCst),
+        4,
+        "three runs of the poison, one of the message behind it"
+    );
     assert_eq!(
         stats.failures(),
         0,
@@ -1493,21 +1469,8 @@ async fn concurrent_batches_on_one_key_decide_against_each_other() {
             tx.commit().await.expect("commit");
             statuses
         });
-        wait_until(
-            "the second batch to wait for the first",
-            DEADLINE,
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-                )
-                .fetch_one(&sub.db.pool)
-                .await
-                .expect("pg_stat_activity");
-                (waiting > 0).then_some(())
-            },
-        )
-        .await;
+        // The second batch waits for the first.
+        sub.db.until_a_session_waits_on_a_lock().await;
         holder.commit().await.expect("commit");
         assert_eq!(waiter.await.expect("no panic"), expected, "key {key}");
         let stored: i64 = sqlx::query_scalar(
@@ -1688,21 +1651,7 @@ async fn two_instances_receiving_one_id_at_once_apply_it_once() {
     let b = sub.consumer("billing", second.clone(), options);
     sub.send(id, relay_headers(1, None), b"{}").await;
     // The second instance's claim waits on the inbox row the first one holds.
-    wait_until(
-        "the second claim blocked on the row lock",
-        DEADLINE,
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity \
-             where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&sub.db.pool)
-            .await
-            .ok()?;
-            (waiting >= 1).then_some(())
-        },
-    )
-    .await;
+    sub.db.until_a_session_waits_on_a_lock().await;
     release.notify_one();
     let (a_stats, b_stats) = (a.stats(), b.stats());
     wait_until("applied once, absorbed once", DEADLINE, || async {

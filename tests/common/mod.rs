@@ -114,6 +114,25 @@ impl TestDb {
         .expect("count outbox rows")
     }
 
+    /// Waits (up to 20 s) until some session of this database waits on a lock.
+    pub async fn until_a_session_waits_on_a_lock(&self) {
+        wait_until(
+            "a session waiting on a lock",
+            Duration::from_secs(20),
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .ok()?;
+                (waiting > 0).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Pending rows claimed (row-locked) by some session right now. Read with `pgrowlocks`,
     /// which takes no row lock: a probe by `FOR UPDATE SKIP LOCKED` would lock the free rows
     /// for a moment, and a relay claiming then would skip them.
@@ -413,37 +432,29 @@ impl Rabbit {
     /// Declares the direct exchange `name` routing key `queue` to `queue`. It is auto-deleted
     /// once its binding goes with the test's exclusive queue.
     pub async fn exchange_to(&self, name: &str, queue: &str) {
+        self.declare_exchange(name, queue, false).await;
+    }
+
+    /// As [`Rabbit::exchange_to`], but internal: clients may not publish to it (the broker
+    /// closes the channel of one that tries).
+    pub async fn internal_exchange_to(&self, name: &str, queue: &str) {
+        self.declare_exchange(name, queue, true).await;
+    }
+
+    async fn declare_exchange(&self, name: &str, queue: &str, internal: bool) {
         self.channel
             .exchange_declare(
                 name.into(),
                 lapin::ExchangeKind::Direct,
                 lapin::options::ExchangeDeclareOptions {
                     auto_delete: true,
+                    internal,
                     ..Default::default()
                 },
                 FieldTable::default(),
             )
             .await
             .expect("declare test exchange");
-        self.bind(name, queue, queue).await;
-    }
-
-    /// Declares the internal exchange `name` (clients may not publish to it; the broker closes
-    /// the channel of one that tries), auto-deleted with its binding to `queue`.
-    pub async fn internal_exchange_to(&self, name: &str, queue: &str) {
-        self.channel
-            .exchange_declare(
-                name.into(),
-                lapin::ExchangeKind::Direct,
-                lapin::options::ExchangeDeclareOptions {
-                    auto_delete: true,
-                    internal: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare internal test exchange");
         self.bind(name, queue, queue).await;
     }
 
