@@ -315,6 +315,10 @@ impl<H: Handler> Worker<H> {
         }
         loop {
             if self.session.is_cancelled() {
+                if counted_ahead {
+                    // Counted, but it never ran (or met an outage, which is not counted).
+                    let _ = inbox::uncount_run(&shared.pool, &receipt).await;
+                }
                 return false;
             }
             let run = self.run_once(&mut incoming, &receipt, counted_ahead).await;
@@ -453,8 +457,18 @@ impl<H: Handler> Worker<H> {
             }
             Status::New { failed_attempts } => {
                 let failed_before = failed_attempts.saturating_sub(u32::from(counted_ahead));
-                // Rolled back with `tx`: the dead-letter path records the outcome.
+                // The dead-letter path records the outcome, with the runs there were.
                 if shared.retry.exhausted(failed_before) {
+                    if counted_ahead {
+                        // Not in `tx`, which already says `applied`: rolled back first.
+                        tx.rollback()
+                            .await
+                            .context("rolling back the inbox transaction")
+                            .map_err(Failed::Database)?;
+                        inbox::uncount_run(&shared.pool, receipt)
+                            .await
+                            .map_err(refused_by_postgres)?;
+                    }
                     return Ok(Decision::Exhausted {
                         attempts: failed_before,
                     });
@@ -482,7 +496,7 @@ impl<H: Handler> Worker<H> {
             }
         };
         if counted_ahead && outcome.is_some() {
-            inbox::uncount_run(&mut tx, receipt)
+            inbox::uncount_run(&mut *tx, receipt)
                 .await
                 .map_err(refused_by_postgres)?;
         }

@@ -137,6 +137,7 @@ impl Confirmer {
             .iter()
             .filter(|heard| matches!(heard, Heard::TimedOut | Heard::Lost(_)))
             .count();
+        let mut blamed = false;
         let mut completions = Vec::with_capacity(heard.len());
         for (row, heard) in batch.rows.iter().zip(heard) {
             if let (Heard::Ack | Heard::Nack, Some(reason)) =
@@ -165,8 +166,13 @@ impl Confirmer {
                 Heard::NotRequested => "the channel was not in confirm mode".to_string(),
                 // The connection went away: whether the broker has the message is unknown, so
                 // it is published again, with the same message id.
-                Heard::Lost(error) => match refusal(&error, &row.exchange) {
-                    Some(refused) => refused,
+                // The broker drops everything after the publish it refused: of the rows that
+                // match its reply, the first is the culprit; the rest go back uncounted.
+                Heard::Lost(error) => match refusal(&error, row).filter(|_| !blamed) {
+                    Some(refused) => {
+                        blamed = true;
+                        refused
+                    }
                     None => {
                         tracing::warn!(id = row.id, %error, "relay: confirm lost with the channel or connection; the row will be published again");
                         continue;
@@ -191,16 +197,8 @@ impl Confirmer {
                 "relay: no confirms while the broker blocked publishing; the rows go back to pending without using an attempt"
             );
         }
-        if unheard > 0 {
-            // Confirms still owed on this channel could arrive with the next batch's and carry
-            // its returns off to confirms nobody awaits: the channel is not used again.
-            if let Some(channel) = window.channel.channel.take() {
-                tokio::spawn(async move {
-                    let close = channel.close(200, "postbox: confirms timed out".into());
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
-                });
-            }
-        }
+        // Nothing is owed on its channel any more: the next batch may use it.
+        window.channel.reusable = unheard == 0;
         drop(window); // confirms are in: the next batch may go to the broker
         Decided {
             batch,
@@ -211,21 +209,23 @@ impl Confirmer {
     }
 }
 
-/// Whether `error`, which closed the channel, is the broker refusing publishes to `exchange`
-/// (no write permission, an internal exchange): the reason, counted as a failed attempt. Such a
-/// row would otherwise come back again and again with no attempt counted, never dying, each
-/// time taking down the channel of the batch it rides in. The broker names the exchange, quoted,
-/// in its reply.
-fn refusal(error: &lapin::Error, exchange: &str) -> Option<String> {
+/// Whether `error`, which closed the channel, is the broker refusing `row`'s publish (no write
+/// permission on its exchange or topic, an internal exchange): the reason, counted as a failed
+/// attempt. Such a row would otherwise come back again and again with no attempt counted, never
+/// dying, each time taking down its batch's channel. The broker's reply is the only evidence:
+/// it names the exchange as "exchange 'x' in vhost" (and the routing key as "topic 'k'" when
+/// topic permissions refused it).
+fn refusal(error: &lapin::Error, row: &crate::store::outbox::ClaimedRow) -> Option<String> {
     let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
         return None;
     };
-    let soft = matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_));
-    let named = !exchange.is_empty()
-        && amqp
-            .get_message()
-            .as_str()
-            .contains(&format!("'{exchange}'"));
-    (soft && named)
+    if !matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) || row.exchange.is_empty() {
+        return None;
+    }
+    let reply = amqp.get_message().as_str();
+    let exchange = reply.contains(&format!("exchange '{}' in vhost", row.exchange));
+    let topic =
+        !reply.contains("topic '") || reply.contains(&format!("topic '{}'", row.routing_key));
+    (exchange && topic)
         .then(|| format!("the broker refused the publish and closed the channel: {amqp}"))
 }

@@ -31,8 +31,8 @@ pub(crate) struct Publisher {
     stats: Arc<super::Stats>,
     /// Payloads above this are refused without trying (`relay.max_message_bytes`).
     max_message_bytes: usize,
-    /// How long a batch may wait on a broker that blocks publishing before it is given back
-    /// (`relay.confirm_timeout`).
+    /// How long a batch may wait on a broker that blocks publishing before it is given back,
+    /// and the longest a channel may take to open (`relay.confirm_timeout`).
     block_timeout: std::time::Duration,
     connection: Option<Connection>,
     /// Counts connections, so channels of an earlier one are told apart.
@@ -233,8 +233,14 @@ impl Publisher {
                 // the main loop to publish, not to give back.
                 biased;
                 _ = hard_stop.cancelled() => return false,
-                // The channel goes back to the idle ones when the lease drops.
-                channel = &mut connect => return channel.is_some(),
+                channel = &mut connect => {
+                    let Some((mut lease, _)) = channel else {
+                        return false;
+                    };
+                    // Unused: back to the idle ones.
+                    lease.reusable = true;
+                    return true;
+                }
                 batch = input.recv() => match batch {
                     Some(batch) => batch.release(&stats).await,
                     None => return false,
@@ -262,6 +268,7 @@ impl Publisher {
             generation: publisher.generation,
             channel: Some(channel),
             back: publisher.returns_tx.clone(),
+            reusable: false,
         };
         if let Some(connection) = &self.connection {
             if connection.status().connected() {
@@ -285,7 +292,9 @@ impl Publisher {
                     self.known_exchanges.clear();
                     self.probe = None;
                 }
-                if let Ok(channel) = amqp::confirm_channel(connection).await {
+                // Bounded: a half-dead connection may never answer the open.
+                let open = amqp::confirm_channel(connection);
+                if let Ok(Ok(channel)) = tokio::time::timeout(self.block_timeout, open).await {
                     return Some((lease(self, channel), frame_max));
                 }
             }

@@ -226,13 +226,14 @@ set attempts = greatest(attempts - 1, 0),
 where consumer = $1 and message_id = $2
 "#;
 
-/// Takes back a run counted ahead that reached an outcome, in the outcome's transaction.
-pub async fn uncount_run(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<()> {
+/// Takes back a run counted ahead that reached an outcome (in the outcome's transaction), or
+/// that never ran.
+pub async fn uncount_run<'e, E: PgExecutor<'e>>(executor: E, receipt: &Receipt<'_>) -> Result<()> {
     sqlx::query(UNCOUNT_RUN)
         .bind(receipt.consumer)
         .bind(receipt.message_id)
         .bind(INTERRUPTED)
-        .execute(conn)
+        .execute(executor)
         .await
         .context("uncounting a run in postbox.inbox")?;
     Ok(())
