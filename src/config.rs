@@ -184,23 +184,7 @@ impl Settings {
 
     /// Checks every value and names the first bad one: the setting, the value and what is allowed.
     pub fn validate(&self) -> Result<()> {
-        check_url(
-            "database_url",
-            &self.database_url,
-            &["postgres", "postgresql"],
-        )?;
-        if let Err(error) =
-            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&self.database_url)
-        {
-            return Err(invalid(
-                "database_url",
-                redact_url(&self.database_url),
-                &format!(
-                    "a Postgres URL ({})",
-                    without_password(&error.to_string(), &self.database_url)
-                ),
-            ));
-        }
+        check_database_url("database_url", &self.database_url)?;
         for url in self.amqp_urls() {
             check_url("amqp_url", url, &["amqp", "amqps"])?;
             if let Err(error) = url.parse::<lapin::uri::AMQPUri>() {
@@ -435,6 +419,22 @@ fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()>
     match url::Url::parse(value) {
         Ok(url) if schemes.contains(&url.scheme()) => Ok(()),
         _ => Err(invalid(setting, redact_url(value), &expected)),
+    }
+}
+
+/// Checks `url`, the value of `setting`, as sqlx parses a Postgres URL.
+pub fn check_database_url(setting: &'static str, url: &str) -> Result<()> {
+    check_url(setting, url, &["postgres", "postgresql"])?;
+    match <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(invalid(
+            setting,
+            redact_url(url),
+            &format!(
+                "a Postgres URL ({})",
+                without_password(&error.to_string(), url)
+            ),
+        )),
     }
 }
 

@@ -515,28 +515,41 @@ async fn a_dead_letter_given_another_chance_runs_the_handler() {
     sub.send(id, relay_headers(1, None), b"{}").await;
     expect_dead_letter(&mut sub, consumer, id).await;
 
+    // The inbox named on its own: the outbox's DATABASE_URL (unreachable here) is not used.
     let retry = |args: &[String]| {
         common::postbox_command()
-            .args(["inbox", "retry", "--consumer", "billing"])
+            .args(["inbox", "retry", "--inbox-database-url", &sub.db.url])
             .args(args)
-            .env("DATABASE_URL", &sub.db.url)
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
             .output()
             .expect("run postbox inbox retry")
     };
+    let with = |consumer: &str, rest: &[&str]| -> Vec<String> {
+        ["--consumer", consumer]
+            .iter()
+            .chain(rest)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // A consumer with no inbox rows (a typo) is pointed out; nothing changes.
+    let output = retry(&with("biling", &["--all"]));
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no rows of consumer \"biling\""),
+        "{output:?}"
+    );
     // One id that is not a dead letter: nothing changes, exit 2.
-    let output = retry(&[
-        "--id".into(),
-        id.to_string(),
-        "--id".into(),
-        Uuid::new_v4().to_string(),
-    ]);
+    let output = retry(&with(
+        "billing",
+        &["--id", &id.to_string(), "--id", &Uuid::new_v4().to_string()],
+    ));
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nothing was changed"));
     assert_eq!(
         sub.inbox_row("billing", id).await.0.as_deref(),
         Some("dead_lettered")
     );
-    let output = retry(&["--all".into()]);
+    let output = retry(&with("billing", &["--all"]));
     assert!(output.status.success(), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("1 dead-lettered message(s)"));
 

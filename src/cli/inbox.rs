@@ -12,9 +12,52 @@ use crate::store;
 /// Options of `postbox inbox`.
 #[derive(Debug, Args)]
 pub struct InboxArgs {
+    /// Where the consumer's inbox is.
+    #[command(flatten)]
+    pub database: InboxDatabase,
     /// What to do with the consumer's inbox.
     #[command(subcommand)]
     pub command: InboxCommand,
+}
+
+/// The consumer's database, which may be another than the outbox's.
+#[derive(Debug, Args)]
+pub struct InboxDatabase {
+    /// The consumer's database (holding postbox.inbox); default: DATABASE_URL's.
+    #[arg(
+        long,
+        global = true,
+        env = "POSTBOX_INBOX_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub inbox_database_url: Option<String>,
+}
+
+impl InboxDatabase {
+    /// Connects as commands connect to the outbox (a failure says what failed), after
+    /// checking the URL; then says so on stderr if `consumer` has no rows there, which is
+    /// most likely a mistyped name or the wrong database.
+    pub(super) async fn connect(
+        &self,
+        settings: &Settings,
+        consumer: &str,
+    ) -> Result<sqlx::PgPool> {
+        let mut inbox = settings.clone();
+        if let Some(url) = &self.inbox_database_url {
+            crate::config::check_database_url("--inbox-database-url", url)?;
+            inbox.database_url = url.clone();
+        }
+        let pool = store::connect_for_command(&inbox).await?;
+        if !store::inbox::has_rows(&pool, consumer).await? {
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: the inbox database has no rows of consumer {consumer:?}: is --consumer \
+                 its name, and --inbox-database-url the consumer's database?"
+            );
+        }
+        Ok(pool)
+    }
 }
 
 /// `postbox inbox` subcommands.
@@ -45,14 +88,14 @@ pub enum InboxCommand {
 }
 
 pub(super) async fn run(settings: Settings, args: InboxArgs) -> Result<()> {
-    let pool = store::connect_for_command(&settings).await?;
-    let result = match args.command {
+    match args.command {
         InboxCommand::Retry { consumer, ids, all } => {
-            retry(&pool, &consumer, (!all).then_some(ids)).await
+            let pool = args.database.connect(&settings, &consumer).await?;
+            let result = retry(&pool, &consumer, (!all).then_some(ids)).await;
+            pool.close().await;
+            result
         }
-    };
-    pool.close().await;
-    result
+    }
 }
 
 async fn retry(pool: &sqlx::PgPool, consumer: &str, ids: Option<Vec<Uuid>>) -> Result<()> {

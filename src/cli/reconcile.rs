@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{redact_url, Settings};
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::store::inbox::{self, Unsettled};
 use crate::store::{self, operations};
@@ -16,14 +16,9 @@ use crate::store::{self, operations};
 /// Options of `postbox reconcile`.
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
-    /// The consumer's database (holding postbox.inbox); the outbox is DATABASE_URL's.
-    #[arg(
-        long,
-        env = "POSTBOX_INBOX_DATABASE_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
-    pub inbox_database_url: String,
+    /// Where the consumer's inbox is (the outbox is DATABASE_URL's).
+    #[command(flatten)]
+    pub database: super::inbox::InboxDatabase,
     /// The consumer's name in postbox.inbox.
     #[arg(long, value_name = "NAME")]
     pub consumer: String,
@@ -96,28 +91,8 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
     if !settings.relay.keep_published {
         let _ = writeln!(std::io::stderr(), "{}", super::replay::NO_HISTORY);
     }
-    let inbox_settings = Settings {
-        database_url: args.inbox_database_url.clone(),
-        ..settings.clone()
-    };
-    if let Err(error) = inbox_settings.validate() {
-        return Err(Error::Config {
-            setting: "--inbox-database-url",
-            value: redact_url(&args.inbox_database_url),
-            reason: error.to_string(),
-        });
-    }
+    let inbox_pool = args.database.connect(&settings, &args.consumer).await?;
     let outbox_pool = store::connect_for_command(&settings).await?;
-    // Connected as the outbox is: a failure says what failed (refused, auth, no such database),
-    // not only that a pool timed out.
-    let inbox_pool = store::connect_for_command(&inbox_settings).await?;
-    if !inbox::has_rows(&inbox_pool, &args.consumer).await? {
-        let _ = writeln!(
-            std::io::stderr(),
-            "note: the inbox database has no rows of consumer {:?}: is --consumer its name?",
-            args.consumer
-        );
-    }
     let selection = operations::Selection {
         since: args.since,
         routing_key: args.routing_key.clone(),

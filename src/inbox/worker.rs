@@ -174,14 +174,15 @@ impl<H: Handler> Worker<H> {
         let Some(last) = ackers.last() else {
             return;
         };
-        // A redelivery's run is counted ahead (see `process_incoming`), one message at a time.
+        // A redelivery's run is counted ahead (see `process_incoming`), one message at a time;
+        // a batch holding one (after a reconnect, say) goes one by one, in order.
         let batch = if messages.iter().any(|m| m.redelivered) {
-            Err("redelivered messages are processed one by one".to_string())
+            None
         } else {
-            self.apply_batch(&messages).await
+            Some(self.apply_batch(&messages).await)
         };
         match batch {
-            Ok(counts) => {
+            Some(Ok(counts)) => {
                 self.count_many(Counter::Applied, counts.applied as u64);
                 self.count_many(Counter::Duplicates, counts.duplicates as u64);
                 self.count_many(Counter::Stale, counts.stale as u64);
@@ -193,8 +194,10 @@ impl<H: Handler> Worker<H> {
                     }
                 }
             }
-            Err(failure) => {
-                tracing::debug!(error = %failure, messages = messages.len(), "consumer: batch failed; processing its messages one by one");
+            unbatched => {
+                if let Some(Err(failure)) = unbatched {
+                    tracing::debug!(error = %failure, messages = messages.len(), "consumer: batch failed; processing its messages one by one");
+                }
                 for (incoming, acker) in messages.into_iter().zip(ackers) {
                     if !self
                         .process(Job {
@@ -317,7 +320,9 @@ impl<H: Handler> Worker<H> {
             if self.session.is_cancelled() {
                 if counted_ahead {
                     // Counted, but it never ran (or met an outage, which is not counted).
-                    let _ = inbox::uncount_run(&shared.pool, &receipt).await;
+                    if let Err(error) = inbox::uncount_run(&shared.pool, &receipt).await {
+                        tracing::warn!(message_id = %receipt.message_id, %error, "consumer: a run counted ahead of a stop stays counted");
+                    }
                 }
                 return false;
             }

@@ -41,11 +41,15 @@ impl Batch {
         };
         match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
             Ok(Ok(())) => {}
-            // The session is gone, and its locks with it (or, on timeout, it rolls back when
-            // dropped): the rows are free all the same, and other relays find them on their
-            // next poll.
+            // The session is gone, and its locks with it: the rows are free, and other relays
+            // find them on their next poll.
             Ok(Err(error)) => tracing::debug!(%error, "relay: could not announce a released batch"),
-            Err(_) => tracing::debug!("relay: releasing a batch timed out"),
+            // Postgres does not answer: the transaction rolls back when dropped, but the locks
+            // stay until Postgres ends the session (at the latest `takeover_timeout`).
+            Err(_) => tracing::warn!(
+                rows,
+                "relay: giving back a batch timed out; its rows stay locked until Postgres ends the session"
+            ),
         }
         stats.record(0, 0, 0, rows);
         metrics::counter!("postbox_released_total").increment(rows);

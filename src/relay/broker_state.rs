@@ -11,6 +11,12 @@ struct State {
     blocked: bool,
 }
 
+impl State {
+    fn usable(self) -> bool {
+        self.connected && !self.blocked
+    }
+}
+
 /// Written by the publisher (and its connection watcher); read by the claimer, which claims
 /// only while publishing can succeed, by the confirmer, which does not blame rows for confirms
 /// a blocked broker withheld, and by readiness and metrics.
@@ -55,22 +61,24 @@ impl BrokerState {
 
     /// Connected and not blocked: a publish now can be confirmed.
     pub fn usable(&self) -> bool {
-        let state = *self.state.borrow();
-        state.connected && !state.blocked
+        self.state.borrow().usable()
     }
 
     /// Returns once publishing can succeed.
     pub async fn until_usable(&self) {
         let mut state = self.state.subscribe();
         // Err only if the sender is gone, and `self` holds it.
-        let _ = state
-            .wait_for(|state| state.connected && !state.blocked)
-            .await;
+        let _ = state.wait_for(|state| state.usable()).await;
     }
 
     /// Changes so far between blocked and unblocked; compare two readings (with `blocked()`)
     /// to learn whether a block overlapped the time between them.
     pub fn block_changes(&self) -> u64 {
         self.block_changes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the broker blocked publishing at any time since it had `block_changes` changes.
+    pub fn blocked_since(&self, block_changes: u64) -> bool {
+        self.blocked() || self.block_changes() != block_changes
     }
 }

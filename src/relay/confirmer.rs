@@ -40,7 +40,7 @@ enum Heard {
 
 impl Confirmer {
     pub async fn run(
-        mut self,
+        self,
         mut input: mpsc::Receiver<Published>,
         out: mpsc::Sender<Decided>,
         hard_stop: CancellationToken,
@@ -89,12 +89,7 @@ impl Confirmer {
         }
     }
 
-    /// Whether the broker blocked publishing at any time since it had `block_changes` changes.
-    fn broker_blocked_since(&self, block_changes: u64) -> bool {
-        self.stats.broker.blocked() || self.stats.broker.block_changes() != block_changes
-    }
-
-    async fn decide(&mut self, published: Published) -> Decided {
+    async fn decide(&self, published: Published) -> Decided {
         let Published {
             batch,
             sent,
@@ -138,6 +133,7 @@ impl Confirmer {
             .filter(|heard| matches!(heard, Heard::TimedOut | Heard::Lost(_)))
             .count();
         let mut blamed = false;
+        let (mut lost, mut lost_rows) = (None, 0);
         let mut completions = Vec::with_capacity(heard.len());
         for (row, heard) in batch.rows.iter().zip(heard) {
             if let (Heard::Ack | Heard::Nack, Some(reason)) =
@@ -164,21 +160,22 @@ impl Confirmer {
                 }
                 Heard::Nack => "nacked by the broker".to_string(),
                 Heard::NotRequested => "the channel was not in confirm mode".to_string(),
-                // The connection went away: whether the broker has the message is unknown, so
-                // it is published again, with the same message id.
-                // The broker drops everything after the publish it refused: of the rows that
-                // match its reply, the first is the culprit; the rest go back uncounted.
+                // The channel or connection went away: whether the broker has the message is
+                // unknown, so it is published again, with the same message id. Unless the
+                // broker closed the channel refusing this row: it drops everything after the
+                // publish it refused, so of the rows its reply names the first is the culprit.
                 Heard::Lost(error) => match refusal(&error, row).filter(|_| !blamed) {
                     Some(refused) => {
                         blamed = true;
                         refused
                     }
                     None => {
-                        tracing::warn!(id = row.id, %error, "relay: confirm lost with the channel or connection; the row will be published again");
+                        lost.get_or_insert(error);
+                        lost_rows += 1;
                         continue;
                     }
                 },
-                Heard::TimedOut if self.broker_blocked_since(block_changes) => {
+                Heard::TimedOut if self.stats.broker.blocked_since(block_changes) => {
                     // The broker withheld the confirm (a resource alarm): not the row's fault,
                     // so no attempt is counted; it goes back untouched.
                     withheld += 1;
@@ -190,6 +187,9 @@ impl Confirmer {
                 ),
             };
             completions.push((row.id, self.policy.after_failure(row.attempts, failure)));
+        }
+        if let Some(error) = lost {
+            tracing::warn!(rows = lost_rows, %error, "relay: confirms lost with the channel or connection; the rows will be published again");
         }
         if withheld > 0 {
             tracing::warn!(

@@ -327,15 +327,25 @@ impl Relay {
         // process from exiting: past this, what is left is aborted; its transactions end with
         // their connections, and rows still locked go to other relays (takeover_timeout).
         let deadline = tokio::time::Instant::now() + STRAGGLERS;
-        for mut task in (!drained)
-            .then_some(completer)
+        let stages = (!drained)
+            .then_some(("completer", completer))
             .into_iter()
-            .chain(claimers)
-            .chain([listener, cleaner, heartbeat, publisher, confirmer])
-        {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                tracing::warn!(timeout = ?STRAGGLERS, "relay: a stage did not stop in time; aborting it");
-                task.abort();
+            .chain(claimers.into_iter().map(|claimer| ("claimer", claimer)))
+            .chain([
+                ("listener", listener),
+                ("retention", cleaner),
+                ("heartbeat", heartbeat),
+                ("publisher", publisher),
+                ("confirmer", confirmer),
+            ]);
+        for (stage, mut task) in stages {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(stage, %error, "relay: a stage failed"),
+                Err(_) => {
+                    tracing::warn!(stage, timeout = ?STRAGGLERS, "relay: a stage did not stop in time; aborting it");
+                    task.abort();
+                }
             }
         }
         tracing::info!("relay: stopped");

@@ -173,7 +173,7 @@ impl Publisher {
             let published = Published {
                 batch,
                 sent,
-                published_at: std::time::Instant::now(),
+                published_at: written_at,
                 block_changes,
                 window: WindowSlot {
                     channel: lease,
@@ -292,13 +292,23 @@ impl Publisher {
                     self.known_exchanges.clear();
                     self.probe = None;
                 }
-                // Bounded: a half-dead connection may never answer the open.
+                // Bounded: a half-dead connection may never answer the open. A connection that
+                // cannot open a channel is replaced (with the reconnect's backoff), rather than
+                // claiming and giving back batch after batch.
                 let open = amqp::confirm_channel(connection);
-                if let Ok(Ok(channel)) = tokio::time::timeout(self.block_timeout, open).await {
-                    return Some((lease(self, channel), frame_max));
+                match tokio::time::timeout(self.block_timeout, open).await {
+                    Ok(Ok(channel)) => return Some((lease(self, channel), frame_max)),
+                    Ok(Err(error)) => tracing::warn!(%error, "rabbitmq: could not open a channel"),
+                    Err(_) => {
+                        tracing::warn!(timeout = ?self.block_timeout, "rabbitmq: opening a channel timed out")
+                    }
                 }
             }
-            tracing::warn!("rabbitmq: connection lost; reconnecting");
+            if connection.status().connected() {
+                tracing::warn!("rabbitmq: replacing a connection that opens no channel");
+            } else {
+                tracing::warn!("rabbitmq: connection lost; reconnecting");
+            }
             self.watcher = None; // its events no longer say anything about the broker
             self.idle.clear();
             self.known_exchanges.clear();
@@ -441,7 +451,7 @@ async fn watch_connection(
 async fn blocked_for(stats: &super::Stats, timeout: std::time::Duration, block_changes: u64) {
     loop {
         tokio::time::sleep(timeout).await;
-        if stats.broker.blocked() || stats.broker.block_changes() != block_changes {
+        if stats.broker.blocked_since(block_changes) {
             return;
         }
     }

@@ -415,13 +415,12 @@ pub async fn complete(
 }
 
 const NEXT_DUE: &str = r#"
--- null when nothing is pending (greatest() would turn that into 0, "due now"); the caller
--- clamps rows already due to zero
--- clamps rows already due to zero; rows scheduled at ±infinity (from before the constraint
--- against them) would make the subtraction fail, and are never the next one due
-select extract(epoch from min(available_at) - clock_timestamp())::float8
+-- null when nothing is pending; rows already due count as due now. Rows scheduled at
+-- ±infinity (from before the constraint against them) would make the subtraction fail:
+-- '-infinity' is due now (claims take it), 'infinity' never.
+select extract(epoch from min(greatest(available_at, clock_timestamp())) - clock_timestamp())::float8
 from postbox.outbox
-where published_at is null and dead_at is null and isfinite(available_at)
+where published_at is null and dead_at is null and available_at < 'infinity'
 "#;
 
 /// How long until the earliest pending row is due, by the database's clock (zero: due now;
