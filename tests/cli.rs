@@ -33,15 +33,19 @@ async fn finish(mut child: Child, deadline: Duration) -> (Option<i32>, String) {
 async fn migrate_twice_is_harmless() {
     let db = TestDb::empty().await;
     for _ in 0..2 {
+        // A misspelt POSTBOX_ variable is ignored, with a warning that names it.
         let output = postbox_command()
             .arg("migrate")
             .env("DATABASE_URL", &db.url)
+            .env("POSTBOX_RELAY__BATCH_SISE", "5")
             .output()
             .expect("run postbox migrate");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
         assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+            stderr.contains("not a postbox setting")
+                && stderr.contains("POSTBOX_RELAY__BATCH_SISE"),
+            "{stderr}"
         );
     }
     let applied: i64 = sqlx::query_scalar("select count(*) from postbox._migrations_outbox")

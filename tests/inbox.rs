@@ -464,6 +464,47 @@ async fn partition_keys_postgres_cannot_index_are_still_versioned() {
     assert_eq!(runs.0.load(Ordering::SeqCst), 2);
 }
 
+/// A message whose own values Postgres refuses in the inbox (here a check constraint, SQLSTATE
+/// class 23; value errors are 22, size limits 54) can never be recorded: it is dead-lettered at
+/// once, without an inbox row, rather than waited on as if Postgres were down; the messages
+/// behind it go on.
+#[tokio::test]
+async fn a_message_postgres_refuses_in_the_inbox_is_dead_lettered_at_once() {
+    let mut sub = subscriber().await;
+    sqlx::query(
+        "alter table postbox.inbox add constraint test_refuses_this_key \
+         check (partition_key is distinct from 'refused')",
+    )
+    .execute(&sub.db.pool)
+    .await
+    .expect("add constraint");
+    let recorder = Recorder::default();
+    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let refused = Uuid::new_v4();
+    let fine = Uuid::new_v4();
+    sub.send(refused, relay_headers(1, Some("refused")), b"{}")
+        .await;
+    sub.send(fine, relay_headers(2, Some("fine")), b"{}").await;
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    assert_eq!(
+        dead[0].message_id.as_deref(),
+        Some(refused.to_string().as_str())
+    );
+    let stats = stop_when(consumer, "the other one applied", |stats| {
+        stats.applied() == 1 && stats.dead_lettered() == 1
+    })
+    .await;
+    assert_eq!(stats.failures(), 0, "no attempt counted, none retried");
+    let rows: i64 = sqlx::query_scalar("select count(*) from postbox.inbox where message_id = $1")
+        .bind(refused)
+        .fetch_one(&sub.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0, "no inbox row for the refused message");
+    let applied: Vec<Uuid> = applied(&sub).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(applied, [fine]);
+}
+
 /// With several workers, a worker waiting out a failed run's backoff gets no unkeyed
 /// deliveries: they go to a worker that can run them now, not round-robin behind the retry.
 #[tokio::test]
@@ -1436,6 +1477,73 @@ async fn receive_batch_decides_like_receiving_one_after_another() {
     assert_eq!(
         receive_batch(&mut tx, &next).await.expect("receive batch"),
         [Status::Stale]
+    );
+}
+
+/// What README promises a batch costs: one inbox statement when every id is new and none
+/// carries a version; with versions, one more for keys seen before, two when some are seen for
+/// the first time, and one to record stale messages; a second for ids seen before. Never one
+/// per message.
+#[tokio::test]
+async fn receive_batch_costs_a_few_statements_whatever_its_size() {
+    use postbox::inbox::{receive_batch, Receipt};
+    use sqlx::Connection;
+    let sub = subscriber().await;
+    let proxy = Proxy::start(common::host_port(&common::admin_database_url())).await;
+    let mut conn = sqlx::PgConnection::connect(&proxy.url_for(&sub.db.url))
+        .await
+        .expect("connect through the proxy");
+    let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+    const KEYS: [&str; 10] = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+    let batch = |versions: Option<i64>| -> Vec<Receipt<'_>> {
+        (0..100)
+            .map(|i| Receipt {
+                consumer: "own-loop",
+                message_id: versions.map_or(ids[i], |_| Uuid::new_v4()),
+                queue: "q",
+                routing_key: "rk",
+                partition_key: versions.map(|_| KEYS[i % 10]),
+                version: versions.map(|base| base + i as i64),
+                source: None,
+            })
+            .collect()
+    };
+    // Statements one batch in its own transaction costs, BEGIN and COMMIT aside.
+    async fn statements(
+        proxy: &Proxy,
+        conn: &mut sqlx::PgConnection,
+        batch: &[Receipt<'_>],
+    ) -> u64 {
+        let before = proxy.statements();
+        let mut tx = conn.begin().await.expect("begin");
+        receive_batch(&mut tx, batch).await.expect("receive batch");
+        tx.commit().await.expect("commit");
+        proxy.statements() - before - 2
+    }
+    assert_eq!(
+        statements(&proxy, &mut conn, &batch(None)).await,
+        1,
+        "100 new ids, no versions"
+    );
+    assert_eq!(
+        statements(&proxy, &mut conn, &batch(None)).await,
+        2,
+        "the same 100 ids again"
+    );
+    assert_eq!(
+        statements(&proxy, &mut conn, &batch(Some(1_000))).await,
+        3,
+        "10 keys seen first"
+    );
+    assert_eq!(
+        statements(&proxy, &mut conn, &batch(Some(2_000))).await,
+        2,
+        "10 keys seen before, newer"
+    );
+    assert_eq!(
+        statements(&proxy, &mut conn, &batch(Some(0))).await,
+        3,
+        "10 keys seen before, all stale"
     );
 }
 

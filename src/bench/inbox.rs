@@ -112,7 +112,7 @@ pub(super) async fn consumer_cases(
         }
         let mut result = CaseResult::from_samples(case, queue_type, &mut rates, "msgs/s", None);
         result.note = format!(
-            "queue filled first, 10 % redeliveries, {KEYS} partition keys (versions checked); \
+            "queue filled first, 10 % duplicates (relay retries), {KEYS} partition keys (versions checked); \
              concurrency {concurrency}, batch_size {batch_size}, prefetch {prefetch}; a handler \
              that writes nothing"
         );
@@ -166,27 +166,35 @@ async fn consume_once(
 const KEYS: u32 = 1000;
 
 /// Publishes `options.messages` messages shaped as the relay sends them, over [`KEYS`] partition
-/// keys (so the inbox checks versions, as it does for most real events); every tenth reuses the
-/// message id of the one five before, as a relay retry would.
+/// keys (so the inbox checks versions, as it does for most real events); every tenth is a copy
+/// of the one five before (its message id, outbox id and key), as a relay retry sends it.
 async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()> {
     let payload = vec![b'x'; options.payload_size];
     let mut row = super::cases::bench_row(queue);
-    let mut ids: Vec<uuid::Uuid> = Vec::with_capacity(options.messages as usize);
+    // (outbox id, message id, key) of every message sent
+    let mut sent_rows: Vec<(i64, uuid::Uuid, u32)> = Vec::with_capacity(options.messages as usize);
+    let mut next_id = 0;
     let mut sent = 0;
     while sent < options.messages {
         let n = options.batch_size.min(options.messages - sent);
         let mut messages = Vec::with_capacity(n as usize);
         for i in sent..sent + n {
-            row.id += 1;
-            row.partition_key = Some(format!("key-{}", i % KEYS));
-            // the message five before is always a fresh one: each redelivery repeats a
-            // different id
-            let earlier = i.checked_sub(5).and_then(|e| ids.get(e as usize)).copied();
-            row.message_id = match earlier {
-                Some(id) if i % 10 == 9 => id,
-                _ => uuid::Uuid::now_v7(),
+            // the message five before is always a fresh one: each copy repeats a different one
+            let earlier = i
+                .checked_sub(5)
+                .and_then(|e| sent_rows.get(e as usize))
+                .copied();
+            let (id, message_id, key) = match earlier {
+                Some(copy) if i % 10 == 9 => copy,
+                _ => {
+                    next_id += 1;
+                    (next_id, uuid::Uuid::now_v7(), i % KEYS)
+                }
             };
-            ids.push(row.message_id);
+            sent_rows.push((id, message_id, key));
+            row.id = id;
+            row.message_id = message_id;
+            row.partition_key = Some(format!("key-{key}"));
             messages.push((
                 outgoing(&row).map_err(Error::Unconfirmed)?,
                 payload.as_slice(),
