@@ -57,14 +57,10 @@ pub struct RelaySettings {
     pub takeover_timeout: Duration,
     /// Failed attempts after which a row is marked dead.
     pub max_attempts: u32,
-    /// A dead row parks its partition key: the key's later rows wait until an operator
-    /// releases or retries it (`false`: they go on, out of order with the dead one).
+    /// A dead keyed row parks its stream: consumers hold the stream's later messages until an
+    /// operator releases the row (its number is then skipped) or retries it (`false`: released
+    /// at once, so consumers move on past it).
     pub dead_rows_park_keys: bool,
-    /// Rows of one partition key a batch may carry. `1` (the default): a key has one message
-    /// in flight at a time, so a failed row is always retried before its key's next row goes
-    /// out. More: faster for keys with many events at once, but if a row fails after a later
-    /// row of its key in the same batch was confirmed, the retry arrives after that row.
-    pub max_rows_per_key: u32,
     /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_initial_delay: Duration,
@@ -122,7 +118,6 @@ max_attempts = 10
 max_message_bytes = 16777216
 takeover_timeout = "90s"
 dead_rows_park_keys = true
-max_rows_per_key = 1
 retry_initial_delay = "1s"
 retry_max_delay = "5m"
 shutdown_timeout = "30s"
@@ -145,9 +140,17 @@ impl Settings {
                 .add_source(config::File::from(file).format(config::FileFormat::Toml))
                 .build()
                 .map_err(|error| file_error(file, error))?;
-            if let Some(key) = keys(&contents)
+            let keys = keys(&contents);
+            for key in keys.iter().filter(|key| OBSOLETE.contains(&key.as_str())) {
+                tracing::warn!(
+                    setting = %key,
+                    file = %file.display(),
+                    "obsolete setting, ignored (see the upgrade notes)"
+                );
+            }
+            if let Some(key) = keys
                 .into_iter()
-                .find(|key| !known_keys().contains(key))
+                .find(|key| !known_keys().contains(key) && !OBSOLETE.contains(&key.as_str()))
             {
                 return Err(Error::UnknownSetting {
                     name: key,
@@ -218,13 +221,6 @@ impl Settings {
                 "relay.max_in_flight_batches",
                 relay.max_in_flight_batches,
                 "a whole number from 1 to 64",
-            ));
-        }
-        if !(1..=relay.batch_size).contains(&relay.max_rows_per_key) {
-            return Err(invalid(
-                "relay.max_rows_per_key",
-                relay.max_rows_per_key,
-                "a whole number from 1 to relay.batch_size",
             ));
         }
         if !(1..=512 * 1024 * 1024).contains(&relay.max_message_bytes) {
@@ -330,6 +326,10 @@ fn known_keys() -> Vec<String> {
         .map(|defaults| keys(&defaults))
         .unwrap_or_default()
 }
+
+/// Settings earlier versions had: accepted in a file with a warning, and ignored.
+/// `relay.max_rows_per_key` capped a key's rows per batch; stream numbers made it unnecessary.
+const OBSOLETE: &[&str] = &["relay.max_rows_per_key"];
 
 /// The dotted names of the leaf values in `config`.
 fn keys(config: &config::Config) -> Vec<String> {
@@ -576,7 +576,19 @@ mod tests {
         let known = known_keys();
         assert!(known.contains(&"relay.batch_size".to_string()));
         assert!(known.contains(&"database_url".to_string()));
-        assert_eq!(known.len(), 22, "{known:?}");
+        assert_eq!(known.len(), 21, "{known:?}");
+        assert!(!known.contains(&"relay.max_rows_per_key".to_string()));
+    }
+
+    #[test]
+    fn an_obsolete_setting_in_a_file_is_ignored_not_refused() {
+        let dir = std::env::temp_dir().join(format!("postbox-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("postbox.toml");
+        std::fs::write(&file, "[relay]\nmax_rows_per_key = 5\nbatch_size = 100\n").unwrap();
+        let settings = Settings::load(Some(&file));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(settings.unwrap().relay.batch_size, 100);
     }
 
     #[test]

@@ -91,7 +91,13 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
     migrate("inbox");
     assert_eq!(
         tables().await,
-        ["_migrations_inbox", "inbox", "inbox_versions"]
+        [
+            "_migrations_inbox",
+            "inbox",
+            "inbox_streams",
+            "inbox_versions",
+            "inbox_waiting"
+        ]
     );
     // The outbox added later does not disturb the inbox's history.
     migrate("outbox");
@@ -102,9 +108,12 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
             "_migrations_inbox",
             "_migrations_outbox",
             "inbox",
+            "inbox_streams",
             "inbox_versions",
+            "inbox_waiting",
             "outbox",
             "outbox_source",
+            "outbox_streams",
             "relays"
         ]
     );

@@ -352,81 +352,6 @@ async fn commit(db: &TestDb, messages: &[Message]) -> Vec<i64> {
         .collect()
 }
 
-/// Key `k`'s first event is unroutable until a binding appears; its two later events and ten
-/// other keys' events are routable. Returns the outbox ids of the key's events in arrival order.
-async fn a_keys_first_event_fails_until_routable(rows_per_key: u32) -> Vec<i64> {
-    let Stage {
-        db,
-        rabbit,
-        queue,
-        mut inbox,
-    } = Stage::start().await;
-    let exchange = format!("postbox-test-{}", uuid::Uuid::new_v4().simple());
-    rabbit.exchange_to(&exchange, &queue).await;
-    let to = |routing_key: &str, key: &str| {
-        Message::text(routing_key, key)
-            .exchange(&exchange)
-            .partition_key(key)
-    };
-    let mut messages = vec![to("not-bound-yet", "k"), to(&queue, "k"), to(&queue, "k")];
-    messages.extend((0..10).map(|n| to(&queue, &format!("other-{n}"))));
-    let ids = commit(&db, &messages).await;
-    let mut settings = db.settings();
-    settings.relay.max_rows_per_key = rows_per_key;
-    settings.relay.max_attempts = 1_000;
-    let relay = RunningRelay::start(settings).await;
-
-    // The other keys flow while k's first event fails again and again.
-    wait_until("k's first event to fail twice", LONG, || async {
-        (db.count(&format!("id = {} and attempts >= 2", ids[0]))
-            .await
-            == 1)
-            .then_some(())
-    })
-    .await;
-    let error: String = sqlx::query_scalar("select last_error from postbox.outbox where id = $1")
-        .bind(ids[0])
-        .fetch_one(&db.pool)
-        .await
-        .expect("last_error");
-    assert!(error.contains("unroutable"), "{error}");
-    // One row per key: only the other keys go out; runs: k's later rows go out too.
-    let before = if rows_per_key == 1 { 10 } else { 12 };
-    let mut arrived: Vec<i64> = inbox
-        .take(before, LONG)
-        .await
-        .iter()
-        .map(Received::outbox_id)
-        .collect();
-    rabbit.bind(&exchange, &queue, "not-bound-yet").await;
-    let rest = inbox.take(13 - before, LONG).await;
-    arrived.extend(rest.iter().map(Received::outbox_id));
-    relay.stop().await;
-    arrived.retain(|id| ids[..3].contains(id));
-    arrived
-}
-
-#[tokio::test]
-async fn a_failing_event_holds_back_only_its_key_and_is_never_overtaken() {
-    let db_ids = a_keys_first_event_fails_until_routable(1).await;
-    let mut sorted = db_ids.clone();
-    sorted.sort_unstable();
-    assert_eq!(db_ids, sorted, "k's events arrive in commit order");
-    assert_eq!(db_ids.len(), 3);
-}
-
-/// The documented price of `relay.max_rows_per_key` > 1: a key's later rows confirmed in the
-/// same batch as its failed row are out before the retry.
-#[tokio::test]
-async fn with_runs_per_key_a_retry_arrives_after_its_keys_later_rows() {
-    let arrived = a_keys_first_event_fails_until_routable(10).await;
-    assert_eq!(arrived.len(), 3);
-    assert!(
-        arrived[0] > arrived[2],
-        "the retried first row came last: {arrived:?}"
-    );
-}
-
 #[tokio::test]
 async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
     let Stage {
@@ -456,8 +381,16 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
     settings.relay.max_message_bytes = 1_000;
     let relay = RunningRelay::start(settings).await;
 
-    let arrived = inbox.take(1, LONG).await;
-    assert_eq!(arrived[0].outbox_id(), ids[4]);
+    // The row after the oversized one in its stream goes out with the next number: consumers
+    // hold it until the dead row is released or retried.
+    let mut arrived: Vec<(i64, Option<i64>)> = inbox
+        .take(2, LONG)
+        .await
+        .iter()
+        .map(|received| (received.outbox_id(), received.seq()))
+        .collect();
+    arrived.sort_unstable();
+    assert_eq!(arrived, vec![(ids[1], Some(2)), (ids[4], Some(1))]);
     wait_until("the four refused rows to die", LONG, || async {
         (db.count("dead_at is not null").await == 4).then_some(())
     })
@@ -479,15 +412,16 @@ async fn rows_the_broker_would_refuse_die_alone_with_their_reason() {
         assert_eq!(*attempts, 1, "refused at once, not retried: {error}");
         assert!(error.contains(reason), "row {id}: {error}");
     }
-    // The oversized row parks its key; the relay itself carries on: a row committed later is
-    // published, and only then is the parked row's staying pending more than timing.
+    // The oversized row parks its stream (no skip message is sent for it); the relay carries
+    // on: a row committed later is published, and only then is the absence of a skip more
+    // than timing.
     let later = commit(&db, &[Message::text(&queue, "later")]).await;
     assert_eq!(inbox.take(1, LONG).await[0].outbox_id(), later[0]);
     assert_eq!(
-        db.count(&format!("id = {} and published_at is null", ids[1]))
+        db.count(&format!("id = {} and released_at is null", ids[0]))
             .await,
         1,
-        "the row behind the dead one stays parked"
+        "the dead row parks its stream"
     );
     assert!(
         inbox.drain_for(Duration::from_millis(300)).await.is_empty(),

@@ -142,6 +142,15 @@ async fn subscriber() -> Subscriber {
     sub
 }
 
+/// Options for state semantics: a key's outbox position is its version, and older events are
+/// skipped as stale.
+fn state_options(sub: &Subscriber) -> ConsumerOptions {
+    ConsumerOptions {
+        versioning: Versioning::OutboxId,
+        ..sub.options()
+    }
+}
+
 async fn applied(sub: &Subscriber) -> Vec<(Uuid, Option<String>, Option<i64>)> {
     sqlx::query_as("select message_id, partition_key, outbox_id from applied order by seq")
         .fetch_all(&sub.db.pool)
@@ -447,7 +456,7 @@ async fn partition_keys_postgres_cannot_index_are_still_versioned() {
     }
     let sub = subscriber().await;
     let runs = Runs::default();
-    let consumer = sub.consumer("billing", runs.clone(), sub.options());
+    let consumer = sub.consumer("billing", runs.clone(), state_options(&sub));
     let long_key = "k".repeat(5_000);
     sub.send(Uuid::new_v4(), relay_headers(2, Some("acc\0-1")), b"{}")
         .await;
@@ -778,7 +787,7 @@ fn deposit(account: &str, balance: i64) -> Vec<u8> {
 async fn a_late_event_never_overwrites_newer_state() {
     let sub = subscriber().await;
     let handler = Balances::new(&sub).await;
-    let consumer = sub.consumer("ledger", handler.clone(), sub.options());
+    let consumer = sub.consumer("ledger", handler.clone(), state_options(&sub));
     // Outbox positions 5 then 3 for one key: 3 arrives late (a replay, a requeue).
     let newer = Uuid::new_v4();
     let older = Uuid::new_v4();
@@ -834,7 +843,7 @@ async fn a_late_event_never_overwrites_newer_state() {
 async fn versions_are_compared_only_within_one_outbox() {
     let sub = subscriber().await;
     let recorder = Recorder::default();
-    let consumer = sub.consumer("billing", recorder.clone(), sub.options());
+    let consumer = sub.consumer("billing", recorder.clone(), state_options(&sub));
     let from = |source: &str, outbox_id: i64| {
         let mut headers = relay_headers(outbox_id, Some("order-42"));
         headers.insert(
@@ -1131,6 +1140,7 @@ async fn batches_skip_stale_messages_as_single_runs_would() {
     let options = ConsumerOptions {
         batch_size: 16,
         concurrency: 1,
+        versioning: Versioning::OutboxId,
         ..sub.options()
     };
     let consumer = sub.consumer("billing", handler.clone(), options);
@@ -1312,9 +1322,12 @@ async fn the_inbox_functions_work_inside_any_transaction() {
         consumer: "own-loop",
         message_id,
         queue: "q",
+        exchange: "",
         routing_key: "rk",
         partition_key: Some("key-1"),
         version: Some(version),
+        seq: None,
+        skip: false,
         source: Some(source),
     };
     let from = |source: &'static str, id: Uuid, version: i64, commit: bool| {
@@ -1380,9 +1393,12 @@ async fn receive_batch_decides_like_receiving_one_after_another() {
         consumer: "own-loop",
         message_id,
         queue: "q",
+        exchange: "",
         routing_key: "rk",
         partition_key: key,
         version,
+        seq: None,
+        skip: false,
         source: Some("outbox-a"),
     };
     let ids: Vec<Uuid> = (0..9).map(|_| Uuid::new_v4()).collect();
@@ -1501,9 +1517,12 @@ async fn receive_batch_costs_a_few_statements_whatever_its_size() {
                 consumer: "own-loop",
                 message_id: versions.map_or(ids[i], |_| Uuid::new_v4()),
                 queue: "q",
+                exchange: "",
                 routing_key: "rk",
                 partition_key: versions.map(|_| KEYS[i % 10]),
                 version: versions.map(|base| base + i as i64),
+                seq: None,
+                skip: false,
                 source: None,
             })
             .collect()
@@ -1558,9 +1577,12 @@ async fn concurrent_batches_on_one_key_decide_against_each_other() {
         consumer: "own-loop",
         message_id: Uuid::new_v4(),
         queue: "q",
+        exchange: "",
         routing_key: "rk",
         partition_key: Some(key),
         version: Some(version),
+        seq: None,
+        skip: false,
         source: None,
     };
     let new = Status::New { failed_attempts: 0 };

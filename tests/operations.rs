@@ -704,11 +704,10 @@ async fn running_relays_are_listed_until_they_stop_and_reappear_if_deleted() {
     assert_eq!(left, 0, "a clean stop removes the relay's row");
 }
 
-/// A relay that gives up after one attempt, a test queue with a consumer, and a first row of
-/// key "k" that dies (no such queue).
+/// A relay that refuses rows over 1,000 bytes, a test queue with a consumer, and a first row
+/// of key "k" to the queue that dies (too big), numbered 1 in its stream.
 async fn with_a_dead_row_on_key_k(
     park: bool,
-    batch_size: Option<u32>,
 ) -> (TestDb, Rabbit, String, common::Inbox, RunningRelay, i64) {
     let Stage {
         db,
@@ -717,16 +716,10 @@ async fn with_a_dead_row_on_key_k(
         inbox,
     } = Stage::start().await;
     let mut settings = db.settings();
-    settings.relay.max_attempts = 1;
+    settings.relay.max_message_bytes = 1_000;
     settings.relay.dead_rows_park_keys = park;
-    if let Some(batch_size) = batch_size {
-        settings.relay.batch_size = batch_size;
-    }
     let relay = RunningRelay::start(settings).await;
-    let nowhere = format!("no-such-queue-{}", uuid::Uuid::new_v4().simple());
-    let poison = postbox::Message::json(&nowhere, &serde_json::json!({}))
-        .expect("json")
-        .partition_key("k");
+    let poison = postbox::Message::text(&queue, "x".repeat(2_000)).partition_key("k");
     let dead_id = postbox::enqueue(&db.pool, &poison)
         .await
         .expect("enqueue")
@@ -750,31 +743,50 @@ async fn enqueue_keyed(db: &TestDb, queue: &str, key: &str, n: i64) -> String {
         .to_string()
 }
 
+/// The seq header of a received message, and whether it is a skip message.
+fn seq_and_skip(received: &common::Received) -> (Option<i64>, bool) {
+    (received.seq(), received.header("x-postbox-skip").is_some())
+}
+
+/// A dead row parks its stream: the relay goes on publishing the stream's later rows, with
+/// their numbers, and consumers hold them until the number of the dead row comes. Released,
+/// the row is replaced in its stream by a skip message carrying its number.
 #[tokio::test]
-async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
-    let (db, _rabbit, queue, mut inbox, relay, dead_id) =
-        with_a_dead_row_on_key_k(true, None).await;
-    let b = enqueue_keyed(&db, &queue, "k", 1).await;
-    let c = enqueue_keyed(&db, &queue, "k", 2).await;
-    let other = enqueue_keyed(&db, &queue, "j", 3).await;
-    let first = inbox.take(1, DEADLINE).await;
+async fn a_dead_row_parks_its_stream_until_released_then_a_skip_takes_its_number() {
+    let (db, _rabbit, queue, mut inbox, relay, dead_id) = with_a_dead_row_on_key_k(true).await;
+    enqueue_keyed(&db, &queue, "k", 1).await;
+    enqueue_keyed(&db, &queue, "k", 2).await;
+    enqueue_keyed(&db, &queue, "j", 3).await;
+    let mut first: Vec<(Option<i64>, bool)> = inbox
+        .take(3, DEADLINE)
+        .await
+        .iter()
+        .map(seq_and_skip)
+        .collect();
+    first.sort_unstable();
     assert_eq!(
-        first[0].message_id.as_deref(),
-        Some(other.as_str()),
-        "other keys flow"
+        first,
+        [(Some(1), false), (Some(2), false), (Some(3), false)]
     );
     assert!(
         inbox.drain_for(Duration::from_millis(500)).await.is_empty(),
-        "k's later rows wait behind its dead row"
+        "no skip while the row parks its stream"
     );
-    let parked: (String, i64, String, i64) = sqlx::query_as(
-        "select partition_key, dead_id, reason, rows_waiting from postbox.parked_keys",
+    let parked: (String, i64, String) =
+        sqlx::query_as("select partition_key, dead_id, reason from postbox.parked_keys")
+            .fetch_one(&db.pool)
+            .await
+            .expect("one parked key");
+    assert_eq!((parked.0.as_str(), parked.1), ("k", dead_id));
+    assert!(parked.2.contains("relay.max_message_bytes"), "{}", parked.2);
+    let parked_at: Option<i64> = sqlx::query_scalar(
+        "select parked_at_seq from postbox.outbox_keyed_backlog where partition_key = 'k'",
     )
-    .fetch_one(&db.pool)
+    .fetch_optional(&db.pool)
     .await
-    .expect("one parked key");
-    assert_eq!((parked.0.as_str(), parked.1, parked.3), ("k", dead_id, 2));
-    assert!(parked.2.contains("unroutable"), "{}", parked.2);
+    .expect("keyed backlog")
+    .flatten();
+    assert_eq!(parked_at, None, "nothing of k pending at the relay");
 
     let output = postbox(&db, &["dead", "release"]);
     assert_eq!(
@@ -784,12 +796,21 @@ async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
     );
     let text = stdout(&postbox(&db, &["dead", "release", "--key", "k"]));
     assert!(text.contains("1 dead row(s) released"), "{text}");
-    let released = inbox.take(2, DEADLINE).await;
-    let ids: Vec<&str> = released
-        .iter()
-        .map(|r| r.message_id.as_deref().expect("message id"))
-        .collect();
-    assert_eq!(ids, [b.as_str(), c.as_str()], "in key order");
+    let skip = inbox.take(1, DEADLINE).await;
+    assert_eq!(
+        seq_and_skip(&skip[0]),
+        (Some(1), true),
+        "the skip takes number 1"
+    );
+    assert_eq!(
+        skip[0].header("x-postbox-partition-key"),
+        Some(&lapin::types::AMQPValue::LongString("k".into()))
+    );
+    // Released twice: still one skip.
+    postbox::store::operations::release_dead(&db.pool, Some(&[dead_id]), None)
+        .await
+        .expect("release again");
+    assert!(inbox.drain_for(Duration::from_millis(500)).await.is_empty());
     relay.stop().await;
     let parked: i64 = sqlx::query_scalar("select count(*) from postbox.parked_keys")
         .fetch_one(&db.pool)
@@ -803,53 +824,39 @@ async fn a_dead_row_parks_its_key_until_released_and_other_keys_flow() {
     );
 }
 
-/// A parked key's backlog larger than a batch must not hide the rows after it: a scheduled row
-/// that falls due after the relay's tail has moved past it is found only by scans from the
-/// start, which the parked rows would otherwise fill.
+/// Retrying a released row publishes it again as a new event at the end of its stream (its
+/// old number went to the skip, which consumers applied already).
 #[tokio::test]
-async fn a_parked_backlog_larger_than_a_batch_does_not_hide_later_rows() {
-    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(true, Some(5)).await;
-    for n in 0..12 {
-        enqueue_keyed(&db, &queue, "k", n).await;
-    }
-    let scheduled = postbox::Message::json(&queue, &serde_json::json!({ "scheduled": true }))
-        .expect("json")
-        .partition_key("x")
-        .delay(Duration::from_secs(2));
-    let scheduled = postbox::enqueue(&db.pool, &scheduled)
-        .await
-        .expect("enqueue")
-        .message_id
-        .to_string();
-    let later = enqueue_keyed(&db, &queue, "j", 0).await;
-    let arrived = inbox.take(2, DEADLINE).await;
-    let ids: Vec<&str> = arrived
-        .iter()
-        .map(|r| r.message_id.as_deref().expect("message id"))
-        .collect();
-    assert_eq!(ids, [later.as_str(), scheduled.as_str()]);
-    // Arrival can come before the mark commits: wait for both marks, then k's rows must stay.
-    wait_until("the two delivered rows marked", DEADLINE, || async {
-        (db.count("published_at is null and dead_at is null").await == 12).then_some(())
-    })
+async fn a_released_row_retried_gets_a_new_number() {
+    let (db, _rabbit, _queue, mut inbox, relay, dead_id) = with_a_dead_row_on_key_k(false).await;
+    let skip = inbox.take(1, DEADLINE).await;
+    assert_eq!(seq_and_skip(&skip[0]), (Some(1), true));
+    relay.stop().await;
+    // Small enough now: an operator fixed the row.
+    execute(
+        &db,
+        &format!("update postbox.outbox set payload = 'fixed' where id = {dead_id}"),
+    )
     .await;
-    assert!(
-        inbox.drain_for(Duration::from_millis(500)).await.is_empty(),
-        "k stays parked"
-    );
-    assert_eq!(
-        db.count("published_at is null and dead_at is null").await,
-        12
-    );
+    let revived = postbox::store::operations::retry_dead(&db.pool, Some(&[dead_id]))
+        .await
+        .expect("retry");
+    assert_eq!(revived, vec![dead_id]);
+    let relay = RunningRelay::start(db.settings()).await;
+    let again = inbox.take(1, DEADLINE).await;
+    assert_eq!(again[0].payload, b"fixed");
+    assert_eq!(seq_and_skip(&again[0]), (Some(2), false));
     relay.stop().await;
 }
 
 #[tokio::test]
-async fn with_parking_off_a_dead_row_releases_its_key_at_once() {
-    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(false, None).await;
-    let b = enqueue_keyed(&db, &queue, "k", 1).await;
+async fn with_parking_off_a_dead_row_is_skipped_at_once() {
+    let (db, _rabbit, queue, mut inbox, relay, _) = with_a_dead_row_on_key_k(false).await;
+    let skip = inbox.take(1, DEADLINE).await;
+    assert_eq!(seq_and_skip(&skip[0]), (Some(1), true));
+    enqueue_keyed(&db, &queue, "k", 1).await;
     let arrived = inbox.take(1, DEADLINE).await;
-    assert_eq!(arrived[0].message_id.as_deref(), Some(b.as_str()));
+    assert_eq!(seq_and_skip(&arrived[0]), (Some(2), false));
     relay.stop().await;
 }
 

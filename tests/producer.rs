@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
-use postbox::store::outbox::KeyRules;
 use postbox::{deterministic_id, enqueue, enqueue_many, Message};
 
 #[test]
@@ -220,56 +219,112 @@ async fn one_notification_per_transaction_whatever_the_row_count() {
 
 /// A key's rows are claimed only as a contiguous run: a row of the key locked by another batch
 /// (or waiting for a retry) holds back every later row of that key, and nothing else.
+/// Keyed rows are claimed only once numbered; a stream's numbers start at 1 and follow id
+/// order among rows committed together; streams are counted apart.
 #[tokio::test]
-async fn claims_never_skip_over_a_keys_row_held_elsewhere() {
+async fn keyed_rows_are_claimed_once_numbered_per_stream() {
     let db = TestDb::migrated().await;
-    let ids = commit_keyed(&db, &["k", "k", "k", "other", "k"]).await;
-    // Another batch holds the key's second row.
-    let other = hold_row(&db, ids[1]).await;
-
-    let claimed = claim_ids(&db).await;
+    let keyed = commit_keyed(&db, &["a", "b", "a", "a", "b"]).await;
+    let unkeyed = enqueue(&db.pool, &Message::text("q", "plain"))
+        .await
+        .expect("enqueue")
+        .id
+        .expect("new");
     assert_eq!(
-        claimed,
-        [ids[0], ids[3]],
-        "the key stops at its row held elsewhere"
+        claim_seqs(&db).await,
+        vec![(unkeyed, None)],
+        "unnumbered rows wait"
     );
 
-    // Once the first row is published, the held row still blocks the rest of the key.
-    sqlx::query("update postbox.outbox set published_at = now() where id = $1")
-        .bind(ids[0])
-        .execute(&db.pool)
+    let numbered = postbox::store::outbox::number(&db.pool, 100)
         .await
-        .expect("publish first");
-    let claimed = claim_ids(&db).await;
-    assert_eq!(claimed, [ids[3]]);
-    other.rollback().await.expect("release");
-
-    let claimed = claim_ids(&db).await;
-    assert_eq!(claimed, [ids[1], ids[2], ids[3], ids[4]]);
-    // The default takes one row per key: the key's next row waits for this one's outcome.
-    assert_eq!(claim_ids_with(&db, 1).await, [ids[1], ids[3]]);
-    assert_eq!(claim_ids_with(&db, 2).await, [ids[1], ids[2], ids[3]]);
+        .expect("number");
+    assert_eq!(numbered, Some(5));
+    let claimed = claim_seqs(&db).await;
+    let expected = vec![
+        (keyed[0], Some(1)),
+        (keyed[1], Some(1)),
+        (keyed[2], Some(2)),
+        (keyed[3], Some(3)),
+        (keyed[4], Some(2)),
+        (unkeyed, None),
+    ];
+    assert_eq!(claimed, expected);
+    // A claim rolled back (a relay that crashed after publishing) leaves the numbers: the same
+    // rows go out again with the same numbers, and a second pass numbers nothing.
+    assert_eq!(claim_seqs(&db).await, expected);
+    assert_eq!(
+        postbox::store::outbox::number(&db.pool, 100)
+            .await
+            .expect("number"),
+        Some(0)
+    );
+    let streams: Vec<(String, i64)> = sqlx::query_as(
+        "select partition_key, last_seq from postbox.outbox_streams order by partition_key",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("streams");
+    assert_eq!(streams, vec![("a".into(), 3), ("b".into(), 2)]);
 }
 
-/// A claim says how many rows it locked besides those it keeps: all of them held back behind
-/// their key's row in flight elsewhere is what tells the relay to wait for a finished batch
-/// rather than claim again.
+/// Two transactions write events of one key and commit in the other order of their ids: the
+/// row committed first gets the lower number, and a claim puts the stream's rows in number
+/// order, so they go out in the order they committed.
 #[tokio::test]
-async fn a_claim_that_keeps_nothing_still_reports_what_it_locked() {
+async fn a_late_commit_gets_the_next_number_and_goes_out_after() {
     let db = TestDb::migrated().await;
-    let ids = commit_keyed(&db, &["k", "k", "k"]).await;
-    let other = hold_row(&db, ids[0]).await;
-    let claim = claim_with(&db, 1).await;
-    assert!(claim.rows.is_empty(), "the key is in flight elsewhere");
-    assert_eq!(claim.locked, 2, "its two later rows were found and locked");
-    other.rollback().await.expect("release");
-
-    let claim = claim_with(&db, 1).await;
+    let mut early = db.pool.begin().await.expect("begin");
+    let first_id = enqueue(
+        &mut *early,
+        &Message::text("q", "drawn first").partition_key("k"),
+    )
+    .await
+    .expect("enqueue")
+    .id
+    .expect("new");
+    let second_id = commit_keyed(&db, &["k"]).await[0];
+    assert!(first_id < second_id);
+    postbox::store::outbox::number(&db.pool, 100)
+        .await
+        .expect("number");
+    early.commit().await.expect("commit");
+    postbox::store::outbox::number(&db.pool, 100)
+        .await
+        .expect("number");
     assert_eq!(
-        claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [ids[0]]
+        claim_seqs(&db).await,
+        vec![(second_id, Some(1)), (first_id, Some(2))],
+        "number order, not id order"
     );
-    assert_eq!(claim.locked, 3);
+}
+
+/// While one relay's numbering pass holds the lock, another pass numbers nothing and says so.
+#[tokio::test]
+async fn one_numbering_pass_at_a_time() {
+    let db = TestDb::migrated().await;
+    commit_keyed(&db, &["k", "k"]).await;
+    let mut other = db.pool.begin().await.expect("begin");
+    let locked: bool = sqlx::query_scalar(
+        "select pg_try_advisory_xact_lock(hashtext('postbox.outbox numbering'))",
+    )
+    .fetch_one(&mut *other)
+    .await
+    .expect("lock");
+    assert!(locked);
+    assert_eq!(
+        postbox::store::outbox::number(&db.pool, 100)
+            .await
+            .expect("number"),
+        None
+    );
+    other.rollback().await.expect("rollback");
+    assert_eq!(
+        postbox::store::outbox::number(&db.pool, 100)
+            .await
+            .expect("number"),
+        Some(2)
+    );
 }
 
 /// Commits one row per entry of `keys` (its partition key), in order; returns their ids.
@@ -287,40 +342,15 @@ async fn commit_keyed(db: &TestDb, keys: &[&str]) -> Vec<i64> {
         .collect()
 }
 
-/// Locks row `id` in a transaction of its own, as another batch in flight would.
-async fn hold_row(db: &TestDb, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut other = db.pool.begin().await.expect("begin");
-    sqlx::query("select id from postbox.outbox where id = $1 for update")
-        .bind(id)
-        .execute(&mut *other)
-        .await
-        .expect("lock");
-    other
-}
-
-/// Runs one claim taking runs of up to 100 rows per key in its own transaction and rolls it
-/// back; returns the claimed ids.
-async fn claim_ids(db: &TestDb) -> Vec<i64> {
-    claim_ids_with(db, 100).await
-}
-
-async fn claim_ids_with(db: &TestDb, rows_per_key: u32) -> Vec<i64> {
-    let claim = claim_with(db, rows_per_key).await;
-    claim.rows.iter().map(|r| r.id).collect()
-}
-
-/// Runs one claim of up to 100 rows in its own transaction and rolls it back.
-async fn claim_with(db: &TestDb, rows_per_key: u32) -> postbox::store::outbox::Claim {
-    let keys = KeyRules {
-        park_keys: true,
-        rows_per_key,
-    };
+/// Runs one claim of up to 100 rows in its own transaction and rolls it back; returns the
+/// claimed ids with their numbers, in publish order.
+async fn claim_seqs(db: &TestDb) -> Vec<(i64, Option<i64>)> {
     let mut tx = db.pool.begin().await.expect("begin");
-    let claim = postbox::store::outbox::claim(&mut tx, 100, 0, keys)
+    let rows = postbox::store::outbox::claim(&mut tx, 100, 0)
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");
-    claim
+    rows.iter().map(|row| (row.id, row.seq)).collect()
 }
 
 #[test]

@@ -78,24 +78,29 @@ async fn events_from_concurrent_writers_all_arrive_once_intact() {
     }
     assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), committed);
     assert!(seen.values().all(|&n| n == 1), "each message arrives once");
-    // each writer's events arrive in the order it committed them
-    let mut last_n: HashMap<i64, i64> = HashMap::new();
+    // each writer's events are numbered in the order it committed them (the order consumers
+    // apply them in)
+    let mut by_writer: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
     for message in &received {
         let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("json");
         let (writer, n) = (
             body["writer"].as_i64().expect("w"),
             body["n"].as_i64().expect("n"),
         );
+        let seq = message.seq().expect("a keyed message has a number");
+        by_writer.entry(writer).or_default().push((seq, n));
+    }
+    for (writer, mut events) in by_writer {
+        events.sort_unstable();
+        let numbers: Vec<i64> = events.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            numbers,
+            (1..=events.len() as i64).collect::<Vec<_>>(),
+            "writer {writer}"
+        );
         assert!(
-            last_n.insert(writer, n).is_none_or(|prev| prev < n),
-            "writer {writer} out of order: {n} (outbox id {}) after {:?}",
-            message.outbox_id(),
-            received
-                .iter()
-                .filter(|m| m.header("x-postbox-partition-key")
-                    == message.header("x-postbox-partition-key"))
-                .map(|m| m.outbox_id())
-                .collect::<Vec<_>>()
+            events.windows(2).all(|pair| pair[0].1 < pair[1].1),
+            "writer {writer}: numbers out of commit order: {events:?}"
         );
     }
     wait_until("all rows marked published", DEADLINE, || async {
@@ -364,7 +369,7 @@ async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
             ),
         ];
         let mut tx = db.pool.begin().await.expect("begin");
-        let written = complete(&mut tx, &outcomes, keep_published)
+        let written = complete(&mut tx, &outcomes, keep_published, true)
             .await
             .expect("complete");
         tx.commit().await.expect("commit");
@@ -388,12 +393,11 @@ async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
 }
 
 /// A key whose first row is not due yet (waiting for its retry, or scheduled for later) holds
-/// back only itself, however many rows it has queued: those backlogs must not fill every claim
-/// and hide the other keys' rows behind them. Twelve keys of each kind share every claim's
-/// window, more than a claim steps over as a burst, so only passing over the held-back rows
-/// lets the others out.
+/// nothing back at the relay: its later rows go out numbered (consumers hold them until the
+/// earlier number arrives), other keys' rows with them, and the row not due is numbered only
+/// once due.
 #[tokio::test]
-async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_their_backlogs() {
+async fn rows_not_due_yet_hold_nothing_back_at_the_relay() {
     const KEYS: usize = 24;
     let Stage {
         db,
@@ -417,8 +421,6 @@ async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_th
         .await
         .expect("held-back row");
     }
-    // Then four rounds of every key's later rows (a claim's window of 20 spans 20 keys), then
-    // five rows of other keys.
     let mut later: Vec<Message> = (0..4 * KEYS)
         .map(|n| Message::text(&queue, format!("k {n}")).partition_key(format!("k{}", n % KEYS)))
         .collect();
@@ -433,23 +435,45 @@ async fn keys_waiting_for_a_retry_or_a_schedule_do_not_hide_other_keys_behind_th
     let mut settings = db.settings();
     settings.relay.batch_size = 20;
     let relay = RunningRelay::start(settings).await;
-    let received = inbox.take(5, DEADLINE).await;
-    assert!(
-        received.iter().all(|r| r.payload.starts_with(b"other")),
-        "only the other keys' rows go out"
-    );
+    let received = inbox.take(later.len(), DEADLINE).await;
+    assert!(received.iter().all(|r| !r.payload.starts_with(b"first")));
+    let mut numbers: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+    for message in &received {
+        let key = match message.header("x-postbox-partition-key") {
+            Some(AMQPValue::LongString(k)) => k.as_bytes().to_vec(),
+            other => panic!("partition key header: {other:?}"),
+        };
+        numbers
+            .entry(key)
+            .or_default()
+            .push(message.seq().expect("numbered"));
+    }
+    for (key, mut seqs) in numbers {
+        seqs.sort_unstable();
+        let expected = if key.starts_with(b"other") {
+            vec![1]
+        } else {
+            vec![1, 2, 3, 4]
+        };
+        assert_eq!(seqs, expected, "{}", String::from_utf8_lossy(&key));
+    }
     assert!(
         inbox.drain_for(Duration::from_millis(300)).await.is_empty(),
-        "the held-back keys wait"
+        "the rows not due wait for their time"
+    );
+    assert_eq!(
+        db.count("payload = 'first' and seq is null and published_at is null")
+            .await,
+        KEYS as i64,
+        "numbered only once due"
     );
     relay.stop().await;
 }
 
-/// A burst on one key (more rows than a claim looks at, one in flight at a time) does not hold
-/// up the rows behind it: other keys' rows and unkeyed rows go out long before the burst has
-/// drained, and the burst itself stays in order.
+/// A burst on one key goes out at the speed of unkeyed rows, numbered 1 to n in the order it
+/// was committed: no row of the key waits for another to be confirmed.
 #[tokio::test]
-async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
+async fn a_hot_keys_burst_goes_out_numbered_in_commit_order() {
     const BURST: usize = 1_000;
     let Stage {
         db,
@@ -457,14 +481,10 @@ async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
         queue,
         mut inbox,
     } = Stage::start().await;
-    let mut messages: Vec<Message> = (0..BURST)
-        .map(|n| Message::text(&queue, format!("hot {n}")).partition_key("hot"))
+    let messages: Vec<Message> = (0..BURST)
+        .map(|n| Message::text(&queue, format!("{n}")).partition_key("hot"))
         .collect();
-    messages.extend(
-        (0..5).map(|n| Message::text(&queue, format!("other {n}")).partition_key(format!("o{n}"))),
-    );
-    messages.extend((0..5).map(|n| Message::text(&queue, format!("unkeyed {n}"))));
-    for chunk in messages.chunks(1_000) {
+    for chunk in messages.chunks(100) {
         postbox::enqueue_many(&db.pool, chunk)
             .await
             .expect("enqueue");
@@ -472,33 +492,30 @@ async fn a_hot_keys_backlog_does_not_hold_up_the_rows_behind_it() {
     let mut settings = db.settings();
     settings.relay.batch_size = 100;
     let relay = RunningRelay::start(settings).await;
-    let mut hot_before_the_rest = 0;
-    let mut rest = 0;
-    while rest < 10 {
-        let received = inbox.take(1, DEADLINE).await;
-        if received[0].payload.starts_with(b"hot") {
-            hot_before_the_rest += 1;
-        } else {
-            rest += 1;
-        }
-    }
-    println!("{hot_before_the_rest} of the burst's {BURST} rows went out before the other 10");
-    assert!(
-        hot_before_the_rest < BURST / 2,
-        "{hot_before_the_rest} of the burst's rows went out before the rows behind it"
-    );
-    let hot = inbox.take(BURST - hot_before_the_rest, DEADLINE).await;
-    let mut last = hot_before_the_rest as i64 - 1;
-    for received in hot {
-        let n: i64 = std::str::from_utf8(&received.payload)
-            .ok()
-            .and_then(|p| p.strip_prefix("hot "))
-            .and_then(|n| n.parse().ok())
-            .expect("a burst row");
-        assert_eq!(n, last + 1, "the burst in order");
-        last = n;
-    }
+    let received = inbox.take(BURST, DEADLINE).await;
     relay.stop().await;
+    let mut numbered: Vec<(i64, i64)> = received
+        .iter()
+        .map(|message| {
+            let n: i64 = std::str::from_utf8(&message.payload)
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .expect("a burst row");
+            (message.seq().expect("numbered"), n)
+        })
+        .collect();
+    numbered.sort_unstable();
+    let expected: Vec<(i64, i64)> = (0..BURST as i64).map(|n| (n + 1, n)).collect();
+    assert_eq!(numbered, expected);
+    // Several batches of the key were in flight at once: more than one claim's worth went out
+    // before the first batch was marked (one batch at a time would take ten round trips).
+    let batches_with_the_key: i64 = sqlx::query_scalar(
+        "select count(distinct published_at) from postbox.outbox where partition_key = 'hot'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("marks");
+    assert!(batches_with_the_key >= 10, "{batches_with_the_key} marks");
 }
 
 /// Runs a relay through the counting proxy over `batches` full batches of `batch_size` rows
@@ -563,15 +580,15 @@ async fn statements_per_batch_do_not_grow_with_batch_size() {
         // claimed again: one batch more, at the same cost.
         assert_eq!(batches, 5 + released.div_ceil(u64::from(batch_size)));
         // LISTEN and registration at start, UNLISTEN and deregistration at stop; per batch
-        // BEGIN, claim, mark (or, given back, the release's NOTIFY), COMMIT; per empty claim
-        // (the relay looking for more before it goes idle) BEGIN, claim, ROLLBACK. Nothing per
-        // row.
-        assert_eq!(statements, 4 + 4 * batches + 3 * (claims - batches));
+        // the numbering pass, BEGIN, claim, mark (or, given back, the release's NOTIFY),
+        // COMMIT; per empty claim (the relay looking for more before it goes idle) the
+        // numbering pass, BEGIN, claim, ROLLBACK. Nothing per row.
+        assert_eq!(statements, 4 + 5 * batches + 4 * (claims - batches));
     }
 }
 
 #[tokio::test]
-async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
+async fn two_relays_share_one_outbox_without_duplicates_or_gaps_in_numbers() {
     let Stage {
         db,
         rabbit: _rabbit,
@@ -579,13 +596,8 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
         mut inbox,
     } = Stage::start().await;
     let mut settings = db.settings();
-    // Small batches of runs of a key's rows, so both relays take turns many times over the
-    // same keys; more keys than one relay can hold at once (12 open batches × 5 keys), so the
-    // second always finds work when a commit wakes it. (With one row per key in flight, the
-    // relay that marks a key's row claims its next one at once, so a second relay mostly
-    // stands by: the fault suite covers that mode.)
+    // Small batches, so both relays take turns many times over the same keys.
     settings.relay.batch_size = 25;
-    settings.relay.max_rows_per_key = 5;
     let first = RunningRelay::start(settings.clone()).await;
     let second = RunningRelay::start(settings).await;
     // Both ready before the work arrives, so that both can claim from the first commit on.
@@ -617,18 +629,24 @@ async fn two_relays_share_one_outbox_without_duplicates_or_key_reordering() {
     assert!(a > 0 && b > 0, "both relays worked: {a} and {b}");
     let ids: HashSet<_> = received.iter().map(|r| r.message_id.clone()).collect();
     assert_eq!(ids.len(), 2000, "each message once");
-    let mut last: HashMap<String, i64> = HashMap::new();
+    // Each key's rows carry the numbers 1 to 20, each once, whichever relay numbered and
+    // published them: the order consumers restore.
+    let mut numbers: HashMap<String, Vec<i64>> = HashMap::new();
     for message in &received {
         let key = match message.header("x-postbox-partition-key") {
             Some(AMQPValue::LongString(k)) => String::from_utf8_lossy(k.as_bytes()).into_owned(),
             other => panic!("partition key header: {other:?}"),
         };
-        let id = message.outbox_id();
-        let previous = last.insert(key.clone(), id);
-        assert!(
-            previous < Some(id),
-            "key {key}: {previous:?} arrived before {id}"
-        );
+        let seq = match message.header("x-postbox-seq") {
+            Some(AMQPValue::LongLongInt(seq)) => *seq,
+            other => panic!("sequence header: {other:?}"),
+        };
+        numbers.entry(key).or_default().push(seq);
+    }
+    assert_eq!(numbers.len(), 100);
+    for (key, mut seqs) in numbers {
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<i64>>(), "key {key}");
     }
 }
 
@@ -664,6 +682,7 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
             exchange: String::new(),
             routing_key: queue.clone(),
             partition_key: Some("one-key".into()),
+            seq: Some(id),
             payload: format!("{{\"n\":{id}}}").into_bytes(),
             content_type: "application/json".into(),
             headers: Ok(serde_json::json!({})),

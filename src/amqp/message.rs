@@ -16,6 +16,13 @@ pub const HEADER_CREATED_AT: &str = "x-postbox-created-at";
 /// only the messages of one source.
 pub const HEADER_SOURCE: &str = "x-postbox-source";
 
+/// Header carrying the row's number in its stream (partition key, exchange, routing key):
+/// consumers apply a stream's messages in this order, each once, none skipped.
+pub const HEADER_SEQ: &str = "x-postbox-seq";
+/// Header of a skip message: it stands in a stream for the released dead row whose message id
+/// it holds, carrying that row's number, so consumers move on past it.
+pub const HEADER_SKIP: &str = "x-postbox-skip";
+
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
@@ -47,8 +54,11 @@ pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, String> {
         Err(error) => return Err(error.clone()),
     };
     // the relay's own headers, generously: name, type tag, value
-    header_bytes += 3 * 64 + row.partition_key.as_ref().map_or(0, String::len);
+    header_bytes += 4 * 64 + row.partition_key.as_ref().map_or(0, String::len);
     headers.insert(HEADER_OUTBOX_ID.into(), AMQPValue::LongLongInt(row.id));
+    if let Some(seq) = row.seq {
+        headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(seq));
+    }
     if let Some(source) = row.source {
         headers.insert(
             HEADER_SOURCE.into(),
@@ -179,6 +189,7 @@ mod tests {
                         exchange,
                         routing_key,
                         partition_key,
+                        seq: None,
                         payload,
                         content_type,
                         headers: Ok(Value::Object(headers.into_iter().collect())),

@@ -89,11 +89,7 @@ pub(super) async fn run_all(
                 keys: 100,
                 ..Shape::PLAIN
             },
-            format!(
-                "rows over 100 partition keys, at most {} in flight per key \
-                 (relay.max_rows_per_key)",
-                settings.relay.max_rows_per_key
-            ),
+            "rows over 100 partition keys, numbered per stream".to_string(),
         ),
         (
             "relays",
@@ -361,6 +357,7 @@ pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
         exchange: String::new(),
         routing_key: queue.into(),
         partition_key: None,
+        seq: None,
         payload: Vec::new(),
         content_type: "application/json".into(),
         headers: Ok(serde_json::json!({})),

@@ -32,6 +32,8 @@ pub struct ConsumerStats {
     dead_lettered: AtomicU64,
     discarded: AtomicU64,
     failures: AtomicU64,
+    waiting: AtomicU64,
+    skipped: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -43,6 +45,8 @@ impl ConsumerStats {
             Counter::DeadLettered => &self.dead_lettered,
             Counter::Discarded => &self.discarded,
             Counter::Failures => &self.failures,
+            Counter::Waiting => &self.waiting,
+            Counter::Skipped => &self.skipped,
         };
         field.fetch_add(n, Ordering::Relaxed);
     }
@@ -75,6 +79,17 @@ impl ConsumerStats {
     /// Failed handler runs that were retried or led to a dead letter.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Messages that arrived ahead of their stream's next number and were held until their
+    /// turn (each is counted again as applied when its turn comes).
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Skip messages applied: stream numbers of rows the relay released.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 }
 
@@ -301,6 +316,15 @@ impl Session {
             });
             queues.push(tx);
         }
+        if shared.options.versioning == super::Versioning::Sequence {
+            let sweeper = Worker {
+                shared: shared.clone(),
+                dead_letters: self.dead_letters.clone(),
+                session: session.clone(),
+                load: Arc::new(Load::default()),
+            };
+            workers.spawn(sweep_streams(sweeper));
+        }
 
         let mut next_unkeyed = 0usize;
         let stopped = loop {
@@ -367,6 +391,49 @@ impl Session {
         }
         crate::amqp::close(&self.connection, "postbox consumer stopping").await;
         stopped
+    }
+}
+
+/// How often a consumer looks for held messages whose turn came without a delivery to
+/// trigger it: a stream's next message applied by an instance that stopped before applying
+/// the ones held after it, or a stream whose start waited `stream_start_wait`.
+const STREAM_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Applies held messages whose turn came (see [`STREAM_CHECK`]) until the session ends, and
+/// keeps the `postbox_consumer_waiting` gauge current.
+async fn sweep_streams<H: Handler>(worker: Worker<H>) {
+    let shared = worker.shared.clone();
+    loop {
+        tokio::select! {
+            _ = worker.session.cancelled() => return,
+            _ = tokio::time::sleep(STREAM_CHECK) => {}
+        }
+        let ready = crate::store::inbox_streams::ready(
+            &shared.pool,
+            &shared.name,
+            shared.options.stream_start_wait,
+        )
+        .await;
+        match ready {
+            Ok(streams) => {
+                for stream in streams {
+                    if !worker.drain(&stream).await {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, consumer = %shared.name, "consumer: could not look for held messages");
+                continue;
+            }
+        }
+        match crate::store::inbox_streams::waiting(&shared.pool, &shared.name).await {
+            Ok(waiting) => {
+                metrics::gauge!("postbox_consumer_waiting", "consumer" => shared.name.clone())
+                    .set(waiting as f64)
+            }
+            Err(error) => tracing::debug!(%error, "consumer: could not count held messages"),
+        }
     }
 }
 

@@ -7,7 +7,9 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::HandlerError;
-use crate::amqp::message::{HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SOURCE};
+use crate::amqp::message::{
+    HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SEQ, HEADER_SKIP, HEADER_SOURCE,
+};
 
 /// One message being processed.
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ pub struct Incoming {
     pub(crate) properties: BasicProperties,
     pub(crate) payload: Vec<u8>,
     pub(crate) attempt: u32,
+    /// Taken from the waiting messages because its turn came (not a delivery).
+    pub(crate) its_turn: bool,
 }
 
 impl Incoming {
@@ -39,6 +43,31 @@ impl Incoming {
             properties: delivery.properties.clone(),
             payload: std::mem::take(&mut delivery.data),
             attempt: 1,
+            its_turn: false,
+        })
+    }
+
+    /// A message held in `postbox.inbox_waiting` whose turn came.
+    pub(crate) fn from_waiting(
+        stream: &crate::store::inbox_streams::StreamKey,
+        waiting: crate::store::inbox_streams::Waiting,
+    ) -> Result<Self, String> {
+        let properties = serde_json::from_str(&waiting.properties).map_err(|e| {
+            format!(
+                "the stored properties of message {} do not parse: {e}",
+                waiting.message_id
+            )
+        })?;
+        Ok(Self {
+            message_id: waiting.message_id,
+            queue: waiting.queue,
+            exchange: stream.exchange.clone(),
+            routing_key: stream.routing_key.clone(),
+            redelivered: false,
+            properties,
+            payload: waiting.payload,
+            attempt: 1,
+            its_turn: true,
         })
     }
 
@@ -81,6 +110,18 @@ impl Incoming {
     /// positions are comparable only between messages of one source.
     pub fn source(&self) -> Option<&str> {
         self.header_str(HEADER_SOURCE)
+    }
+
+    /// Its number in its stream (`x-postbox-seq`: the messages of its partition key to its
+    /// exchange and routing key, from its outbox), if postbox published it with a key.
+    pub fn seq(&self) -> Option<i64> {
+        self.header_i64(HEADER_SEQ).filter(|seq| *seq > 0)
+    }
+
+    /// Whether it is a skip message (`x-postbox-skip`): it stands in its stream for a row the
+    /// relay released, and never reaches a handler.
+    pub fn is_skip(&self) -> bool {
+        self.header(HEADER_SKIP).is_some()
     }
 
     /// Its outbox position (the outbox row's `id`), if postbox published it.

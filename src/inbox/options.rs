@@ -34,15 +34,21 @@ pub enum MalformedPolicy {
     Discard,
 }
 
-/// Which version a message carries for its partition key. A message whose version is not
-/// newer than the one already applied for its key is skipped as stale.
+/// How a consumer orders the messages of a partition key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Versioning {
-    /// The outbox position (`x-postbox-outbox-id`): a key's events are versioned by the order
-    /// they were written (the default).
+    /// By the stream number the relay gives each keyed row (`x-postbox-seq`; the default): a
+    /// stream's messages (one key, one exchange and routing key, one outbox) are applied in
+    /// number order, each once, none skipped. One that arrives before its predecessor is held
+    /// in `postbox.inbox_waiting` and applied right after it. Messages without a number are
+    /// applied as they come (duplicates still absorbed).
+    Sequence,
+    /// State semantics: the outbox position (`x-postbox-outbox-id`) is the key's version, and
+    /// a message whose version is not newer than the one applied is skipped as stale.
     OutboxId,
-    /// An integer header the producer sets (an aggregate's version, say). Messages without it
-    /// are not checked.
+    /// State semantics with an integer header the producer sets (an aggregate's version,
+    /// say): a message not newer than the version applied is skipped as stale. Messages
+    /// without it are not checked.
     Header(String),
     /// No stale check: every new message id is applied.
     Off,
@@ -72,8 +78,13 @@ pub struct ConsumerOptions {
     pub dead_letter: DeadLetter,
     /// What happens to malformed messages.
     pub on_malformed: MalformedPolicy,
-    /// How stale messages are recognized.
+    /// How a key's messages are ordered: by stream number (the default) or by a version.
     pub versioning: Versioning,
+    /// How long the first message of a stream this consumer has never applied may wait for
+    /// the stream's earlier numbers before the stream starts there (a consumer that joins a
+    /// stream midway never receives them). A message held this long is visible in
+    /// `postbox.inbox_waiting_streams`.
+    pub stream_start_wait: Duration,
     /// How long decided inbox rows are kept to recognize duplicates; the consumer deletes older
     /// ones every `cleanup_interval`. `None` keeps them forever. Must exceed the longest time
     /// a message can come back (consumer and relay retries, replays): a duplicate arriving
@@ -100,7 +111,8 @@ impl Default for ConsumerOptions {
             retry_max_delay: Duration::from_secs(10),
             dead_letter: DeadLetter::DefaultQueue,
             on_malformed: MalformedPolicy::DeadLetter,
-            versioning: Versioning::OutboxId,
+            versioning: Versioning::Sequence,
+            stream_start_wait: Duration::from_secs(5),
             dedup_window: Some(Duration::from_secs(7 * 24 * 3600)),
             cleanup_interval: Duration::from_secs(300),
             vacuum: Vacuum::Auto,

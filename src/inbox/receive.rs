@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::store::inbox::{self, Claim, Outcome, Receipt};
+use crate::store::inbox_streams::{self, StreamKey};
 
 /// What the inbox says about a message, inside the caller's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,15 +19,24 @@ pub enum Status {
     },
     /// Decided before: skip it (counted in `duplicates`).
     Duplicate,
-    /// Older than the version already applied for its partition key: skip it (recorded as
-    /// `stale`).
+    /// Older than the version already applied for its partition key, or a number its stream
+    /// applied already under another message id (a replay of old positions): skip it
+    /// (recorded as `stale`).
     Stale,
+    /// Its stream's previous number is not applied yet: do not apply it now. Store it with
+    /// [`hold`] in this transaction (the consumer applies it once its turn comes); the inbox
+    /// row says `waiting`.
+    Ahead,
+    /// A skip message whose turn came: its stream moved on past a row the relay released.
+    /// Nothing to apply (recorded as `skipped`).
+    Skipped,
 }
 
 /// Claims `receipt`'s message id for its consumer inside the caller's transaction, and checks
-/// its version against the newest applied for its partition key from the same source. Commit the transaction
-/// whatever the status (a duplicate's count and a stale outcome are recorded in it); ack the
-/// message only after the commit.
+/// it against its stream (by number, with `receipt.seq`) or its key's newest version (with
+/// `receipt.version`), from the same source. Commit the transaction whatever the status (a
+/// duplicate's count and a stale outcome are recorded in it); ack the message only after the
+/// commit.
 ///
 /// ```no_run
 /// # async fn example(pool: sqlx::PgPool, message_id: uuid::Uuid) -> postbox::Result<()> {
@@ -35,25 +45,64 @@ pub enum Status {
 /// let mut tx = pool.begin().await.map_err(|e| postbox::Error::Database {
 ///     context: "begin".into(), source: e })?;
 /// let receipt = Receipt {
-///     consumer: "billing", message_id, queue: "orders", routing_key: "orders",
-///     partition_key: Some("order-42"), version: Some(1017),
+///     consumer: "billing", message_id, queue: "orders", exchange: "", routing_key: "orders",
+///     partition_key: Some("order-42"), version: None, seq: Some(17), skip: false,
 ///     source: Some("0192f1c4-6b1e-7a1d-9c1f-3b2e4d5a6c7b"),
 /// };
-/// if let Status::New { .. } = receive(&mut tx, &receipt).await? {
-///     // ... the handler's writes, through &mut *tx ...
+/// match receive(&mut tx, &receipt).await? {
+///     Status::New { .. } => { /* ... the handler's writes, through &mut *tx ... */ }
+///     Status::Ahead => { /* ... postbox::inbox::hold(&mut tx, ...) ... */ }
+///     _ => {}
 /// }
 /// tx.commit().await.map_err(|e| postbox::Error::Database { context: "commit".into(), source: e })?;
 /// // ... now ack the delivery ...
 /// # Ok(()) }
 /// ```
 pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Status> {
+    receive_turn(conn, receipt, false).await
+}
+
+/// [`receive`]; `its_turn`: the message comes from the waiting ones, its turn having come.
+pub(crate) async fn receive_turn(
+    conn: &mut PgConnection,
+    receipt: &Receipt<'_>,
+    its_turn: bool,
+) -> Result<Status> {
     // A first sighting is recorded as applied by the claim itself; one that failed before
     // still needs its outcome.
-    let (failed_attempts, recorded) = match inbox::claim(conn, receipt).await? {
+    let claim = inbox::claim(conn, receipt, its_turn).await?;
+    let (failed_attempts, recorded) = match claim {
         Claim::Duplicate(_) => return Ok(Status::Duplicate),
         Claim::First => (0, true),
         Claim::Undecided { attempts } => (u32::try_from(attempts).unwrap_or(0), false),
     };
+    if let (Some(stream), Some(seq)) = (stream_of(receipt), receipt.seq) {
+        let last = inbox_streams::lock(conn, &stream).await?;
+        let next = last.map_or(1, |last| last + 1);
+        if seq > next {
+            inbox::wait(conn, receipt.consumer, receipt.message_id).await?;
+            return Ok(Status::Ahead);
+        }
+        if seq < next {
+            // Applied already under another id (a replay of old positions), unless this very
+            // message was made undecided again on purpose (a dead letter given another
+            // chance), which runs out of turn.
+            if recorded || receipt.skip {
+                inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Stale).await?;
+                return Ok(Status::Stale);
+            }
+            return Ok(Status::New { failed_attempts });
+        }
+        inbox_streams::applied(conn, &stream, seq).await?;
+        if receipt.skip {
+            inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Skipped).await?;
+            return Ok(Status::Skipped);
+        }
+        if !recorded || its_turn {
+            inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
+        }
+        return Ok(Status::New { failed_attempts });
+    }
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
         let source = receipt.source.unwrap_or_default();
         let newer = inbox::advance_version(
@@ -74,6 +123,44 @@ pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<S
         inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
     }
     Ok(Status::New { failed_attempts })
+}
+
+/// The stream `receipt` belongs to, if it is keyed.
+pub(crate) fn stream_of(receipt: &Receipt<'_>) -> Option<StreamKey> {
+    Some(StreamKey {
+        consumer: receipt.consumer.to_owned(),
+        source: receipt.source.unwrap_or_default().to_owned(),
+        partition_key: receipt.partition_key?.to_owned(),
+        exchange: receipt.exchange.to_owned(),
+        routing_key: receipt.routing_key.to_owned(),
+    })
+}
+
+/// Stores a message [`receive`] found [`Status::Ahead`], in the same transaction: `properties`
+/// and `payload` are what the handler sees when its turn comes.
+pub async fn hold(
+    conn: &mut PgConnection,
+    receipt: &Receipt<'_>,
+    properties: &lapin::BasicProperties,
+    payload: &[u8],
+) -> Result<()> {
+    let (Some(stream), Some(seq)) = (stream_of(receipt), receipt.seq) else {
+        return Err(crate::Error::InvalidMessage(format!(
+            "message {} has no stream number to wait by",
+            receipt.message_id
+        )));
+    };
+    let properties = serde_json::to_string(properties).map_err(|error| {
+        crate::Error::InvalidMessage(format!("storing its properties: {error}"))
+    })?;
+    let held = inbox_streams::Held {
+        seq,
+        message_id: receipt.message_id,
+        queue: receipt.queue,
+        properties,
+        payload,
+    };
+    inbox_streams::hold(conn, &stream, &held).await
 }
 
 /// [`receive`] for a batch applied in one transaction, with as few statements as the batch
@@ -133,9 +220,12 @@ pub async fn receive_many(
             consumer,
             message_id,
             queue,
+            exchange: "",
             routing_key: "",
             partition_key: None,
             version: None,
+            seq: None,
+            skip: false,
             source: None,
         })
         .collect();

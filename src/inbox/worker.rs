@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::dead_letter::{Cause, DeadLetters};
-use super::receive::{receive, Status};
+use super::receive::{hold, receive_turn, Status};
 use super::{ConsumerOptions, ConsumerStats, FailureKind, Handler, Incoming, MalformedPolicy};
 use super::{HandlerError, Versioning};
 use crate::error::Context;
 use crate::reconnect::{connection_backoff, until_ok_finishing};
 use crate::retry::RetryPolicy;
 use crate::store::inbox::{self, Outcome, Receipt};
+use crate::store::inbox_streams::{self, StreamKey};
 
 /// A delivery on its way to a worker.
 pub(crate) struct Job {
@@ -104,14 +105,26 @@ impl<H: Handler> Worker<H> {
     /// acking, if the session ends first; the broker then redelivers the message.
     pub async fn process(&self, job: Job) -> bool {
         let Job { acker, message } = job;
-        let done = match message {
-            Ok(incoming) => self.process_incoming(incoming).await,
-            Err(malformed) => self.reject_malformed(malformed).await,
+        let (done, stream) = match message {
+            Ok(incoming) => {
+                let stream = self.stream_of(&incoming);
+                (self.process_incoming(incoming).await, stream)
+            }
+            Err(malformed) => (self.reject_malformed(malformed).await, None),
         };
         if done {
             self.ack(&acker, false).await;
+            if let Some(stream) = stream {
+                return self.drain(&stream).await;
+            }
         }
         done
+    }
+
+    /// The stream `incoming` is ordered in, if the consumer orders it by number.
+    fn stream_of(&self, incoming: &Incoming) -> Option<StreamKey> {
+        let receipt = self.receipt(incoming);
+        receipt.seq.and(super::receive::stream_of(&receipt))
     }
 
     /// Counts in the consumer's stats and in the metrics (`postbox_consumer_messages_total`).
@@ -131,6 +144,8 @@ impl<H: Handler> Worker<H> {
             Counter::DeadLettered => "dead_lettered",
             Counter::Discarded => "discarded",
             Counter::Failures => "failure",
+            Counter::Waiting => "waiting",
+            Counter::Skipped => "skipped",
         };
         metrics::counter!(
             "postbox_consumer_messages_total",
@@ -175,8 +190,12 @@ impl<H: Handler> Worker<H> {
             return;
         };
         // A redelivery's run is counted ahead (see `process_incoming`), one message at a time;
-        // a batch holding one (after a reconnect, say) goes one by one, in order.
-        let batch = if messages.iter().any(|m| m.redelivered) {
+        // a batch holding one (after a reconnect, say) goes one by one, in order. So do
+        // messages ordered by stream number, which may have to wait for their turn.
+        let batch = if messages
+            .iter()
+            .any(|m| m.redelivered || self.stream_of(m).is_some())
+        {
             None
         } else {
             Some(self.apply_batch(&messages).await)
@@ -219,15 +238,7 @@ impl<H: Handler> Worker<H> {
         let mut tx = shared.pool.begin().await.map_err(|e| e.to_string())?;
         let receipts: Vec<Receipt<'_>> = messages
             .iter()
-            .map(|incoming| Receipt {
-                consumer: &shared.name,
-                message_id: incoming.message_id,
-                queue: &shared.queue,
-                routing_key: &incoming.routing_key,
-                partition_key: incoming.partition_key(),
-                version: self.version(incoming),
-                source: incoming.source(),
-            })
+            .map(|incoming| self.receipt(incoming))
             .collect();
         let statuses = super::receive_batch(&mut tx, &receipts)
             .await
@@ -238,6 +249,13 @@ impl<H: Handler> Worker<H> {
             match status {
                 Status::Duplicate => counts.duplicates += 1,
                 Status::Stale => counts.stale += 1,
+                // Batches carry no stream numbers (see `process_batch`).
+                Status::Ahead | Status::Skipped => {
+                    return Err(format!(
+                        "message {} is ordered by its stream number",
+                        incoming.message_id
+                    ));
+                }
                 // Rolled back: one by one, the message goes where its attempts say.
                 Status::New { failed_attempts } if shared.retry.exhausted(failed_attempts) => {
                     return Err(format!(
@@ -263,30 +281,77 @@ impl<H: Handler> Worker<H> {
         Ok(counts)
     }
 
-    /// The version `incoming` carries for its partition key, as the consumer's options say.
-    fn version(&self, incoming: &Incoming) -> Option<i64> {
-        match &self.shared.options.versioning {
-            Versioning::OutboxId => incoming.outbox_id(),
-            Versioning::Header(name) => incoming.header_i64(name),
-            Versioning::Off => None,
+    /// What the inbox records of `incoming`: its version or its stream number, as the
+    /// consumer's options say.
+    fn receipt<'a>(&'a self, incoming: &'a Incoming) -> Receipt<'a> {
+        let shared = &self.shared;
+        let (version, seq) = match &shared.options.versioning {
+            Versioning::Sequence => (None, incoming.seq()),
+            Versioning::OutboxId => (incoming.outbox_id(), None),
+            Versioning::Header(name) => (incoming.header_i64(name), None),
+            Versioning::Off => (None, None),
+        };
+        Receipt {
+            consumer: &shared.name,
+            message_id: incoming.message_id,
+            queue: &shared.queue,
+            exchange: &incoming.exchange,
+            routing_key: &incoming.routing_key,
+            partition_key: incoming.partition_key(),
+            version,
+            seq,
+            skip: seq.is_some() && incoming.is_skip(),
+            source: incoming.source(),
+        }
+    }
+
+    /// Applies the messages of `stream` held in `postbox.inbox_waiting` whose turn has come,
+    /// one after another, as deliveries are (retried, dead-lettered). Returns false if the
+    /// session ended first.
+    pub async fn drain(&self, stream: &StreamKey) -> bool {
+        let mut outages = connection_backoff();
+        let mut previous = None;
+        loop {
+            if self.session.is_cancelled() {
+                return false;
+            }
+            let waiting = match inbox_streams::next_waiting(&self.shared.pool, stream).await {
+                Ok(Some(waiting)) => waiting,
+                Ok(None) => return true,
+                Err(error) => {
+                    self.outage(&mut outages, &error).await;
+                    continue;
+                }
+            };
+            if previous == Some(waiting.seq) {
+                // Processed, yet still the next one: its outcome did not move the stream.
+                tracing::error!(consumer = %self.shared.name, partition_key = %stream.partition_key, seq = waiting.seq, "consumer: a waiting message did not move its stream on; leaving it for the next check");
+                return true;
+            }
+            previous = Some(waiting.seq);
+            let seq = waiting.seq;
+            match Incoming::from_waiting(stream, waiting) {
+                Ok(incoming) => {
+                    if !self.process_incoming(incoming).await {
+                        return false;
+                    }
+                }
+                Err(reason) => {
+                    // Stored by this library, so not expected; the stream must not stop here.
+                    tracing::error!(consumer = %self.shared.name, seq, %reason, "consumer: a waiting message cannot be read back; skipping its number");
+                    if let Err(error) = inbox_streams::settle(&self.shared.pool, stream, seq).await
+                    {
+                        self.outage(&mut outages, &error).await;
+                    }
+                }
+            }
         }
     }
 
     async fn process_incoming(&self, mut incoming: Incoming) -> bool {
         let shared = &self.shared;
-        let version = self.version(&incoming);
-        let partition_key = incoming.partition_key().map(str::to_owned);
-        let source = incoming.source().map(str::to_owned);
-        let routing_key = incoming.routing_key.clone();
-        let receipt = Receipt {
-            consumer: &shared.name,
-            message_id: incoming.message_id,
-            queue: &shared.queue,
-            routing_key: &routing_key,
-            partition_key: partition_key.as_deref(),
-            version,
-            source: source.as_deref(),
-        };
+        let owned = incoming.clone();
+        let receipt = self.receipt(&owned);
         let mut outages = connection_backoff();
         // A redelivered message may be back because its last run took the consumer down (out of
         // memory, an abort, a kill), and such a run records nothing. So a redelivery's run is
@@ -336,6 +401,8 @@ impl<H: Handler> Worker<H> {
                 Ok(Decision::Decided(outcome)) => {
                     self.count(match outcome {
                         Outcome::Stale => Counter::Stale,
+                        Outcome::Waiting => Counter::Waiting,
+                        Outcome::Skipped => Counter::Skipped,
                         _ => Counter::Applied,
                     });
                     return true;
@@ -451,11 +518,22 @@ impl<H: Handler> Worker<H> {
             .await
             .context("beginning the inbox transaction")
             .map_err(Failed::Database)?;
-        let status = receive(&mut tx, receipt)
+        let status = receive_turn(&mut tx, receipt, incoming.its_turn)
             .await
             .map_err(refused_by_postgres)?;
         let outcome = match status {
             Status::Duplicate => None,
+            Status::Ahead => {
+                hold(&mut tx, receipt, &incoming.properties, &incoming.payload)
+                    .await
+                    .map_err(refused_by_postgres)?;
+                tracing::debug!(message_id = %receipt.message_id, partition_key = receipt.partition_key, seq = receipt.seq, "consumer: message ahead of its stream held until its turn");
+                Some(Outcome::Waiting)
+            }
+            Status::Skipped => {
+                tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, seq = receipt.seq, "consumer: a released row's number skipped");
+                Some(Outcome::Skipped)
+            }
             Status::Stale => {
                 tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, version = receipt.version, "consumer: stale message skipped; a newer version was applied");
                 Some(Outcome::Stale)
@@ -525,6 +603,7 @@ impl<H: Handler> Worker<H> {
             properties: malformed.properties,
             payload: malformed.payload,
             attempt: 0,
+            its_turn: false,
         };
         self.malformed(&incoming, None, &malformed.reason, 0).await
     }
@@ -610,8 +689,15 @@ impl<H: Handler> Worker<H> {
         error: &str,
         attempts: u32,
     ) -> bool {
-        until_ok_finishing("consumer: recording the outcome", &self.session, || {
+        let stream = receipt.seq.zip(super::receive::stream_of(receipt));
+        until_ok_finishing("consumer: recording the outcome", &self.session, || async {
             inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error), attempts)
+                .await?;
+            // Decided all the same: its stream goes on past it.
+            if let Some((seq, stream)) = &stream {
+                inbox_streams::settle(&self.shared.pool, stream, *seq).await?;
+            }
+            Ok(())
         })
         .await
         .is_some()
@@ -703,4 +789,6 @@ pub(crate) enum Counter {
     DeadLettered,
     Discarded,
     Failures,
+    Waiting,
+    Skipped,
 }

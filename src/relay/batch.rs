@@ -1,6 +1,5 @@
 //! What travels down the pipeline: a claimed batch, then its publishes, then its decisions.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use lapin::PublisherConfirm;
@@ -21,8 +20,6 @@ pub(crate) struct Batch {
     /// One of the open-batch slots (each holds a database connection), given back once the
     /// batch is marked.
     pub permit: OwnedSemaphorePermit,
-    /// Counts the batch as open until it is dropped, whichever way it ends.
-    pub _open: Open,
 }
 
 /// How long a release may take before the batch is simply dropped (rolled back unannounced).
@@ -53,23 +50,6 @@ impl Batch {
         }
         stats.record(0, 0, 0, rows);
         metrics::counter!("postbox_released_total").increment(rows);
-    }
-}
-
-/// A batch's place in [`Stats`]' count of open batches: counted when made, uncounted when
-/// dropped (marked, released, or abandoned on shutdown).
-pub(crate) struct Open(Arc<Stats>);
-
-impl Open {
-    pub fn new(stats: Arc<Stats>) -> Self {
-        stats.batch_claimed();
-        Self(stats)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.batch_finished();
     }
 }
 

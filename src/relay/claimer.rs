@@ -9,18 +9,17 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::batch::{Batch, Open};
+use super::batch::Batch;
 use crate::error::{Context, Result};
 use crate::reconnect::connection_backoff;
 use crate::store::outbox;
 
-/// Claims due rows in id order and hands each batch, still locked, to the publisher.
+/// Numbers keyed rows, then claims due rows in id order and hands each batch, still locked,
+/// to the publisher.
 pub(crate) struct Claimer {
     pub pool: PgPool,
     pub batch_size: u32,
     pub poll_interval: Duration,
-    /// What a batch may take of each partition key.
-    pub keys: outbox::KeyRules,
     /// Free in-flight slots; a batch holds one until it is marked.
     pub slots: Arc<Semaphore>,
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
@@ -32,17 +31,12 @@ pub(crate) struct Claimer {
 /// Full scans every this many claims while the tail keeps batches full.
 const FULL_SCAN_EVERY: u32 = 8;
 
-/// A claim that kept nothing, having locked a full scan's worth of rows of at most this many
-/// keys, steps over them: scanning on finds other keys' rows, where with many keys in flight
-/// it would find only more of theirs.
-const FEW_KEYS: u32 = 10;
-
 /// Where claims start scanning. The in-flight batches hold the lowest pending ids, locked; a
 /// claim from the start of the pending index would step over every one of them (SKIP LOCKED
 /// still visits each row), which under a backlog costs more than the claim itself. So claims
 /// start after the highest id claimed so far, with a full scan every `FULL_SCAN_EVERY` claims
 /// and whenever the tail runs dry, which is what finds rows that committed late with a lower
-/// id, or came back from a released batch.
+/// id, were numbered after a claim passed them, or came back from a released batch.
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
     /// One past the highest id claimed so far.
@@ -62,66 +56,23 @@ impl Scan {
         }
     }
 
-    /// Records what a claim from `from` found; returns whether to claim again at once.
-    fn claimed(&self, from: i64, claim: &outbox::Claim, batch_size: u32) -> bool {
-        if let Some(last) = claim.rows.last() {
-            self.next_id.fetch_max(last.id + 1, Ordering::Relaxed);
+    /// Records what a claim from `from` found (`rows`, the highest id among them); returns
+    /// whether to claim again at once.
+    fn claimed(&self, from: i64, rows: usize, last: Option<i64>, batch_size: u32) -> bool {
+        if let Some(last) = last {
+            self.next_id.fetch_max(last + 1, Ordering::Relaxed);
         }
-        if claim.locked < batch_size {
+        if rows < batch_size as usize {
             // The scan ran out of rows. After the last claimed id: look at the whole table
             // before calling it a day.
             if from > 0 {
-                self.scan_all_next();
+                self.full_next.store(true, Ordering::Relaxed);
                 return true;
             }
             return false;
         }
-        if claim.rows.is_empty() {
-            if let Some(last) = claim.last_locked.filter(|_| claim.locked_keys <= FEW_KEYS) {
-                // A few keys' backlogs fill the scan (a burst on one aggregate): step the tail
-                // over them, so that other keys' rows and unkeyed rows behind are not held up
-                // until those backlogs drain one round trip per row; full scans still serve
-                // those keys. Only forward: a scan that cannot move the tail waits like any.
-                let tail = self.next_id.fetch_max(last + 1, Ordering::Relaxed);
-                if last + 1 > tail {
-                    return true;
-                }
-            }
-            // Every row it found waits behind an earlier row of its key, in flight: only a
-            // finished batch (or a commit) can change that, so wait for one instead of claiming
-            // in vain. Those keys' next rows lie before a tail scan's start: look at the whole
-            // table then.
-            self.scan_all_next();
-            return false;
-        }
-        if claim.locked == batch_size
-            && claim.locked_keys > FEW_KEYS
-            && kept_keys(claim) == claim.locked_keys
-        {
-            // Every key the scan found is now in flight in this very batch: a claim right away
-            // would find the rest of the window held back behind it and keep nothing (half of
-            // all claims in a 100-key drain, and most of Postgres's time there). Wait for a
-            // finished batch or a commit instead, as after such an empty claim.
-            self.scan_all_next();
-            return false;
-        }
         true
     }
-
-    /// The next claim looks at the whole table.
-    fn scan_all_next(&self) {
-        self.full_next.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Partition keys among the rows a claim kept.
-fn kept_keys(claim: &outbox::Claim) -> u32 {
-    let keys: std::collections::HashSet<&str> = claim
-        .rows
-        .iter()
-        .filter_map(|row| row.partition_key.as_deref())
-        .collect();
-    u32::try_from(keys.len()).unwrap_or(u32::MAX)
 }
 
 /// What one claim found.
@@ -246,39 +197,30 @@ impl Claimer {
         }
     }
 
-    /// One claim: begin a transaction and lock up to `batch_size` due rows in it.
+    /// One claim: number what is due and unnumbered (unless another pass is at it), then
+    /// begin a transaction and lock up to `batch_size` due rows in it.
     pub async fn claim_once(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<Claimed> {
         let started = Instant::now();
-        let finished_before = self.stats.finished();
+        // A full pass means more may wait unnumbered: claim again at once.
+        let numbered = outbox::number(&self.pool, self.batch_size).await?;
+        let more_to_number = numbered == Some(u64::from(self.batch_size));
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let from = self.scan.start();
-        let claim = outbox::claim(&mut tx, self.batch_size, from, self.keys).await?;
+        let rows = outbox::claim(&mut tx, self.batch_size, from).await?;
         self.stats.record_claim();
         metrics::counter!("postbox_claims_total").increment(1);
         metrics::histogram!("postbox_claim_seconds").record(started.elapsed().as_secs_f64());
+        let last = rows.iter().map(|row| row.id).max();
         tracing::trace!(
-            rows = claim.rows.len(),
-            locked = claim.locked,
-            locked_keys = claim.locked_keys,
-            last_locked = claim.last_locked,
+            rows = rows.len(),
+            numbered,
             from,
             claim_ms = started.elapsed().as_secs_f64() * 1e3,
             "relay: claimed"
         );
-        let mut again = self.scan.claimed(from, &claim, self.batch_size);
-        if claim.rows.is_empty() {
+        let again = self.scan.claimed(from, rows.len(), last, self.batch_size) || more_to_number;
+        if rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;
-            // Waiting for a finished batch only works while one of this relay's batches is
-            // open. With none open, claim again from the start if what held the rows back may
-            // be gone: rows behind a tail scan's start (a late commit, a released batch), or a
-            // batch that finished during this claim (after its snapshot, perhaps, and with its
-            // wake-up taken by the other claimer, which skips this claim's locks and can come
-            // up empty too). Otherwise only a commit or the poll would wake the claimers.
-            let may_be_free = from > 0 || self.stats.finished() != finished_before;
-            if !again && may_be_free && self.stats.open_batches() == 0 {
-                self.scan.scan_all_next();
-                again = true;
-            }
             return Ok(if again {
                 Claimed::Again
             } else {
@@ -288,10 +230,9 @@ impl Claimer {
         Ok(Claimed::Batch {
             batch: Batch {
                 tx,
-                rows: claim.rows,
+                rows,
                 claimed_at: Instant::now(),
                 permit,
-                _open: Open::new(self.stats.clone()),
             },
             again,
         })
@@ -301,63 +242,46 @@ impl Claimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::outbox::{Claim, ClaimedRow};
 
-    fn row(id: i64, key: Option<String>) -> ClaimedRow {
-        ClaimedRow {
-            id,
-            message_id: uuid::Uuid::nil(),
-            exchange: String::new(),
-            routing_key: "q".into(),
-            partition_key: key,
-            payload: Vec::new(),
-            content_type: "application/json".into(),
-            headers: Ok(serde_json::json!({})),
-            created_at: chrono::Utc::now(),
-            attempts: 0,
-            source: None,
-        }
-    }
-
-    /// A full window of `keys` keys of which the claim kept one row each.
-    fn one_row_per_key(keys: u32, batch_size: u32) -> Claim {
-        Claim {
-            rows: (0..keys)
-                .map(|k| row(i64::from(k) + 1, Some(format!("key-{k}"))))
-                .collect(),
-            locked: batch_size,
-            last_locked: Some(i64::from(batch_size)),
-            locked_keys: keys,
-        }
+    #[test]
+    fn a_full_batch_claims_again_from_the_tail() {
+        let scan = Scan::default();
+        let from = scan.start(); // the first claim is a full scan
+        assert_eq!(from, 0);
+        assert!(scan.claimed(from, 500, Some(500), 500));
+        assert_eq!(
+            scan.start(),
+            501,
+            "the next claim starts after the last id claimed"
+        );
     }
 
     #[test]
-    fn a_batch_holding_every_key_of_a_full_window_waits_instead_of_claiming_again() {
+    fn a_short_tail_claim_looks_at_the_whole_table_next() {
         let scan = Scan::default();
-        let from = scan.start(); // the first claim is a full scan anyway
-        assert!(!scan.claimed(from, &one_row_per_key(100, 500), 500));
-        assert_eq!(scan.start(), 0, "the next claim looks at the whole table");
-
-        // Whereas after a batch that claims again, the next claim starts after it.
-        let scan = Scan::default();
+        let _ = scan.start();
+        assert!(scan.claimed(0, 500, Some(500), 500));
         let from = scan.start();
-        let mut claim = one_row_per_key(100, 500);
-        claim.locked_keys = 120;
-        assert!(scan.claimed(from, &claim, 500));
-        assert_eq!(scan.start(), 101);
+        assert_eq!(from, 501);
+        assert!(
+            scan.claimed(from, 3, Some(510), 500),
+            "claims again at once"
+        );
+        assert_eq!(scan.start(), 0, "over the whole table");
+        // A short claim over the whole table means nothing more is claimable: idle.
+        assert!(!scan.claimed(0, 3, Some(20), 500));
     }
 
     #[test]
-    fn otherwise_a_kept_batch_claims_again() {
-        // A few keys: the step-over handles them, and a claim again moves past them.
-        assert!(Scan::default().claimed(0, &one_row_per_key(5, 500), 500));
-        // Unkeyed rows fill the batch.
-        let unkeyed = Claim {
-            rows: (1..=500).map(|id| row(id, None)).collect(),
-            locked: 500,
-            last_locked: Some(500),
-            locked_keys: 0,
-        };
-        assert!(Scan::default().claimed(0, &unkeyed, 500));
+    fn every_few_claims_is_a_full_scan() {
+        let scan = Scan::default();
+        let starts: Vec<i64> = (0..2 * FULL_SCAN_EVERY)
+            .map(|_| {
+                let from = scan.start();
+                scan.claimed(from, 500, Some(1000), 500);
+                from
+            })
+            .collect();
+        assert_eq!(starts.iter().filter(|&&from| from == 0).count(), 2);
     }
 }

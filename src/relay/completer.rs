@@ -20,12 +20,15 @@ pub(crate) struct Completer {
     pub stats: Arc<Stats>,
     /// `relay.keep_published`: mark published rows (true) or delete them (false).
     pub keep_published: bool,
+    /// `relay.dead_rows_park_keys`: a dead keyed row holds its stream back at the consumers
+    /// until released (true), or is released at once (false).
+    pub park_keys: bool,
 }
 
 impl Completer {
     /// Completes batches until the confirmer is done. Batches are marked concurrently, each on
-    /// its own transaction: they never share a row or a partition key (the claim sees to that),
-    /// so the order of their commits does not matter. Not cancellable on purpose: a mark is one
+    /// its own transaction: they never share a row (the claim sees to that), and a stream's
+    /// order is in its rows' numbers, so the order of their commits does not matter. Not cancellable on purpose: a mark is one
     /// short statement, and finishing it is what keeps duplicates down on shutdown.
     pub async fn run(self, mut input: mpsc::Receiver<Decided>) {
         let this = Arc::new(self);
@@ -85,7 +88,7 @@ impl Completer {
             }
         }
         let released = (batch.rows.len() - completions.len()) as u64;
-        outbox::complete(&mut tx, &completions, self.keep_published)
+        outbox::complete(&mut tx, &completions, self.keep_published, self.park_keys)
             .instrument(tracing::debug_span!(
                 "postbox.mark",
                 rows = completions.len()

@@ -139,6 +139,11 @@ impl Confirmer {
             if let (Heard::Ack | Heard::Nack, Some(reason)) =
                 (&heard, returns.remove(&row.message_id))
             {
+                if row.is_skip() {
+                    // No queue takes the stream: no consumer waits for the number.
+                    completions.push((row.id, Completion::Published));
+                    continue;
+                }
                 let failure = format!(
                     "returned by the broker as unroutable ({reason}): no queue is bound to \
                      exchange {:?} with routing key {:?}",

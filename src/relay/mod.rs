@@ -56,10 +56,6 @@ pub struct Stats {
     released: AtomicU64,
     broker: BrokerState,
     listening: AtomicBool,
-    /// Batches claimed, and batches ended (marked, released, or dropped on shutdown or after
-    /// a failed mark): the difference is open.
-    claimed: AtomicU64,
-    finished: AtomicU64,
 }
 
 impl Stats {
@@ -69,24 +65,6 @@ impl Stats {
         self.retried.fetch_add(retried, Ordering::Relaxed);
         self.dead.fetch_add(dead, Ordering::Relaxed);
         self.released.fetch_add(released, Ordering::Relaxed);
-    }
-
-    pub(crate) fn batch_finished(&self) {
-        self.finished.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn finished(&self) -> u64 {
-        self.finished.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn batch_claimed(&self) {
-        self.claimed.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Batches claimed and not yet finished.
-    fn open_batches(&self) -> u64 {
-        let finished = self.finished();
-        self.claimed.load(Ordering::SeqCst).saturating_sub(finished)
     }
 
     fn record_claim(&self) {
@@ -265,15 +243,14 @@ impl Relay {
             pool: self.pool.clone(),
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
-            keys: crate::store::outbox::KeyRules::from_settings(&settings),
             slots,
             wake: wake.clone(),
             stats: self.stats.clone(),
             scan: claimer::Scan::default(),
         };
         // Two claims run at once so the publisher never waits for one: they take disjoint rows
-        // (SKIP LOCKED), and a key's rows never span two batches, so the order in which their
-        // batches reach the publisher does not matter.
+        // (SKIP LOCKED). A stream's rows may be in both; their numbers say the order, which
+        // consumers restore should the broker receive them out of it.
         let claimer = Arc::new(claimer);
         // Only the first claimer polls when idle: an idle relay sends one probe per poll.
         let claimers: Vec<_> = (0..CLAIMERS)
@@ -305,6 +282,7 @@ impl Relay {
                 wake,
                 stats: self.stats.clone(),
                 keep_published: settings.keep_published,
+                park_keys: settings.dead_rows_park_keys,
             }
             .run(decided_rx),
         );

@@ -15,12 +15,20 @@ pub struct Receipt<'a> {
     pub message_id: Uuid,
     /// The queue it was consumed from.
     pub queue: &'a str,
+    /// The exchange it was published to (`""`: the default exchange).
+    pub exchange: &'a str,
     /// Its routing key.
     pub routing_key: &'a str,
     /// Its ordering key, if it has one.
     pub partition_key: Option<&'a str>,
-    /// The version it carries for its key, if any.
+    /// The version it carries for its key, if any: an older one than applied is stale.
     pub version: Option<i64>,
+    /// Its number in its stream (`x-postbox-seq`), if any: the stream's messages are applied
+    /// in number order. Takes precedence over `version`.
+    pub seq: Option<i64>,
+    /// Whether it is a skip message (`x-postbox-skip`): it stands for a row the relay
+    /// released, and only moves its stream on.
+    pub skip: bool,
     /// Where the version comes from (the outbox's `x-postbox-source`): versions are compared
     /// only between messages of the same source. `None` for messages without one.
     pub source: Option<&'a str>,
@@ -37,6 +45,10 @@ pub enum Outcome {
     DeadLettered,
     /// Malformed and dropped by policy.
     Discarded,
+    /// Held until its stream's previous number is applied (not decided yet).
+    Waiting,
+    /// A skip message: its stream moved on past the number of a row the relay released.
+    Skipped,
 }
 
 impl Outcome {
@@ -47,6 +59,8 @@ impl Outcome {
             Outcome::Stale => "stale",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Discarded => "discarded",
+            Outcome::Waiting => "waiting",
+            Outcome::Skipped => "skipped",
         }
     }
 
@@ -56,6 +70,8 @@ impl Outcome {
             "stale" => Outcome::Stale,
             "dead_lettered" => Outcome::DeadLettered,
             "discarded" => Outcome::Discarded,
+            "waiting" => Outcome::Waiting,
+            "skipped" => Outcome::Skipped,
             _ => return None,
         })
     }
@@ -87,14 +103,21 @@ insert into postbox.inbox as i
     (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at)
 values ($1, $2, $3, $4, $5, $6, 'applied', now())
 on conflict (consumer, message_id) do update
-    set duplicates = i.duplicates + (i.outcome is not null)::int,
+    set duplicates = i.duplicates
+                     + (i.outcome is not null and not ($7 and i.outcome = 'waiting'))::int,
         last_received_at = now()
 returning (i.xmax = 0) as inserted, i.outcome, i.attempts
 "#;
 
-/// Claims `receipt`'s message id inside the handler's transaction.
-pub async fn claim(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Claim> {
+/// Claims `receipt`'s message id inside the handler's transaction. `its_turn`: the message is
+/// taken from the waiting ones because its turn came, so `waiting` counts as undecided.
+pub async fn claim(
+    conn: &mut PgConnection,
+    receipt: &Receipt<'_>,
+    its_turn: bool,
+) -> Result<Claim> {
     let row = bind(sqlx::query(CLAIM), receipt)
+        .bind(its_turn)
         .fetch_one(conn)
         .await
         .context("claiming a message id in postbox.inbox")?;
@@ -103,9 +126,24 @@ pub async fn claim(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Cla
     let attempts: i32 = row.get(2);
     Ok(match outcome.as_deref().and_then(Outcome::parse) {
         _ if inserted => Claim::First,
+        Some(Outcome::Waiting) if its_turn => Claim::Undecided { attempts },
         Some(outcome) => Claim::Duplicate(outcome),
         None => Claim::Undecided { attempts },
     })
+}
+
+/// Marks a claimed message as waiting (received, not decided), inside the transaction that
+/// holds it.
+pub async fn wait(conn: &mut PgConnection, consumer: &str, message_id: Uuid) -> Result<()> {
+    sqlx::query(
+        "update postbox.inbox set outcome = 'waiting', processed_at = null          where consumer = $1 and message_id = $2",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .execute(conn)
+    .await
+    .context("recording a waiting message in postbox.inbox")?;
+    Ok(())
 }
 
 const ADVANCE_VERSION: &str = r#"
@@ -169,7 +207,7 @@ insert into postbox.inbox as i
 values ($1, $2, $3, $4, $5, $6, 1, $7)
 on conflict (consumer, message_id) do update
     set attempts = i.attempts + 1, last_error = excluded.last_error, last_received_at = now()
-    where i.outcome is null
+    where i.outcome is null or i.outcome = 'waiting'
 returning i.attempts
 "#;
 
@@ -200,7 +238,7 @@ values ($1, $2, $3, $4, $5, $6, 1, $7)
 on conflict (consumer, message_id) do update
     set attempts = i.attempts + 1, last_error = coalesce(i.last_error, excluded.last_error),
         last_received_at = now()
-    where i.outcome is null
+    where i.outcome is null or i.outcome = 'waiting'
 returning i.attempts
 "#;
 
@@ -242,7 +280,7 @@ pub async fn uncount_run<'e, E: PgExecutor<'e>>(executor: E, receipt: &Receipt<'
 const RECORD_ERROR: &str = r#"
 update postbox.inbox as i
 set last_error = $3, last_received_at = now()
-where consumer = $1 and message_id = $2 and outcome is null
+where consumer = $1 and message_id = $2 and (outcome is null or outcome = 'waiting')
 returning attempts
 "#;
 
@@ -271,7 +309,7 @@ values ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9)
 on conflict (consumer, message_id) do update
     set outcome = excluded.outcome, processed_at = now(), last_error = excluded.last_error,
         last_received_at = now(), attempts = greatest(i.attempts, excluded.attempts)
-    where i.outcome is null
+    where i.outcome is null or i.outcome = 'waiting'
 "#;
 
 /// Records an outcome decided without the handler's transaction (dead-lettered, discarded) on
@@ -610,20 +648,20 @@ fn bind<'q>(
         .bind(receipt.queue)
         .bind(text(receipt.routing_key))
         .bind(receipt.partition_key.map(text))
-        .bind(receipt.version)
+        .bind(receipt.seq.or(receipt.version))
 }
 
 /// `value` as Postgres `text` can hold it: without NUL characters, which a delivery's routing
 /// key, partition key header or a handler's error message may carry, and which would make
 /// every statement writing them fail.
-fn text(value: &str) -> String {
+pub(super) fn text(value: &str) -> String {
     value.replace('\0', "\u{FFFD}")
 }
 
 /// A partition key as `postbox.inbox_versions` stores it: as it is, unless it is too long for
 /// the primary key's index (Postgres refuses index entries beyond ~2.7 kB), then a UUIDv5 of
 /// it, so the key still has its own version.
-fn version_key(partition_key: &str) -> String {
+pub(super) fn version_key(partition_key: &str) -> String {
     const LONGEST: usize = 1024;
     let key = text(partition_key);
     if key.len() <= LONGEST {

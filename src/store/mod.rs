@@ -2,6 +2,7 @@
 //! write SQL of their own.
 
 pub mod inbox;
+pub mod inbox_streams;
 mod nodelay;
 pub mod operations;
 pub mod outbox;

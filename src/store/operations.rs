@@ -204,10 +204,12 @@ pub async fn dead(pool: &PgPool, limit: i64) -> Result<Vec<DeadRow>> {
 }
 
 // A fresh start: due now, a full set of attempts. `last_error` stays as the record of why it
-// died until the next attempt overwrites or the publish succeeds.
+// died until the next attempt overwrites or the publish succeeds. A released row's number was
+// skipped already (consumers moved on past it): it gets a new one, at the end of its stream.
 const RETRY_DEAD: &str = r#"
 update postbox.outbox
-set dead_at = null, released_at = null, attempts = 0, available_at = now()
+set dead_at = null, released_at = null, attempts = 0, available_at = now(),
+    seq = case when released_at is null then seq end
 where dead_at is not null and ($1::bigint[] is null or id = any($1))
 returning id
 "#;
@@ -225,29 +227,15 @@ pub async fn retry_dead<'e, E: PgExecutor<'e>>(
         .context("retrying dead rows")
 }
 
-// The key moves on past the dead row, which stays dead and unpublished.
-const RELEASE_DEAD: &str = r#"
-update postbox.outbox
-set released_at = now()
-where dead_at is not null and released_at is null
-  and ($1::bigint[] is null or id = any($1))
-  and ($2::text is null or partition_key = $2)
-returning id
-"#;
-
 /// Releases parked keys: dead rows in `ids` or of `partition_key`, or all of them when both
-/// are `None`. Returns the ids released.
+/// are `None`; each released keyed row sends a skip message in its place. Returns the ids
+/// released.
 pub async fn release_dead<'e, E: PgExecutor<'e>>(
     executor: E,
     ids: Option<&[i64]>,
     partition_key: Option<&str>,
 ) -> Result<Vec<i64>> {
-    sqlx::query_scalar(RELEASE_DEAD)
-        .bind(ids)
-        .bind(partition_key)
-        .fetch_all(executor)
-        .await
-        .context("releasing dead rows")
+    super::outbox::release(executor, ids, partition_key).await
 }
 
 /// Wakes running relays (as a commit into the outbox does): rows are free to claim. Sent inside a

@@ -97,6 +97,9 @@ pub struct ClaimedRow {
     pub routing_key: String,
     /// Ordering key, if any.
     pub partition_key: Option<String>,
+    /// The row's number in its stream (partition key, exchange, routing key); `None` for
+    /// unkeyed rows. Keyed rows are claimed only once numbered.
+    pub seq: Option<i64>,
     /// The body, from `payload` or `payload_bytes`.
     pub payload: Vec<u8>,
     /// AMQP content type.
@@ -112,168 +115,102 @@ pub struct ClaimedRow {
     pub source: Option<Uuid>,
 }
 
-// Candidates are the first due pending rows in id order that no other batch has locked, that
-// no dead row of their key parks ($3) and that no row of their key not due yet (waiting for
-// its retry, or scheduled) holds back. Of a partition key, only the rows before its first
-// pending row *outside* this batch are kept (that row is in flight in another batch, locked
-// there, or waiting for a retry), and of those at most
-// the first $4: so a key's rows go out as a contiguous run in id order, a key is never in flight
-// in two batches, and a failing row holds back only its own key. With $4 = 1 a key has one
-// message in flight at a time, so a row that fails can never be overtaken by its key's next row
-// (confirmed in the same batch before the failed one is retried). Candidates dropped here stay
-// locked until this transaction ends, which is harmless: their key is blocked anyway. Only ids
-// and keys go through the sifting (unkeyed rows skip it), so payloads are sorted once, not
-// carried through joins; the rows returned are the versions the locks were taken on.
-const CLAIM: &str = r#"
-with candidates as materialized (
-    select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
-           content_type, headers, created_at, attempts
-    from postbox.outbox o
-    where published_at is null and dead_at is null and available_at <= now()
-      and id >= $2
-      -- rows behind a dead row of their key ($3: parking on) are never candidates: a parked
-      -- key's backlog must not fill every batch and hide the rows after it
-      and not ($3 and partition_key is not null and exists (
-              select 1 from postbox.parking_rows d
-              where d.partition_key = o.partition_key and d.id < o.id))
-      -- nor rows behind a row of their key that is not due yet (waiting for its retry, or
-      -- scheduled), for the same reason; the condition in parentheses is the partial index's
-      and not (partition_key is not null and exists (
-              select 1 from postbox.outbox w
-              where w.partition_key = o.partition_key and w.id < o.id
-                and w.partition_key is not null
-                and (w.attempts > 0 or w.available_at > w.created_at)
-                and w.published_at is null and w.dead_at is null
-                and w.available_at > now()))
-    order by id
-    limit $1
-    for update skip locked
-),
-keys as (
-    select distinct partition_key from candidates where partition_key is not null
-),
-limits as materialized (
-    select k.partition_key,
-           (select p.id
-            from postbox.outbox p
-            where p.partition_key = k.partition_key
-              and p.published_at is null and p.dead_at is null
-              and p.id not in (select id from candidates)
-            order by p.id
-            limit 1) as first_outside
-    from keys k
-),
-keyed as (
-    select id from (
-        select c.id, row_number() over (partition by c.partition_key order by c.id) as key_rank
-        from candidates c
-        join limits l on l.partition_key = c.partition_key
-        where l.first_outside is null or c.id < l.first_outside
-    ) ranked
-    where key_rank <= $4
-)
--- One row per kept candidate, each with what was locked (how many rows, the last id, over how
--- many keys) and the outbox's identity; a single row of nulls with those figures when none is
--- kept.
-select w.locked, w.last_locked, w.locked_keys, w.source, k.*
-from (select count(*) as locked, max(id) as last_locked,
-             count(distinct partition_key) as locked_keys,
-             (select id from postbox.outbox_source limit 1) as source
-      from candidates) as w
-left join lateral (
-    select id, message_id, exchange, routing_key, partition_key, payload, payload_bytes,
-           content_type, headers::text as headers, created_at, attempts
-    from candidates
-    where partition_key is null or id in (select id from keyed)
-) k on true
-order by k.id
-"#;
-
-/// Which of a partition key's pending rows a claim may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyRules {
-    /// A dead (unreleased) row holds back its key's later rows (`relay.dead_rows_park_keys`).
-    pub park_keys: bool,
-    /// At most this many rows of one key per batch (`relay.max_rows_per_key`).
-    pub rows_per_key: u32,
+impl ClaimedRow {
+    /// Whether the row is a skip message standing for a released row (header
+    /// `x-postbox-skip`, written by [`release`]).
+    pub fn is_skip(&self) -> bool {
+        matches!(&self.headers, Ok(serde_json::Value::Object(headers)) if headers.contains_key("x-postbox-skip"))
+    }
 }
 
-impl KeyRules {
-    /// The rules in the relay's settings.
-    pub fn from_settings(settings: &crate::config::RelaySettings) -> Self {
-        Self {
-            park_keys: settings.dead_rows_park_keys,
-            rows_per_key: settings.max_rows_per_key,
+/// Numbers up to `limit` due keyed rows, in one statement outside any transaction (committed
+/// on return; see `postbox.number_rows`). Returns how many it numbered, or `None` when
+/// another pass (of this relay or another) holds the numbering lock: that pass does the work.
+pub async fn number<'e, E: PgExecutor<'e>>(executor: E, limit: u32) -> Result<Option<u64>> {
+    let numbered: Option<i32> = sqlx::query_scalar("select postbox.number_rows($1)")
+        .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+        .fetch_one(executor)
+        .await
+        .context("numbering keyed rows of postbox.outbox")?;
+    Ok(numbered.map(|n| u64::try_from(n).unwrap_or(0)))
+}
+
+// The first due pending rows from $2 on, in id order, that no other batch has locked; keyed
+// rows only once numbered (see `number`). No row is held back for its key: order travels in the
+// number, and consumers apply a stream's messages in number order.
+const CLAIM: &str = r#"
+select id, message_id, exchange, routing_key, partition_key, seq, payload, payload_bytes,
+       content_type, headers::text as headers, created_at, attempts,
+       (select id from postbox.outbox_source limit 1) as source
+from postbox.outbox
+where published_at is null and dead_at is null and available_at <= now()
+  and id >= $2
+  and (partition_key is null or seq is not null)
+order by id
+limit $1
+for update skip locked
+"#;
+
+/// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
+/// locked until it ends. The rows come back in publish order: id order, except that each
+/// stream's rows are put in number order (a row that committed late has a lower id than rows
+/// of its stream numbered before it).
+pub async fn claim(tx: &mut PgConnection, limit: u32, from_id: i64) -> Result<Vec<ClaimedRow>> {
+    let rows = sqlx::query(CLAIM)
+        .bind(i64::from(limit))
+        .bind(from_id)
+        .fetch_all(tx)
+        .await
+        .context("claiming a batch from postbox.outbox")?;
+    let mut claimed = rows
+        .iter()
+        .map(claimed_row)
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .context("reading claimed outbox rows")?;
+    in_stream_order(&mut claimed);
+    Ok(claimed)
+}
+
+/// Reorders each stream's rows by number within the places its rows hold, leaving every
+/// other row where it is.
+fn in_stream_order(rows: &mut [ClaimedRow]) {
+    use std::collections::BTreeMap;
+    let mut streams: BTreeMap<(&str, &str, &str), Vec<usize>> = BTreeMap::new();
+    for (place, row) in rows.iter().enumerate() {
+        if let Some(key) = row.partition_key.as_deref() {
+            streams
+                .entry((key, row.exchange.as_str(), row.routing_key.as_str()))
+                .or_default()
+                .push(place);
+        }
+    }
+    let moves: Vec<Vec<usize>> = streams
+        .into_values()
+        .filter(|places| {
+            places
+                .windows(2)
+                .any(|pair| rows[pair[0]].seq > rows[pair[1]].seq)
+        })
+        .collect();
+    for places in moves {
+        let mut members: Vec<ClaimedRow> = places.iter().map(|&p| rows[p].clone()).collect();
+        members.sort_by_key(|row| row.seq);
+        for (place, row) in places.into_iter().zip(members) {
+            rows[place] = row;
         }
     }
 }
 
-/// What a claim found: the rows it keeps, and how many it locked to find them (more than it
-/// keeps when the key rules hold some back; fewer than the limit when it ran out of rows).
-#[derive(Debug, Default)]
-pub struct Claim {
-    /// The rows of the batch, in id order.
-    pub rows: Vec<ClaimedRow>,
-    /// Due pending rows the claim locked, kept or not (at most the claim's limit).
-    pub locked: u32,
-    /// The highest id it locked.
-    pub last_locked: Option<i64>,
-    /// Partition keys among the rows it locked.
-    pub locked_keys: u32,
-}
-
-/// Claims up to `limit` due rows with ids from `from_id` on, on `tx`'s connection; they stay
-/// locked until it ends. A key's rows are taken only up to its first pending row outside the
-/// batch, wherever that row is, so `from_id` never lets a key's later row overtake an earlier
-/// one. `keys` limits what is taken of each key.
-pub async fn claim(
-    tx: &mut PgConnection,
-    limit: u32,
-    from_id: i64,
-    keys: KeyRules,
-) -> Result<Claim> {
-    let rows = sqlx::query(CLAIM)
-        .bind(i64::from(limit))
-        .bind(from_id)
-        .bind(keys.park_keys)
-        .bind(i64::from(keys.rows_per_key))
-        .fetch_all(tx)
-        .await
-        .context("claiming a batch from postbox.outbox")?;
-    let mut claim = Claim::default();
-    for row in &rows {
-        let count = |column: &str| -> Result<u32> {
-            let n: i64 = row.try_get(column).context("reading a claim")?;
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
-        };
-        claim.locked = count("locked")?;
-        claim.locked_keys = count("locked_keys")?;
-        claim.last_locked = row.try_get("last_locked").context("reading a claim")?;
-        let source: Option<Uuid> = row.try_get("source").context("reading a claim")?;
-        let id: Option<i64> = row.try_get("id").context("reading a claim")?;
-        let Some(id) = id else {
-            continue; // nothing kept
-        };
-        claim
-            .rows
-            .push(claimed_row(id, source, row).context("reading claimed outbox rows")?);
-    }
-    Ok(claim)
-}
-
-fn claimed_row(
-    id: i64,
-    source: Option<Uuid>,
-    row: &sqlx::postgres::PgRow,
-) -> Result<ClaimedRow, sqlx::Error> {
+fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedRow, sqlx::Error> {
     let text: Option<String> = row.try_get("payload")?;
     let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
     Ok(ClaimedRow {
-        id,
+        id: row.try_get("id")?,
         message_id: row.try_get("message_id")?,
         exchange: row.try_get("exchange")?,
         routing_key: row.try_get("routing_key")?,
         partition_key: row.try_get("partition_key")?,
+        seq: row.try_get("seq")?,
         payload: text.map(String::into_bytes).or(bytes).unwrap_or_default(),
         content_type: row.try_get("content_type")?,
         // As text, parsed here: a jsonb nested deeper than serde_json's limit (Postgres takes
@@ -282,7 +219,7 @@ fn claimed_row(
             .map_err(|e| format!("headers cannot be read: {e}")),
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
-        source,
+        source: row.try_get("source")?,
     })
 }
 
@@ -357,12 +294,13 @@ select (select count(*) from deleted) + (select count(*) from updated)
 "#;
 
 /// Writes the outcomes of a batch in one statement, on the transaction that claimed it; with
-/// `keep_published` false, published rows are deleted instead of marked. Returns the number of
-/// rows written.
+/// `keep_published` false, published rows are deleted instead of marked. Unless `park_keys`,
+/// rows that die are released at once (see [`release`]). Returns the number of rows written.
 pub async fn complete(
     tx: &mut PgConnection,
     outcomes: &[(i64, Completion)],
     keep_published: bool,
+    park_keys: bool,
 ) -> Result<u64> {
     let n = outcomes.len();
     if outcomes
@@ -408,10 +346,63 @@ pub async fn complete(
         .bind(&errors)
         .bind(&retry_after_ms)
         .bind(!keep_published)
-        .fetch_one(tx)
+        .fetch_one(&mut *tx)
         .await
         .context(format!("marking {n} outbox row(s)"))?;
+    if !park_keys {
+        let dead: Vec<i64> = outcomes
+            .iter()
+            .filter(|(_, completion)| matches!(completion, Completion::Dead { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        if !dead.is_empty() {
+            release(&mut *tx, Some(&dead), None).await?;
+        }
+    }
     Ok(written.try_into().unwrap_or(0))
+}
+
+// Dead rows let go: marked released, and for each numbered keyed row a skip message with its
+// number goes into the outbox (published like any row), so its stream's consumers move on past
+// the number instead of waiting for it. The skip's message id derives from the dead row's, so
+// releasing a row twice sends one skip.
+const RELEASE: &str = r#"
+with released as (
+    update postbox.outbox
+    set released_at = now()
+    where dead_at is not null and released_at is null
+      and ($1::bigint[] is null or id = any($1))
+      -- a skip that died goes without a skip of its own, or skips would beget skips
+      and not headers ? 'x-postbox-skip'
+      and ($2::text is null or partition_key = $2)
+    returning id, message_id, exchange, routing_key, partition_key, seq
+),
+skips as (
+    insert into postbox.outbox
+        (message_id, exchange, routing_key, partition_key, payload, content_type, headers, seq)
+    select md5('postbox skip ' || message_id::text)::uuid, exchange, routing_key, partition_key,
+           '', 'application/x-postbox-skip',
+           jsonb_build_object('x-postbox-skip', message_id::text), seq
+    from released
+    where partition_key is not null and seq is not null
+    on conflict (message_id) do nothing
+)
+select id from released order by id
+"#;
+
+/// Releases dead rows (those in `ids`, or of `partition_key`, or all when both are `None`):
+/// their streams move on past them. Returns the ids released.
+pub async fn release<'e, E: PgExecutor<'e>>(
+    executor: E,
+    ids: Option<&[i64]>,
+    partition_key: Option<&str>,
+) -> Result<Vec<i64>> {
+    sqlx::query_scalar(RELEASE)
+        .bind(ids)
+        .bind(partition_key)
+        .fetch_all(executor)
+        .await
+        .context("releasing dead rows")
 }
 
 const NEXT_DUE: &str = r#"

@@ -309,6 +309,14 @@ impl Received {
             other => panic!("x-postbox-outbox-id header missing or mistyped: {other:?}"),
         }
     }
+
+    /// The `x-postbox-seq` header: the message's number in its stream.
+    pub fn seq(&self) -> Option<i64> {
+        match self.header("x-postbox-seq")? {
+            AMQPValue::LongLongInt(seq) => Some(*seq),
+            other => panic!("x-postbox-seq header mistyped: {other:?}"),
+        }
+    }
 }
 
 /// A connection to the shared broker for declaring and consuming test queues. Queues are
@@ -350,9 +358,17 @@ impl Rabbit {
     /// Declares a uniquely named queue other connections can consume (a consumer under test
     /// has its own connection). The broker deletes it once unused for 30 s.
     pub async fn shared_queue(&self) -> String {
+        self.shared_queue_with(&[]).await
+    }
+
+    /// [`Rabbit::shared_queue`] with queue `arguments` on top (`x-max-length` and the like).
+    pub async fn shared_queue_with(&self, extra: &[(&str, AMQPValue)]) -> String {
         let name = format!("postbox-test-{}", Uuid::new_v4().simple());
         let mut arguments = FieldTable::default();
         arguments.insert("x-expires".into(), AMQPValue::LongInt(30_000));
+        for (key, value) in extra {
+            arguments.insert((*key).into(), value.clone());
+        }
         self.channel
             .queue_declare(
                 name.as_str().into(),
@@ -525,12 +541,17 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn start() -> Self {
+        Self::start_with_queue_arguments(&[]).await
+    }
+
+    /// [`Subscriber::start`] with a queue declared with `arguments`.
+    pub async fn start_with_queue_arguments(arguments: &[(&str, AMQPValue)]) -> Self {
         let db = TestDb::empty().await;
         postbox::migrate_parts(&db.pool, &[postbox::Part::Inbox])
             .await
             .expect("migrate inbox");
         let rabbit = Rabbit::connect().await;
-        let queue = rabbit.shared_queue().await;
+        let queue = rabbit.shared_queue_with(arguments).await;
         let dead_letter_queue = rabbit.queue().await;
         let dead_letters = rabbit.consume(&dead_letter_queue).await;
         Self {
