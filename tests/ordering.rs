@@ -192,6 +192,66 @@ async fn a_message_ahead_of_its_turn_is_held_then_applied_right_after_its_predec
     );
 }
 
+/// Batches decide as single runs would: each stream's numbers that follow on are applied in
+/// number order in the batch's transaction, later ones held until their turn; duplicates,
+/// skips and old numbers are recognized in the batch.
+#[tokio::test]
+async fn batches_apply_each_stream_in_number_order_and_hold_what_is_ahead() {
+    let sub = Subscriber::start().await;
+    Counters::install(&sub).await;
+    // Three keys, numbers 1 to 12 each, sent shuffled (a fixed permutation); key c's 6 is a
+    // skip; and a copy of a's 1.
+    let mut sends: Vec<(String, i64, Uuid)> = Vec::new();
+    let ids: HashMap<(String, i64), Uuid> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|k| (1..=12).map(move |seq| ((k.to_string(), seq), Uuid::new_v4())))
+        .collect();
+    for n in 0..36i64 {
+        let permuted = (n * 7) % 36; // 7 is coprime with 36: every message once
+        let key = ["a", "b", "c"][(permuted % 3) as usize].to_string();
+        let seq = permuted / 3 + 1;
+        sends.push((key.clone(), seq, ids[&(key, seq)]));
+    }
+    sends.push(("a".into(), 1, ids[&("a".to_string(), 1)]));
+    for (key, seq, id) in &sends {
+        let mut headers = numbered(*seq, key);
+        if key == "c" && *seq == 6 {
+            headers.insert(
+                "x-postbox-skip".into(),
+                AMQPValue::LongString("gone".into()),
+            );
+        }
+        sub.send(*id, headers, format!("{key}{seq}").as_bytes())
+            .await;
+    }
+    let options = ConsumerOptions {
+        batch_size: 16,
+        concurrency: 1,
+        ..sub.options()
+    };
+    let consumer = consumer(&sub, options);
+    until_applied(&sub, 35, DEADLINE).await;
+    let stats = consumer.stats();
+    wait_until("the duplicate and the skip counted", DEADLINE, || async {
+        (stats.duplicates() == 1 && stats.skipped() == 1).then_some(())
+    })
+    .await;
+    consumer.stop().await.expect("stop");
+    println!("{} held in batches or single runs", stats.waiting());
+    assert!(stats.waiting() > 0, "some arrived ahead of their turn");
+    let rows = applied(&sub).await;
+    assert_eq!(rows.len(), 35);
+    let mut next: HashMap<String, i64> = HashMap::new();
+    for (key, seq, _) in rows {
+        let want = next.entry(key.clone()).or_insert(1);
+        if key == "c" && *want == 6 {
+            *want = 7; // the skip
+        }
+        assert_eq!(seq, *want, "key {key}");
+        *want += 1;
+    }
+}
+
 /// A number at or below the last applied: the same message again is a duplicate; another
 /// message with an old number (a replay of old positions) is stale, never applied.
 #[tokio::test]

@@ -408,24 +408,8 @@ async fn sweep_streams<H: Handler>(worker: Worker<H>) {
             _ = worker.session.cancelled() => return,
             _ = tokio::time::sleep(STREAM_CHECK) => {}
         }
-        let ready = crate::store::inbox_streams::ready(
-            &shared.pool,
-            &shared.name,
-            shared.options.stream_start_wait,
-        )
-        .await;
-        match ready {
-            Ok(streams) => {
-                for stream in streams {
-                    if !worker.drain(&stream).await {
-                        return;
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, consumer = %shared.name, "consumer: could not look for held messages");
-                continue;
-            }
+        if !worker.drain_ready().await {
+            return;
         }
         match crate::store::inbox_streams::waiting(&shared.pool, &shared.name).await {
             Ok(waiting) => {

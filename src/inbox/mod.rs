@@ -51,7 +51,8 @@ pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};
 pub use receive::{
-    receive, receive_batch, receive_many, record_failure, retry_dead_lettered, Status,
+    apply_order, hold, receive, receive_batch, receive_many, record_failure, retry_dead_lettered,
+    Status,
 };
 pub use retention::cleanup;
 pub use upsert::VersionedUpsert;

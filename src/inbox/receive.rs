@@ -164,21 +164,28 @@ pub async fn hold(
 }
 
 /// [`receive`] for a batch applied in one transaction, with as few statements as the batch
-/// allows (one when every id is new and none carries a version): the statuses come back in the
-/// order given, as if the receipts had been received one after another (an id given twice is
-/// new at most once; of a key's versions, each must be newer than those applied before it).
-/// Commit the transaction whatever the statuses; ack the messages only after the commit.
+/// allows (one when every id is new and none carries a version or number): the statuses come
+/// back in the order given, as if the receipts had been received one after another in their
+/// streams' number order (an id given twice is new at most once; of a stream's numbers, those
+/// that follow on from its last applied are new, later ones [`Status::Ahead`]; of a key's
+/// versions, each must be newer than those applied before it). Apply the new messages of a
+/// stream in number order ([`apply_order`]), [`hold`] those ahead, commit the transaction
+/// whatever the statuses, and ack the messages only after the commit.
 pub async fn receive_batch(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],
 ) -> Result<Vec<Status>> {
     let claimed = inbox::claim_batch(conn, receipts).await?;
-    let new: Vec<Receipt<'_>> = receipts
+    let mut statuses: Vec<Option<Status>> = claimed
         .iter()
-        .zip(&claimed)
-        .filter(|(_, claim)| claim.is_some())
-        .map(|(receipt, _)| receipt.clone())
+        .map(|claim| claim.is_none().then_some(Status::Duplicate))
         .collect();
+    in_streams(conn, receipts, &claimed, &mut statuses).await?;
+    // The rest (new, without a stream number): versions, when they carry one.
+    let versioned: Vec<usize> = (0..receipts.len())
+        .filter(|&i| statuses[i].is_none())
+        .collect();
+    let new: Vec<Receipt<'_>> = versioned.iter().map(|&i| receipts[i].clone()).collect();
     let fresh = inbox::advance_versions(conn, &new).await?;
     let stale: Vec<(&str, Uuid)> = new
         .iter()
@@ -189,18 +196,116 @@ pub async fn receive_batch(
     if !stale.is_empty() {
         inbox::decide_many(conn, &stale, Outcome::Stale).await?;
     }
-    // `fresh` has one flag per new receipt, in order.
-    let mut fresh = fresh.into_iter();
-    Ok(claimed
+    for (&i, fresh) in versioned.iter().zip(fresh) {
+        statuses[i] = Some(if fresh {
+            new_status(claimed[i])
+        } else {
+            Status::Stale
+        });
+    }
+    Ok(statuses
         .into_iter()
-        .map(|claim| match claim {
-            None => Status::Duplicate,
-            Some(attempts) if fresh.next().unwrap_or(true) => Status::New {
-                failed_attempts: u32::try_from(attempts).unwrap_or(0),
-            },
-            Some(_) => Status::Stale,
-        })
+        .map(|status| status.unwrap_or(Status::Duplicate))
         .collect())
+}
+
+fn new_status(claimed: Option<inbox::Claimed>) -> Status {
+    Status::New {
+        failed_attempts: claimed.map_or(0, |c| u32::try_from(c.attempts).unwrap_or(0)),
+    }
+}
+
+/// Decides the new receipts of a batch that carry a stream number: each stream locked once
+/// (in one order for every batch), its numbers taken in order from its last applied on.
+async fn in_streams(
+    conn: &mut PgConnection,
+    receipts: &[Receipt<'_>],
+    claimed: &[Option<inbox::Claimed>],
+    statuses: &mut [Option<Status>],
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    let mut streams: BTreeMap<StreamKey, Vec<usize>> = BTreeMap::new();
+    for (i, receipt) in receipts.iter().enumerate() {
+        if claimed[i].is_none() || receipt.seq.is_none() {
+            continue;
+        }
+        if let Some(stream) = stream_of(receipt) {
+            streams.entry(stream).or_default().push(i);
+        }
+    }
+    if streams.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<StreamKey> = streams.keys().cloned().collect();
+    let lasts = inbox_streams::lock_many(conn, &keys).await?;
+    let (mut advanced, mut waiting, mut skipped, mut stale) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((stream, mut members), last) in streams.into_iter().zip(lasts) {
+        members.sort_by_key(|&i| receipts[i].seq);
+        let mut next = last.map_or(1, |last| last + 1);
+        for i in members {
+            let receipt = &receipts[i];
+            let seq = receipt.seq.unwrap_or_default();
+            let first = claimed[i].is_some_and(|c| c.first);
+            let pair = (receipt.consumer, receipt.message_id);
+            statuses[i] = Some(if seq == next {
+                next += 1;
+                if receipt.skip {
+                    skipped.push(pair);
+                    Status::Skipped
+                } else {
+                    new_status(claimed[i])
+                }
+            } else if seq > next {
+                waiting.push(pair);
+                Status::Ahead
+            } else if first || receipt.skip {
+                stale.push(pair);
+                Status::Stale
+            } else {
+                // Made undecided again on purpose (a dead letter given another chance).
+                new_status(claimed[i])
+            });
+        }
+        if next > last.map_or(1, |last| last + 1) {
+            advanced.push((stream, next - 1));
+        }
+    }
+    if !advanced.is_empty() {
+        inbox_streams::advance_many(conn, &advanced).await?;
+    }
+    if !waiting.is_empty() {
+        let (consumers, ids): (Vec<&str>, Vec<Uuid>) = waiting.into_iter().unzip();
+        inbox::wait_many(conn, &consumers, &ids).await?;
+    }
+    for (decided, outcome) in [(skipped, Outcome::Skipped), (stale, Outcome::Stale)] {
+        if !decided.is_empty() {
+            inbox::decide_many(conn, &decided, outcome).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The order to apply a batch's new messages in: as given, except that each stream's
+/// messages are put in number order within the places they hold. Returns indexes into
+/// `receipts`.
+pub fn apply_order(receipts: &[Receipt<'_>]) -> Vec<usize> {
+    use std::collections::BTreeMap;
+    let mut order: Vec<usize> = (0..receipts.len()).collect();
+    let mut streams: BTreeMap<StreamKey, Vec<usize>> = BTreeMap::new();
+    for (i, receipt) in receipts.iter().enumerate() {
+        if let (Some(stream), Some(_)) = (stream_of(receipt), receipt.seq) {
+            streams.entry(stream).or_default().push(i);
+        }
+    }
+    for places in streams.into_values() {
+        let mut members = places.clone();
+        members.sort_by_key(|&i| receipts[i].seq);
+        for (place, member) in places.into_iter().zip(members) {
+            order[place] = member;
+        }
+    }
+    order
 }
 
 /// Claims many message ids in one statement, for a batch applied in the caller's transaction:

@@ -58,6 +58,8 @@ struct BatchCounts {
     applied: usize,
     duplicates: usize,
     stale: usize,
+    waiting: usize,
+    skipped: usize,
 }
 
 /// Why a run did not decide the message.
@@ -190,12 +192,9 @@ impl<H: Handler> Worker<H> {
             return;
         };
         // A redelivery's run is counted ahead (see `process_incoming`), one message at a time;
-        // a batch holding one (after a reconnect, say) goes one by one, in order. So do
-        // messages ordered by stream number, which may have to wait for their turn.
-        let batch = if messages
-            .iter()
-            .any(|m| m.redelivered || self.stream_of(m).is_some())
-        {
+        // a batch holding one (after a reconnect, say) goes one by one, in order.
+        let sequenced = messages.iter().any(|m| self.stream_of(m).is_some());
+        let batch = if messages.iter().any(|m| m.redelivered) {
             None
         } else {
             Some(self.apply_batch(&messages).await)
@@ -205,12 +204,18 @@ impl<H: Handler> Worker<H> {
                 self.count_many(Counter::Applied, counts.applied as u64);
                 self.count_many(Counter::Duplicates, counts.duplicates as u64);
                 self.count_many(Counter::Stale, counts.stale as u64);
+                self.count_many(Counter::Waiting, counts.waiting as u64);
+                self.count_many(Counter::Skipped, counts.skipped as u64);
                 if ack_multiple && all_done {
                     self.ack(last, true).await;
                 } else {
                     for acker in &ackers {
                         self.ack(acker, false).await;
                     }
+                }
+                if sequenced {
+                    // Held messages whose turn this batch brought.
+                    self.drain_ready().await;
                 }
             }
             unbatched => {
@@ -245,16 +250,23 @@ impl<H: Handler> Worker<H> {
             .map_err(|e| e.to_string())?;
         let mut counts = BatchCounts::default();
         let mut batch = Vec::with_capacity(messages.len());
-        for (incoming, status) in messages.iter().zip(statuses) {
-            match status {
+        // Each stream's messages go to the handler in number order.
+        for i in super::apply_order(&receipts) {
+            let incoming = &messages[i];
+            match statuses[i] {
                 Status::Duplicate => counts.duplicates += 1,
                 Status::Stale => counts.stale += 1,
-                // Batches carry no stream numbers (see `process_batch`).
-                Status::Ahead | Status::Skipped => {
-                    return Err(format!(
-                        "message {} is ordered by its stream number",
-                        incoming.message_id
-                    ));
+                Status::Skipped => counts.skipped += 1,
+                Status::Ahead => {
+                    hold(
+                        &mut tx,
+                        &receipts[i],
+                        &incoming.properties,
+                        &incoming.payload,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    counts.waiting += 1;
                 }
                 // Rolled back: one by one, the message goes where its attempts say.
                 Status::New { failed_attempts } if shared.retry.exhausted(failed_attempts) => {
@@ -302,6 +314,30 @@ impl<H: Handler> Worker<H> {
             seq,
             skip: seq.is_some() && incoming.is_skip(),
             source: incoming.source(),
+        }
+    }
+
+    /// Applies the held messages of every stream whose turn has come (see [`Worker::drain`]).
+    /// Returns false if the session ended first.
+    pub async fn drain_ready(&self) -> bool {
+        let shared = &self.shared;
+        let ready =
+            inbox_streams::ready(&shared.pool, &shared.name, shared.options.stream_start_wait)
+                .await;
+        match ready {
+            Ok(streams) => {
+                for stream in streams {
+                    if !self.drain(&stream).await {
+                        return false;
+                    }
+                }
+                true
+            }
+            // The consumer's periodic check tries again.
+            Err(error) => {
+                tracing::warn!(%error, consumer = %shared.name, "consumer: could not look for held messages");
+                true
+            }
         }
     }
 

@@ -132,6 +132,21 @@ pub async fn claim(
     })
 }
 
+/// Marks claimed messages (`(consumer, message_id)` pairs) as waiting, inside the transaction
+/// that holds them.
+pub async fn wait_many(conn: &mut PgConnection, consumers: &[&str], ids: &[Uuid]) -> Result<()> {
+    sqlx::query(
+        "update postbox.inbox set outcome = 'waiting', processed_at = null \
+         where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))",
+    )
+    .bind(consumers)
+    .bind(ids)
+    .execute(conn)
+    .await
+    .context("recording waiting messages in postbox.inbox")?;
+    Ok(())
+}
+
 /// Marks a claimed message as waiting (received, not decided), inside the transaction that
 /// holds it.
 pub async fn wait(conn: &mut PgConnection, consumer: &str, message_id: Uuid) -> Result<()> {
@@ -364,15 +379,24 @@ where i.consumer = old.consumer and i.message_id = old.message_id
 returning i.consumer, i.message_id, old.outcome is null, i.attempts
 "#;
 
+/// A receipt of a batch that is not a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    /// Failed runs recorded before.
+    pub attempts: i32,
+    /// Seen for the first time (rather than undecided since an earlier delivery).
+    pub first: bool,
+}
+
 /// Claims the message ids of `receipts` at once, for a batch applied in one transaction: the
 /// new ones (and those that only failed before) are marked applied and committed with the
-/// caller's writes. Returns, in the order given, the failed runs recorded before for each new
-/// receipt, or `None` for a duplicate (an id given twice is new at most once, and the inbox
-/// counts its other copies as duplicates). One statement when every id is new, two otherwise.
+/// caller's writes. Returns, in the order given, what each new receipt was, or `None` for a
+/// duplicate (an id given twice is new at most once, and the inbox counts its other copies as
+/// duplicates). One statement when every id is new, two otherwise.
 pub async fn claim_batch(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],
-) -> Result<Vec<Option<i32>>> {
+) -> Result<Vec<Option<Claimed>>> {
     use std::collections::{BTreeMap, HashMap};
     // Sorted (byte order, as `collate "C"` sorts): one lock order for every batch.
     let mut distinct: BTreeMap<(&str, Uuid), (&Receipt<'_>, i32)> = BTreeMap::new();
@@ -396,14 +420,23 @@ pub async fn claim_batch(
         .bind(
             distinct
                 .values()
-                .map(|(r, _)| r.version)
+                .map(|(r, _)| r.seq.or(r.version))
                 .collect::<Vec<_>>(),
         )
         .bind(&copies)
         .fetch_all(&mut *conn)
         .await
         .context("claiming message ids in postbox.inbox")?;
-    let mut new: HashMap<(String, Uuid), i32> = inserted.into_iter().map(|key| (key, 0)).collect();
+    let mut new: HashMap<(String, Uuid), Claimed> = inserted
+        .into_iter()
+        .map(|key| {
+            let first = Claimed {
+                attempts: 0,
+                first: true,
+            };
+            (key, first)
+        })
+        .collect();
     if new.len() < distinct.len() {
         let mut rest = (Vec::new(), Vec::new(), Vec::new());
         for ((consumer, id), (_, n)) in &distinct {
@@ -421,7 +454,11 @@ pub async fn claim_batch(
             .await
             .context("counting duplicates in postbox.inbox")?;
         for row in rows.iter().filter(|row| row.get::<bool, _>(2)) {
-            new.insert((row.get(0), row.get(1)), row.get(3));
+            let undecided = Claimed {
+                attempts: row.get(3),
+                first: false,
+            };
+            new.insert((row.get(0), row.get(1)), undecided);
         }
     }
     Ok(receipts

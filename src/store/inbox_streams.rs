@@ -11,7 +11,7 @@ use crate::error::{Context, Result};
 
 /// One consumer's view of one stream: a partition key's messages to one exchange and routing
 /// key, from one outbox (`source`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
     /// The consumer's name.
     pub consumer: String,
@@ -66,6 +66,82 @@ pub async fn lock(conn: &mut PgConnection, stream: &StreamKey) -> Result<Option<
         .try_get(0)
         .context("reading a stream's last number")?;
     Ok(last)
+}
+
+/// [`lock`] for many streams at once, in the order given (sorted by the caller, so concurrent
+/// batches lock in one order and wait for each other instead of deadlocking). Returns each
+/// stream's last number applied.
+pub async fn lock_many(conn: &mut PgConnection, streams: &[StreamKey]) -> Result<Vec<Option<i64>>> {
+    let column =
+        |field: fn(&StreamKey) -> String| -> Vec<String> { streams.iter().map(field).collect() };
+    let consumers = column(|s| s.consumer.clone());
+    let sources = column(|s| text(&s.source));
+    let keys = column(|s| version_key(&s.partition_key));
+    let exchanges = column(|s| text(&s.exchange));
+    let routing_keys = column(|s| text(&s.routing_key));
+    sqlx::query(
+        "insert into postbox.inbox_streams \
+             (consumer, source, partition_key, exchange, routing_key) \
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+         on conflict do nothing",
+    )
+    .bind(&consumers)
+    .bind(&sources)
+    .bind(&keys)
+    .bind(&exchanges)
+    .bind(&routing_keys)
+    .execute(&mut *conn)
+    .await
+    .context("recording streams in postbox.inbox_streams")?;
+    let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "select u.position, s.last_seq \
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+              with ordinality as u(consumer, source, partition_key, exchange, routing_key, position) \
+         cross join lateral ( \
+             select last_seq from postbox.inbox_streams s \
+             where s.consumer = u.consumer and s.source = u.source \
+               and s.partition_key = u.partition_key and s.exchange = u.exchange \
+               and s.routing_key = u.routing_key \
+             for no key update) s \
+         order by u.position",
+    )
+    .bind(&consumers)
+    .bind(&sources)
+    .bind(&keys)
+    .bind(&exchanges)
+    .bind(&routing_keys)
+    .fetch_all(&mut *conn)
+    .await
+    .context("locking streams in postbox.inbox_streams")?;
+    Ok(rows.into_iter().map(|(_, last)| last).collect())
+}
+
+/// Sets each stream's last number applied (`(stream, seq)`; moving forward only), inside the
+/// transaction that locked them.
+pub async fn advance_many(conn: &mut PgConnection, advanced: &[(StreamKey, i64)]) -> Result<()> {
+    let column = |field: fn(&StreamKey) -> String| -> Vec<String> {
+        advanced.iter().map(|(s, _)| field(s)).collect()
+    };
+    let seqs: Vec<i64> = advanced.iter().map(|(_, seq)| *seq).collect();
+    sqlx::query(
+        "update postbox.inbox_streams s set last_seq = u.seq, updated_at = now() \
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) \
+              as u(consumer, source, partition_key, exchange, routing_key, seq) \
+         where s.consumer = u.consumer and s.source = u.source \
+           and s.partition_key = u.partition_key and s.exchange = u.exchange \
+           and s.routing_key = u.routing_key \
+           and (s.last_seq is null or s.last_seq < u.seq)",
+    )
+    .bind(column(|s| s.consumer.clone()))
+    .bind(column(|s| text(&s.source)))
+    .bind(column(|s| version_key(&s.partition_key)))
+    .bind(column(|s| text(&s.exchange)))
+    .bind(column(|s| text(&s.routing_key)))
+    .bind(&seqs)
+    .execute(conn)
+    .await
+    .context("advancing streams in postbox.inbox_streams")?;
+    Ok(())
 }
 
 /// Records `seq` as applied: the stream's last number, and no longer waiting.
