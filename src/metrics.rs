@@ -69,8 +69,8 @@ pub struct Probe {
     pub stats: Arc<Stats>,
     /// Readiness fails while the oldest due pending row is older than this (`None`: no check).
     pub max_lag: Option<Duration>,
-    /// Whether dead rows park their keys (`relay.dead_rows_park_keys`): parked rows are
-    /// reported apart and left out of the lag.
+    /// Whether dead rows park their streams (`relay.dead_rows_park_keys`): such rows are
+    /// counted in `postbox_parked_streams`.
     pub park_keys: bool,
     /// The recorder's handle.
     pub handle: PrometheusHandle,
@@ -108,7 +108,7 @@ async fn metrics(State(probe): State<Probe>) -> Response {
             metrics::gauge!("postbox_database_up").set(1.0);
             metrics::gauge!("postbox_pending_rows").set(backlog.pending as f64);
             metrics::gauge!("postbox_dead_rows").set(backlog.dead as f64);
-            metrics::gauge!("postbox_parked_rows").set(backlog.parked as f64);
+            metrics::gauge!("postbox_parked_streams").set(backlog.parked as f64);
             metrics::gauge!("postbox_lag_seconds").set(backlog.oldest_pending_age_seconds);
         }
         _ => metrics::gauge!("postbox_database_up").set(0.0),

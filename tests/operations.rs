@@ -86,6 +86,11 @@ async fn views_and_status_show_every_state() {
     assert_eq!(json["inbox"][0]["applied"], 3);
     assert_eq!(json["inbox"][0]["failing"], 1);
     assert_eq!(json["inbox"][0]["duplicates"], 3);
+    assert_eq!(json["inbox"][0]["waiting"], 0);
+    // k1's three pending rows, none numbered (seeded by hand, no relay ran).
+    assert_eq!(json["streams"]["keyed_streams_pending"], 1);
+    assert_eq!(json["streams"]["keyed_rows_pending"], 3);
+    assert_eq!(json["streams"]["keyed_rows_unnumbered"], 3);
 
     let text = stdout(&postbox(&db, &["status"]));
     assert!(text.contains("dead") && text.contains("billing"), "{text}");
@@ -379,15 +384,16 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
     assert_eq!(daemon.stop().await, Some(0));
 }
 
-/// Rows parked behind a dead row wait for an operator, not for the relay: they are counted
-/// apart and do not age the lag (which would fail readiness for good) — unless keys don't park.
+/// A dead keyed row parks its stream (when keys park): counted apart, since consumers wait
+/// for its number until an operator acts; the relay's lag covers every pending row, since
+/// none waits at the relay for a dead one.
 #[tokio::test]
-async fn parked_rows_are_counted_apart_and_left_out_of_the_lag() {
+async fn parked_streams_are_counted_and_the_lag_covers_every_pending_row() {
     let db = TestDb::migrated().await;
     execute(
         &db,
         "insert into postbox.outbox (routing_key, payload, partition_key, available_at, dead_at, \
-         attempts, last_error) values ('orders', '{}', 'k', now() - interval '2 hours', now(), 1, 'x')",
+         attempts, last_error, seq) values ('orders', '{}', 'k', now() - interval '2 hours', now(), 1, 'x', 1)",
     )
     .await;
     execute(
@@ -400,14 +406,22 @@ async fn parked_rows_are_counted_apart_and_left_out_of_the_lag() {
         .await
         .expect("backlog");
     assert_eq!((parking.pending, parking.dead, parking.parked), (1, 1, 1));
-    assert_eq!(parking.oldest_pending_age_seconds, 0.0);
+    assert!(parking.oldest_pending_age_seconds > 3000.0, "{parking:?}");
     let not_parking = postbox::store::operations::backlog(&db.pool, false)
         .await
         .expect("backlog");
     assert_eq!(not_parking.parked, 0);
-    assert!(
-        not_parking.oldest_pending_age_seconds > 3000.0,
-        "{not_parking:?}"
+    let streams = postbox::store::operations::streams(&db.pool)
+        .await
+        .expect("streams");
+    assert_eq!(
+        (
+            streams.keyed_streams_pending,
+            streams.keyed_rows_pending,
+            streams.keyed_rows_unnumbered,
+            streams.parked_streams
+        ),
+        (1, 1, 1, 1)
     );
 }
 

@@ -22,6 +22,7 @@ pub struct StatusArgs {
 struct Status {
     #[serde(flatten)]
     outbox: operations::OutboxStatus,
+    streams: operations::Streams,
     relays_alive: i64,
     inbox: Vec<operations::InboxSummary>,
 }
@@ -30,6 +31,7 @@ pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
     let pool = store::connect_for_command(&settings).await?;
     let status = Status {
         outbox: operations::status(&pool).await?,
+        streams: operations::streams(&pool).await?,
         relays_alive: store::relays::alive(&pool).await?,
         inbox: operations::inbox_summary(&pool).await?,
     };
@@ -57,26 +59,54 @@ fn render(status: &Status) -> String {
         o.pending, o.pending_due, o.scheduled, o.retrying, o.dead, o.published,
         o.oldest_pending_age_seconds
     );
+    {
+        let streams = &status.streams;
+        out.push_str(&format!(
+            "  keyed      {:>10}  (pending in {} streams; {} not numbered yet)\n  parked     {:>10}  \
+             (dead rows whose number consumers wait for; see postbox dead list)\n",
+            streams.keyed_rows_pending,
+            streams.keyed_streams_pending,
+            streams.keyed_rows_unnumbered,
+            streams.parked_streams
+        ));
+    }
     out.push_str(&format!(
         "  relays     {:>10}  (alive)\n",
         status.relays_alive
     ));
     if !status.inbox.is_empty() {
         out.push_str(&format!(
-            "inbox\n  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11}\n",
-            "consumer", "applied", "stale", "dead-lettered", "discarded", "failing", "duplicates"
+            "inbox\n  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11} {:>8} {:>8}\n",
+            "consumer",
+            "applied",
+            "stale",
+            "dead-lettered",
+            "discarded",
+            "failing",
+            "duplicates",
+            "waiting",
+            "skipped"
         ));
         for c in &status.inbox {
             out.push_str(&format!(
-                "  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11}\n",
+                "  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11} {:>8} {:>8}\n",
                 c.consumer,
                 c.applied,
                 c.stale,
                 c.dead_lettered,
                 c.discarded,
                 c.failing,
-                c.duplicates
+                c.duplicates,
+                c.waiting,
+                c.skipped
             ));
+            if c.waiting_streams > 0 {
+                out.push_str(&format!(
+                    "  {:<24} {} stream(s) hold messages for a missing number, the longest for \
+                     {:.0} s (postbox.inbox_waiting_streams)\n",
+                    "", c.waiting_streams, c.longest_wait_seconds
+                ));
+            }
         }
     }
     out.trim_end().to_string()

@@ -54,45 +54,31 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
 /// scan of the published history), for metrics and readiness.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Backlog {
-    /// Rows not yet published nor dead (parked ones included).
+    /// Rows not yet published nor dead.
     pub pending: i64,
     /// Rows marked dead.
     pub dead: i64,
-    /// Pending rows held back behind a dead row of their key (when keys park).
+    /// Dead keyed rows that park their stream (when keys park): consumers hold the stream's
+    /// later messages until the row is released or retried.
     pub parked: i64,
-    /// Age of the oldest due pending row the relay may publish (0 when none is due): parked
-    /// rows wait for an operator, not for the relay, and are counted in `parked` instead.
+    /// Age of the oldest due pending row (0 when none is due): how far behind the relay is.
     pub oldest_pending_age_seconds: f64,
 }
 
-// $1: whether dead rows park their keys (relay.dead_rows_park_keys). Probes run this every
-// scrape, so it reads the pending rows once: the few parking keys go in a hash, not an index
-// probe per pending row (1 M pending rows: ~0.2 s instead of ~1.5 s, over the probe's timeout).
+// $1: whether dead rows park their streams (relay.dead_rows_park_keys). Probes run this every
+// scrape: the pending part reads the partial pending index, the dead part the partial dead
+// index, never the published history.
 const BACKLOG: &str = r#"
-with parking as (
-    select partition_key, min(id) as first_dead
-    from postbox.parking_rows
-    where $1
-    group by partition_key
-),
-pending as (
-    select count(*) as total,
-           count(*) filter (where o.id > k.first_dead) as parked,
-           min(o.available_at) filter (where o.available_at <= now()
-                                       and (k.first_dead is null or o.id < k.first_dead))
-               as oldest_due_at
-    from postbox.outbox o
-    left join parking k on k.partition_key = o.partition_key
-    where o.published_at is null and o.dead_at is null
-)
-select p.total,
+select count(*),
        (select count(*) from postbox.outbox where dead_at is not null),
-       p.parked,
-       coalesce(extract(epoch from now() - p.oldest_due_at), 0)::float8
-from pending p
+       case when $1 then (select count(*) from postbox.parking_rows) else 0 end,
+       coalesce(extract(epoch from now() - min(available_at) filter (where available_at <= now())),
+                0)::float8
+from postbox.outbox
+where published_at is null and dead_at is null
 "#;
 
-/// Reads the backlog figures; `park_keys` says whether dead rows hold their keys back.
+/// Reads the backlog figures; `park_keys` says whether dead rows park their streams.
 pub async fn backlog(pool: &PgPool, park_keys: bool) -> Result<Backlog> {
     let row = sqlx::query(BACKLOG)
         .bind(park_keys)
@@ -104,6 +90,37 @@ pub async fn backlog(pool: &PgPool, park_keys: bool) -> Result<Backlog> {
         dead: row.get(1),
         parked: row.get(2),
         oldest_pending_age_seconds: row.get(3),
+    })
+}
+
+/// Keyed rows at the relay and streams held at consumers, as `postbox status` shows them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Streams {
+    /// Streams (partition key, exchange, routing key) with rows pending at the relay.
+    pub keyed_streams_pending: i64,
+    /// Keyed rows pending at the relay, and of those not numbered yet.
+    pub keyed_rows_pending: i64,
+    /// Pending keyed rows without their number yet.
+    pub keyed_rows_unnumbered: i64,
+    /// Dead keyed rows whose number consumers wait for (parked streams).
+    pub parked_streams: i64,
+}
+
+/// Reads the keyed backlog (`postbox.outbox_keyed_backlog`) and the parked streams.
+pub async fn streams(pool: &PgPool) -> Result<Streams> {
+    let row = sqlx::query(
+        "select count(*), coalesce(sum(pending), 0)::bigint, coalesce(sum(unnumbered), 0)::bigint, \
+                (select count(*) from postbox.parking_rows) \
+         from postbox.outbox_keyed_backlog",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading postbox.outbox_keyed_backlog")?;
+    Ok(Streams {
+        keyed_streams_pending: row.get(0),
+        keyed_rows_pending: row.get(1),
+        keyed_rows_unnumbered: row.get(2),
+        parked_streams: row.get(3),
     })
 }
 
@@ -124,6 +141,14 @@ pub struct InboxSummary {
     pub failing: i64,
     /// Duplicate deliveries absorbed.
     pub duplicates: i64,
+    /// Messages held until their stream's previous number is applied.
+    pub waiting: i64,
+    /// Skip messages applied (numbers of rows the relay released).
+    pub skipped: i64,
+    /// Streams with held messages, and how long the longest has waited.
+    pub waiting_streams: i64,
+    /// Seconds the longest-held message has waited (0 when none is held).
+    pub longest_wait_seconds: f64,
 }
 
 /// Reads `postbox.inbox_summary`, or nothing if this database has no inbox.
@@ -137,8 +162,13 @@ pub async fn inbox_summary(pool: &PgPool) -> Result<Vec<InboxSummary>> {
         return Ok(Vec::new());
     }
     let rows = sqlx::query(
-        "select consumer, applied, stale, dead_lettered, discarded, failing, duplicates \
-         from postbox.inbox_summary order by consumer",
+        "select s.consumer, s.applied, s.stale, s.dead_lettered, s.discarded, s.failing, \
+                s.duplicates, s.waiting, s.skipped, \
+                (select count(*) from postbox.inbox_waiting_streams w \
+                 where w.consumer = s.consumer), \
+                coalesce((select max(waiting_seconds) from postbox.inbox_waiting_streams w \
+                          where w.consumer = s.consumer), 0)::float8 \
+         from postbox.inbox_summary s order by s.consumer",
     )
     .fetch_all(pool)
     .await
@@ -153,6 +183,10 @@ pub async fn inbox_summary(pool: &PgPool) -> Result<Vec<InboxSummary>> {
             discarded: row.get(4),
             failing: row.get(5),
             duplicates: row.get(6),
+            waiting: row.get(7),
+            skipped: row.get(8),
+            waiting_streams: row.get(9),
+            longest_wait_seconds: row.get(10),
         })
         .collect())
 }
