@@ -838,6 +838,42 @@ async fn a_dead_row_parks_its_stream_until_released_then_a_skip_takes_its_number
     );
 }
 
+/// A release by hand in SQL sends the skip just as `postbox dead release` does; a row
+/// released twice sends one, and a skip that died sends none.
+#[tokio::test]
+async fn a_release_in_plain_sql_writes_the_skip_message() {
+    let db = TestDb::migrated().await;
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, partition_key, seq, dead_at, attempts) \
+         values ('orders', '{}', 'k', 7, now(), 1)",
+    )
+    .await;
+    let release = "update postbox.outbox set released_at = now() \
+                   where dead_at is not null and released_at is null";
+    execute(&db, release).await;
+    execute(
+        &db,
+        "update postbox.outbox set released_at = null where seq = 7 and payload = '{}'",
+    )
+    .await;
+    execute(&db, release).await;
+    let skips: Vec<(String, i64, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("select partition_key, seq, published_at from postbox.outbox_skips")
+            .fetch_all(&db.pool)
+            .await
+            .expect("skips");
+    assert_eq!(skips, vec![("k".to_string(), 7, None)], "one skip, pending");
+    // The skip dies too (no such queue, say): released, it begets no skip of its own.
+    execute(
+        &db,
+        "update postbox.outbox set dead_at = now() where headers ? 'x-postbox-skip'",
+    )
+    .await;
+    execute(&db, release).await;
+    assert_eq!(db.count("headers ? 'x-postbox-skip'").await, 1);
+}
+
 /// Retrying a released row publishes it again as a new event at the end of its stream (its
 /// old number went to the skip, which consumers applied already).
 #[tokio::test]

@@ -103,8 +103,33 @@ drop index if exists postbox.outbox_not_due_keys_idx;
 
 -- A released keyed row is replaced in its stream by a skip message with its number (header
 -- x-postbox-skip), published like any row, so consumers move on past the number instead of
--- waiting for it forever. Its message id derives from the dead row's (see the relay), so a
--- row released twice sends one.
+-- waiting for it forever. A trigger writes it, so a release by hand in SQL
+-- (`update postbox.outbox set released_at = now() where ...`) sends it as `postbox dead
+-- release` does. It fires only for updates that set released_at: publishing and marking never
+-- pay for it. The skip's message id derives from the dead row's, so a row released twice
+-- sends one skip; a skip that died itself is released without one, or skips would beget skips.
+create function postbox.skip_released() returns trigger
+    language plpgsql as
+$$
+begin
+    insert into postbox.outbox
+        (message_id, exchange, routing_key, partition_key, payload, content_type, headers, seq)
+    values (md5('postbox skip ' || new.message_id::text)::uuid, new.exchange, new.routing_key,
+            new.partition_key, '', 'application/x-postbox-skip',
+            jsonb_build_object('x-postbox-skip', new.message_id::text), new.seq)
+    on conflict (message_id) do nothing;
+    return null;
+end;
+$$;
+
+create trigger outbox_skip_released
+    after update of released_at on postbox.outbox
+    for each row
+    when (old.released_at is null and new.released_at is not null
+          and new.partition_key is not null and new.seq is not null
+          and not new.headers ? 'x-postbox-skip')
+    execute function postbox.skip_released();
+
 create view postbox.outbox_skips as
 select id, message_id, partition_key, exchange, routing_key, seq, published_at, created_at
 from postbox.outbox

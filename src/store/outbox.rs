@@ -362,32 +362,16 @@ pub async fn complete(
     Ok(written.try_into().unwrap_or(0))
 }
 
-// Dead rows let go: marked released, and for each numbered keyed row a skip message with its
-// number goes into the outbox (published like any row), so its stream's consumers move on past
-// the number instead of waiting for it. The skip's message id derives from the dead row's, so
-// releasing a row twice sends one skip.
+// Dead rows let go: marked released. For each numbered keyed row, the trigger
+// `outbox_skip_released` writes a skip message with its number into the outbox (published like
+// any row), so its stream's consumers move on past the number instead of waiting for it.
 const RELEASE: &str = r#"
-with released as (
-    update postbox.outbox
-    set released_at = now()
-    where dead_at is not null and released_at is null
-      and ($1::bigint[] is null or id = any($1))
-      -- a skip that died goes without a skip of its own, or skips would beget skips
-      and not headers ? 'x-postbox-skip'
-      and ($2::text is null or partition_key = $2)
-    returning id, message_id, exchange, routing_key, partition_key, seq
-),
-skips as (
-    insert into postbox.outbox
-        (message_id, exchange, routing_key, partition_key, payload, content_type, headers, seq)
-    select md5('postbox skip ' || message_id::text)::uuid, exchange, routing_key, partition_key,
-           '', 'application/x-postbox-skip',
-           jsonb_build_object('x-postbox-skip', message_id::text), seq
-    from released
-    where partition_key is not null and seq is not null
-    on conflict (message_id) do nothing
-)
-select id from released order by id
+update postbox.outbox
+set released_at = now()
+where dead_at is not null and released_at is null
+  and ($1::bigint[] is null or id = any($1))
+  and ($2::text is null or partition_key = $2)
+returning id
 "#;
 
 /// Releases dead rows (those in `ids`, or of `partition_key`, or all when both are `None`):
@@ -403,6 +387,10 @@ pub async fn release<'e, E: PgExecutor<'e>>(
         .fetch_all(executor)
         .await
         .context("releasing dead rows")
+        .map(|mut ids: Vec<i64>| {
+            ids.sort_unstable();
+            ids
+        })
 }
 
 const NEXT_DUE: &str = r#"
