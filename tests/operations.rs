@@ -570,9 +570,17 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     .fetch_all(&outbox.pool)
     .await
     .expect("ids");
-    // The consumer processed 1, 2, 3 (3 twice over) and 6; 4 never arrived; 5 arrived and its
-    // handler keeps failing.
-    for (i, duplicates) in [(0, 0), (1, 0), (2, 1), (5, 0)] {
+    // The consumer processed 1, 3 (twice over) and 6; 2 arrived ahead of its stream's turn
+    // and is held; 4 never arrived; 5 arrived and its handler keeps failing.
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, outcome) \
+         values ('billing', $1, 'orders', 'waiting')",
+    )
+    .bind(ids[1])
+    .execute(&consumer_db.pool)
+    .await
+    .expect("held inbox row");
+    for (i, duplicates) in [(0, 0), (2, 1), (5, 0)] {
         sqlx::query(
             "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at, duplicates) \
              values ('billing', $1, 'orders', 'applied', now(), $2)",
@@ -613,6 +621,8 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     assert_eq!(report["missing"], serde_json::json!([ids[3].to_string()]));
     assert_eq!(report["failing_count"], 1, "received is not processed");
     assert_eq!(report["failing"], serde_json::json!([ids[4].to_string()]));
+    assert_eq!(report["waiting_count"], 1, "held is not processed");
+    assert_eq!(report["waiting"], serde_json::json!([ids[1].to_string()]));
     assert_eq!(report["duplicated_count"], 1);
     assert_eq!(report["duplicated"][0]["message_id"], ids[2].to_string());
     assert_eq!(report["duplicated"][0]["duplicates"], 1);
@@ -622,7 +632,7 @@ async fn reconcile_finds_a_missing_and_a_doubled_message() {
     assert_eq!(report["missing"], serde_json::json!([]));
 
     // Once they are processed, the check passes.
-    for i in [3, 4] {
+    for i in [1, 3, 4] {
         sqlx::query(
             "insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
              values ('billing', $1, 'orders', 'applied', now()) \

@@ -47,6 +47,8 @@ struct Report {
     missing: Vec<Uuid>,
     failing_count: u64,
     failing: Vec<Uuid>,
+    waiting_count: u64,
+    waiting: Vec<Uuid>,
     duplicated_count: u64,
     duplicated: Vec<Duplicated>,
 }
@@ -70,6 +72,7 @@ impl Report {
             match state {
                 Unsettled::Missing => note(&mut self.missing_count, &mut self.missing, id, limit),
                 Unsettled::Failing => note(&mut self.failing_count, &mut self.failing, id, limit),
+                Unsettled::Waiting => note(&mut self.waiting_count, &mut self.waiting, id, limit),
                 Unsettled::Duplicated(duplicates) => note(
                     &mut self.duplicated_count,
                     &mut self.duplicated,
@@ -135,14 +138,12 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         render(&report)
     };
     let _ = writeln!(std::io::stdout(), "{text}");
-    if report.missing_count + report.failing_count > 0 {
+    let unprocessed = report.missing_count + report.failing_count + report.waiting_count;
+    if unprocessed > 0 {
         return Err(Error::Discrepancy(format!(
-            "{} published message(s) were never processed by consumer {:?} ({} never \
-             received, {} failing)",
-            report.missing_count + report.failing_count,
-            report.consumer,
-            report.missing_count,
-            report.failing_count
+            "{unprocessed} published message(s) were never processed by consumer {:?} ({} never \
+             received, {} failing, {} held for their turn)",
+            report.consumer, report.missing_count, report.failing_count, report.waiting_count
         )));
     }
     Ok(())
@@ -161,6 +162,13 @@ fn render(report: &Report) -> String {
         report.failing_count
     ));
     for id in &report.failing {
+        out.push_str(&format!("    {id}\n"));
+    }
+    out.push_str(&format!(
+        "  received, held until an earlier number of its stream is applied: {}\n",
+        report.waiting_count
+    ));
+    for id in &report.waiting {
         out.push_str(&format!("    {id}\n"));
     }
     out.push_str(&format!(

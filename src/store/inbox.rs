@@ -724,6 +724,8 @@ pub enum Unsettled {
     Missing,
     /// Received, but every handler run so far failed: still being retried.
     Failing,
+    /// Received ahead of its stream's next number, held until its turn.
+    Waiting,
     /// Processed, and delivered this many more times (absorbed by the inbox).
     Duplicated(i32),
 }
@@ -735,12 +737,12 @@ pub async fn unsettled(
     consumer: &str,
     message_ids: &[Uuid],
 ) -> Result<Vec<(Uuid, Unsettled)>> {
-    let rows: Vec<(Uuid, bool, bool, i32)> = sqlx::query_as(
-        "select m.id, i.message_id is not null, i.outcome is not null, \
-                coalesce(i.duplicates, 0) \
+    let rows: Vec<(Uuid, bool, Option<String>, i32)> = sqlx::query_as(
+        "select m.id, i.message_id is not null, i.outcome, coalesce(i.duplicates, 0) \
          from unnest($2::uuid[]) with ordinality as m(id, position) \
          left join postbox.inbox i on i.consumer = $1 and i.message_id = m.id \
-         where i.message_id is null or i.outcome is null or i.duplicates > 0 \
+         where i.message_id is null or i.outcome is null or i.outcome = 'waiting' \
+            or i.duplicates > 0 \
          order by m.position",
     )
     .bind(consumer)
@@ -750,11 +752,12 @@ pub async fn unsettled(
     .context("comparing message ids with postbox.inbox")?;
     Ok(rows
         .into_iter()
-        .map(|(id, present, decided, duplicates)| {
-            let state = match (present, decided) {
+        .map(|(id, present, outcome, duplicates)| {
+            let state = match (present, outcome.as_deref()) {
                 (false, _) => Unsettled::Missing,
-                (true, false) => Unsettled::Failing,
-                (true, true) => Unsettled::Duplicated(duplicates),
+                (true, None) => Unsettled::Failing,
+                (true, Some("waiting")) => Unsettled::Waiting,
+                (true, Some(_)) => Unsettled::Duplicated(duplicates),
             };
             (id, state)
         })
