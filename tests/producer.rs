@@ -220,20 +220,18 @@ async fn one_notification_per_transaction_whatever_the_row_count() {
 /// A key's rows are claimed only as a contiguous run: a row of the key locked by another batch
 /// (or waiting for a retry) holds back every later row of that key, and nothing else.
 /// Keyed rows are claimed only once numbered; a stream's numbers start at 1 and follow id
-/// order among rows committed together; streams are counted apart.
+/// order among rows committed together; streams are counted apart. A claim stops at the first
+/// keyed row not numbered yet (it would otherwise walk the unnumbered backlog for nothing).
 #[tokio::test]
 async fn keyed_rows_are_claimed_once_numbered_per_stream() {
     let db = TestDb::migrated().await;
+    let before = enqueue_unkeyed(&db, "before").await;
     let keyed = commit_keyed(&db, &["a", "b", "a", "a", "b"]).await;
-    let unkeyed = enqueue(&db.pool, &Message::text("q", "plain"))
-        .await
-        .expect("enqueue")
-        .id
-        .expect("new");
+    let after = enqueue_unkeyed(&db, "after").await;
     assert_eq!(
         claim_seqs(&db).await,
-        vec![(unkeyed, None)],
-        "unnumbered rows wait"
+        vec![(before, None)],
+        "unnumbered rows wait, and the scan stops at the first"
     );
 
     let numbered = postbox::store::outbox::number(&db.pool, 100)
@@ -242,12 +240,13 @@ async fn keyed_rows_are_claimed_once_numbered_per_stream() {
     assert_eq!(numbered, Some(5));
     let claimed = claim_seqs(&db).await;
     let expected = vec![
+        (before, None),
         (keyed[0], Some(1)),
         (keyed[1], Some(1)),
         (keyed[2], Some(2)),
         (keyed[3], Some(3)),
         (keyed[4], Some(2)),
-        (unkeyed, None),
+        (after, None),
     ];
     assert_eq!(claimed, expected);
     // A claim rolled back (a relay that crashed after publishing) leaves the numbers: the same
@@ -325,6 +324,15 @@ async fn one_numbering_pass_at_a_time() {
             .expect("number"),
         Some(2)
     );
+}
+
+/// Commits one unkeyed row; returns its id.
+async fn enqueue_unkeyed(db: &TestDb, text: &str) -> i64 {
+    enqueue(&db.pool, &Message::text("q", text))
+        .await
+        .expect("enqueue")
+        .id
+        .expect("new")
 }
 
 /// Commits one row per entry of `keys` (its partition key), in order; returns their ids.

@@ -137,7 +137,12 @@ pub async fn number<'e, E: PgExecutor<'e>>(executor: E, limit: u32) -> Result<Op
 
 // The first due pending rows from $2 on, in id order, that no other batch has locked; keyed
 // rows only once numbered (see `number`). No row is held back for its key: order travels in the
-// number, and consumers apply a stream's messages in number order.
+// number, and consumers apply a stream's messages in number order. The scan stops at the first
+// due keyed row not numbered yet (found in outbox_unnumbered_idx): past it lies the backlog the
+// numbering passes have not reached, which the claim would otherwise walk row by row without
+// taking any (measured: 486 ms and 57,000 buffers over 1 M unnumbered rows of one key, against
+// 0.7 ms with the bound). Rows behind it wait for the next numbering pass, which runs before
+// every claim.
 const CLAIM: &str = r#"
 select id, message_id, exchange, routing_key, partition_key, seq, payload, payload_bytes,
        content_type, headers::text as headers, created_at, attempts,
@@ -145,6 +150,11 @@ select id, message_id, exchange, routing_key, partition_key, seq, payload, paylo
 from postbox.outbox
 where published_at is null and dead_at is null and available_at <= now()
   and id >= $2
+  and id < coalesce((select min(u.id) from postbox.outbox u
+                     where u.partition_key is not null and u.seq is null
+                       and u.published_at is null and u.dead_at is null
+                       and u.available_at <= now()),
+                    9223372036854775807)
   and (partition_key is null or seq is not null)
 order by id
 limit $1
