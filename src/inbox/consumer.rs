@@ -3,7 +3,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -292,6 +292,7 @@ impl Session {
                 dead_letters: self.dead_letters.clone(),
                 session: session.clone(),
                 load,
+                next_held: AtomicBool::new(false),
             };
             // With one worker, jobs arrive in delivery-tag order, so a batch's acks can be one
             // `multiple` ack; with several, a multiple ack would cover other workers' messages.
@@ -322,6 +323,7 @@ impl Session {
                 dead_letters: self.dead_letters.clone(),
                 session: session.clone(),
                 load: Arc::new(Load::default()),
+                next_held: AtomicBool::new(false),
             };
             workers.spawn(sweep_streams(sweeper));
         }

@@ -59,20 +59,21 @@ pub enum Status {
 /// # Ok(()) }
 /// ```
 pub async fn receive(conn: &mut PgConnection, receipt: &Receipt<'_>) -> Result<Status> {
-    receive_turn(conn, receipt, false).await
+    Ok(receive_turn(conn, receipt, false).await?.0)
 }
 
 /// [`receive`]; `its_turn`: the message comes from the waiting ones, its turn having come.
+/// Also says whether the stream's next number is waiting already.
 pub(crate) async fn receive_turn(
     conn: &mut PgConnection,
     receipt: &Receipt<'_>,
     its_turn: bool,
-) -> Result<Status> {
+) -> Result<(Status, bool)> {
     // A first sighting is recorded as applied by the claim itself; one that failed before
     // still needs its outcome.
     let claim = inbox::claim(conn, receipt, its_turn).await?;
     let (failed_attempts, recorded) = match claim {
-        Claim::Duplicate(_) => return Ok(Status::Duplicate),
+        Claim::Duplicate(_) => return Ok((Status::Duplicate, false)),
         Claim::First => (0, true),
         Claim::Undecided { attempts } => (u32::try_from(attempts).unwrap_or(0), false),
     };
@@ -81,7 +82,7 @@ pub(crate) async fn receive_turn(
         let next = last.map_or(1, |last| last + 1);
         if seq > next {
             inbox::wait(conn, receipt.consumer, receipt.message_id).await?;
-            return Ok(Status::Ahead);
+            return Ok((Status::Ahead, false));
         }
         if seq < next {
             // Applied already under another id (a replay of old positions), unless this very
@@ -89,19 +90,19 @@ pub(crate) async fn receive_turn(
             // chance), which runs out of turn.
             if recorded || receipt.skip {
                 inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Stale).await?;
-                return Ok(Status::Stale);
+                return Ok((Status::Stale, false));
             }
-            return Ok(Status::New { failed_attempts });
+            return Ok((Status::New { failed_attempts }, false));
         }
-        inbox_streams::applied(conn, &stream, seq).await?;
+        let next_waiting = inbox_streams::applied(conn, &stream, seq).await?;
         if receipt.skip {
             inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Skipped).await?;
-            return Ok(Status::Skipped);
+            return Ok((Status::Skipped, next_waiting));
         }
         if !recorded || its_turn {
             inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
         }
-        return Ok(Status::New { failed_attempts });
+        return Ok((Status::New { failed_attempts }, next_waiting));
     }
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
         let source = receipt.source.unwrap_or_default();
@@ -116,13 +117,13 @@ pub(crate) async fn receive_turn(
         .await?;
         if !newer {
             inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Stale).await?;
-            return Ok(Status::Stale);
+            return Ok((Status::Stale, false));
         }
     }
     if !recorded {
         inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
     }
-    Ok(Status::New { failed_attempts })
+    Ok((Status::New { failed_attempts }, false))
 }
 
 /// The stream `receipt` belongs to, if it is keyed.

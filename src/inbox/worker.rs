@@ -91,6 +91,9 @@ pub(crate) struct Worker<H> {
     pub session: CancellationToken,
     /// What the dispatcher reads to send unkeyed deliveries where they wait least.
     pub load: Arc<Load>,
+    /// Set by a run that applied a stream's number while the next one was held already: the
+    /// worker applies the held ones right after (otherwise it does not look for any).
+    pub next_held: AtomicBool,
 }
 
 /// How busy a worker is, as the dispatcher sees it.
@@ -116,7 +119,7 @@ impl<H: Handler> Worker<H> {
         };
         if done {
             self.ack(&acker, false).await;
-            if let Some(stream) = stream {
+            if let Some(stream) = stream.filter(|_| self.next_held.swap(false, Ordering::Relaxed)) {
                 return self.drain(&stream).await;
             }
         }
@@ -351,6 +354,8 @@ impl<H: Handler> Worker<H> {
             if self.session.is_cancelled() {
                 return false;
             }
+            // This loop looks for the next held message itself.
+            self.next_held.store(false, Ordering::Relaxed);
             let waiting = match inbox_streams::next_waiting(&self.shared.pool, stream).await {
                 Ok(Some(waiting)) => waiting,
                 Ok(None) => return true,
@@ -429,6 +434,8 @@ impl<H: Handler> Worker<H> {
             }
             let run = self.run_once(&mut incoming, &receipt, counted_ahead).await;
             let failure = match run {
+                // A held message another instance applied a moment before: no delivery.
+                Ok(Decision::Duplicate) if incoming.its_turn => return true,
                 Ok(Decision::Duplicate) => {
                     self.count(Counter::Duplicates);
                     tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
@@ -554,7 +561,7 @@ impl<H: Handler> Worker<H> {
             .await
             .context("beginning the inbox transaction")
             .map_err(Failed::Database)?;
-        let status = receive_turn(&mut tx, receipt, incoming.its_turn)
+        let (status, next_held) = receive_turn(&mut tx, receipt, incoming.its_turn)
             .await
             .map_err(refused_by_postgres)?;
         let outcome = match status {
@@ -623,6 +630,7 @@ impl<H: Handler> Worker<H> {
             .await
             .context("committing the inbox transaction")
             .map_err(|e| Failed::Handler(HandlerError::transient(e)))?;
+        self.next_held.store(next_held, Ordering::Relaxed);
         Ok(match outcome {
             None => Decision::Duplicate,
             Some(outcome) => Decision::Decided(outcome),
@@ -729,9 +737,10 @@ impl<H: Handler> Worker<H> {
         until_ok_finishing("consumer: recording the outcome", &self.session, || async {
             inbox::record_outcome(&self.shared.pool, receipt, outcome, Some(error), attempts)
                 .await?;
-            // Decided all the same: its stream goes on past it.
+            // Decided all the same: its stream goes on past it, and what it held back may go.
             if let Some((seq, stream)) = &stream {
                 inbox_streams::settle(&self.shared.pool, stream, *seq).await?;
+                self.next_held.store(true, Ordering::Relaxed);
             }
             Ok(())
         })

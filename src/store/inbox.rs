@@ -103,8 +103,9 @@ insert into postbox.inbox as i
     (consumer, message_id, queue, routing_key, partition_key, version, outcome, processed_at)
 values ($1, $2, $3, $4, $5, $6, 'applied', now())
 on conflict (consumer, message_id) do update
-    set duplicates = i.duplicates
-                     + (i.outcome is not null and not ($7 and i.outcome = 'waiting'))::int,
+    -- a held message taken for its turn is not a delivery: never a duplicate (another
+    -- instance may have applied it a moment before)
+    set duplicates = i.duplicates + (i.outcome is not null and not $7)::int,
         last_received_at = now()
 returning (i.xmax = 0) as inserted, i.outcome, i.attempts
 "#;

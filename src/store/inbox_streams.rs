@@ -144,21 +144,25 @@ pub async fn advance_many(conn: &mut PgConnection, advanced: &[(StreamKey, i64)]
     Ok(())
 }
 
-/// Records `seq` as applied: the stream's last number, and no longer waiting.
-pub async fn applied(conn: &mut PgConnection, stream: &StreamKey, seq: i64) -> Result<()> {
+/// Records `seq` as applied: the stream's last number, and no longer waiting. Returns whether
+/// the next number is waiting already (so the caller applies it next, without looking).
+pub async fn applied(conn: &mut PgConnection, stream: &StreamKey, seq: i64) -> Result<bool> {
     let sql = format!(
         "with advanced as ( \
              update postbox.inbox_streams set last_seq = $6, updated_at = now() \
-             where {WHERE_STREAM} and (last_seq is null or last_seq < $6) returning 1) \
-         delete from postbox.inbox_waiting where {WHERE_STREAM} and seq = $6"
+             where {WHERE_STREAM} and (last_seq is null or last_seq < $6) returning 1), \
+         removed as ( \
+             delete from postbox.inbox_waiting where {WHERE_STREAM} and seq = $6 returning 1) \
+         select exists (select 1 from postbox.inbox_waiting \
+                        where {WHERE_STREAM} and seq = $6 + 1)"
     );
     stream
         .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
         .bind(seq)
-        .execute(conn)
+        .fetch_one(conn)
         .await
-        .context("advancing a stream in postbox.inbox_streams")?;
-    Ok(())
+        .and_then(|row| row.try_get(0))
+        .context("advancing a stream in postbox.inbox_streams")
 }
 
 /// A message's outcome was decided outside a transaction holding its stream (dead-lettered,
