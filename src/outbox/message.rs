@@ -92,7 +92,9 @@ impl Message {
         self
     }
 
-    /// The ordering key: messages sharing it are published in the order they were enqueued.
+    /// The ordering key (an aggregate's id, say): the relay numbers the messages sharing it and
+    /// a destination in the order their transactions committed, and consumers apply them in
+    /// that order (header `x-postbox-seq`).
     pub fn partition_key(mut self, key: impl Into<String>) -> Self {
         self.partition_key = Some(key.into());
         self

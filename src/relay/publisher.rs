@@ -22,8 +22,9 @@ use crate::store::outbox::ClaimedRow;
 const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Publishes batches in the order they were claimed, each on a confirm-mode channel of its own
-/// while it is in flight (see [`WindowSlot`]). A batch's rows go out on one channel in id
-/// order; a key is never in two batches in flight, so its rows reach the broker in id order.
+/// while it is in flight (see [`WindowSlot`]). A batch's rows go out on one channel in the
+/// order claimed (each stream's in number order); a stream may be in several batches at once,
+/// and consumers restore its order from the numbers should the broker receive them out of it.
 pub(crate) struct Publisher {
     pub broker: Broker,
     /// Batches published whose confirms are not all in yet: the broker-side window.
