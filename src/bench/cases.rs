@@ -1,4 +1,5 @@
-//! The cases: broker ceiling, backlog drain, idle latency, inbox dedup.
+//! The cases: broker ceiling, backlog drain (plain, two relays, no history, with history),
+//! idle latency; the order they run in.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::resources::{self, Usage};
-use super::{quantile, summarize, BenchOptions, CaseResult, Env, Report};
+use super::{quantile, BenchOptions, CaseResult, Env, Report};
 use crate::amqp::message::outgoing;
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
@@ -28,6 +29,7 @@ pub(super) async fn run_all(
             options.in_flight,
             options.repetitions
         ),
+        smoke: false,
         cases: Vec::new(),
     };
     let mut ceilings = Vec::new();
@@ -38,59 +40,58 @@ pub(super) async fn run_all(
         for rep in 0..options.repetitions {
             // Interleaved, so that a noisy moment hurts both sides alike.
             let (c, usage) = ceiling_once(env, queue_type, options).await?;
-            progress(&format!(
-                "ceiling {queue_type} #{}: {c:.0} msgs/s; {}",
-                rep + 1,
-                usage.describe()
-            ));
+            progress_figures(
+                options,
+                &format!("ceiling {queue_type} #{}", rep + 1),
+                &format!("{c:.0} msgs/s; {}", usage.describe()),
+            );
             ceiling.push(c);
-            let (d, usage) = drain_once(env, settings, queue_type, options, Shape::PLAIN).await?;
-            progress(&format!(
-                "drain {queue_type} #{}: {d:.0} rows/s; {}",
-                rep + 1,
-                usage.describe()
-            ));
+            let (d, usage) = drain_once(
+                env,
+                settings,
+                queue_type,
+                options,
+                Shape::PLAIN,
+                options.messages,
+            )
+            .await?;
+            progress_figures(
+                options,
+                &format!("drain {queue_type} #{}", rep + 1),
+                &format!("{d:.0} rows/s; {}", usage.describe()),
+            );
             drain_rates.push(d);
             drain_usage = usage;
         }
-        let (c_med, c_min, c_max) = summarize(&mut ceiling);
-        let (d_med, d_min, d_max) = summarize(&mut drain_rates);
-        report.cases.push(CaseResult {
-            case: "ceiling".into(),
-            queue_type: queue_type.clone(),
-            value: c_med,
-            min: c_min,
-            max: c_max,
-            unit: "msgs/s".into(),
-            ratio_to_ceiling: Some(1.0),
-            note: "raw persistent publishes, pipelined confirms, no Postgres".into(),
-        });
-        report.cases.push(CaseResult {
-            case: "backlog drain".into(),
-            queue_type: queue_type.clone(),
-            value: d_med,
-            min: d_min,
-            max: d_max,
-            unit: "rows/s".into(),
-            ratio_to_ceiling: (c_med > 0.0).then(|| d_med / c_med),
-            note: format!(
-                "claim → publish → confirm → mark, rows committed first; last run: {}",
-                drain_usage.describe()
-            ),
-        });
+        let mut ceiling =
+            CaseResult::from_samples("ceiling", queue_type, &mut ceiling, "msgs/s", None);
+        let c_med = ceiling.value.unwrap_or(0.0);
+        ceiling.ratio_to_ceiling = Some(1.0);
+        ceiling.note = "raw persistent publishes, pipelined confirms, no Postgres".into();
+        report.cases.push(ceiling);
+        let mut drain = CaseResult::from_samples(
+            "backlog drain",
+            queue_type,
+            &mut drain_rates,
+            "rows/s",
+            Some(c_med),
+        );
+        let d_med = drain.value.unwrap_or(0.0);
+        drain.note = format!(
+            "claim → publish → confirm → mark, rows committed first ({}); last run: {}",
+            super::keys::backlog_shape(),
+            drain_usage.describe()
+        );
+        report.cases.push(drain);
         ceilings.push((queue_type.clone(), c_med, d_med));
     }
     let (queue_type, ceiling, plain) = ceilings.first().cloned().unwrap_or_default();
+    if options.runs("keys") {
+        report
+            .cases
+            .extend(super::keys::keyed_drains(env, settings, &queue_type, options, ceiling).await?);
+    }
     for (name, case, shape, what) in [
-        (
-            "keys",
-            "drain, 100 keys",
-            Shape {
-                keys: 100,
-                ..Shape::PLAIN
-            },
-            "rows over 100 partition keys, numbered per stream".to_string(),
-        ),
         (
             "relays",
             "drain, 2 relays",
@@ -98,7 +99,7 @@ pub(super) async fn run_all(
                 relays: 2,
                 ..Shape::PLAIN
             },
-            "two relays (own pools and connections) sharing one backlog".to_string(),
+            "two relays (own pools and connections) sharing one backlog",
         ),
         (
             "nohistory",
@@ -107,7 +108,7 @@ pub(super) async fn run_all(
                 keep_published: false,
                 ..Shape::PLAIN
             },
-            "relay.keep_published = false: published rows deleted, not marked".to_string(),
+            "relay.keep_published = false: published rows deleted, not marked",
         ),
     ] {
         if !options.runs(name) {
@@ -116,12 +117,13 @@ pub(super) async fn run_all(
         let mut rates = Vec::new();
         let mut last_usage = Usage::default();
         for rep in 0..options.repetitions {
-            let (rate, usage) = drain_once(env, settings, &queue_type, options, shape).await?;
-            progress(&format!(
-                "{case} {queue_type} #{}: {rate:.0} rows/s; {}",
-                rep + 1,
-                usage.describe()
-            ));
+            let (rate, usage) =
+                drain_once(env, settings, &queue_type, options, shape, options.messages).await?;
+            progress_figures(
+                options,
+                &format!("{case} {queue_type} #{}", rep + 1),
+                &format!("{rate:.0} rows/s; {}", usage.describe()),
+            );
             rates.push(rate);
             last_usage = usage;
         }
@@ -133,6 +135,11 @@ pub(super) async fn run_all(
             last_usage.describe()
         );
         report.cases.push(result);
+    }
+    if options.runs("claim") {
+        report
+            .cases
+            .push(super::claim::claim_case(env, options).await?);
     }
     let queue_type = queue_type.as_str();
     if options.runs("latency") {
@@ -157,9 +164,14 @@ pub(super) async fn run_all(
             )
             .await?,
         );
+        report
+            .cases
+            .extend(super::live::live_keyed_cases(env, settings, queue_type, options).await?);
     }
     if options.soak_seconds > 0 {
-        report.cases.push(soak(env, settings, options).await?);
+        report
+            .cases
+            .push(super::live::soak(env, settings, options).await?);
     }
     if options.runs("dedup") {
         report
@@ -213,12 +225,20 @@ async fn history_case(
     }
     let mut rates = Vec::new();
     for rep in 0..options.repetitions {
-        let (rate, usage) = drain_once(env, settings, queue_type, options, Shape::PLAIN).await?;
-        progress(&format!(
-            "drain with history {queue_type} #{}: {rate:.0} rows/s; {}",
-            rep + 1,
-            usage.describe()
-        ));
+        let (rate, usage) = drain_once(
+            env,
+            settings,
+            queue_type,
+            options,
+            Shape::PLAIN,
+            options.messages,
+        )
+        .await?;
+        progress_figures(
+            options,
+            &format!("drain with history {queue_type} #{}", rep + 1),
+            &format!("{rate:.0} rows/s; {}", usage.describe()),
+        );
         rates.push(rate);
     }
     let mut result = CaseResult::from_samples(
@@ -246,106 +266,22 @@ async fn latency_case(
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p50 = ms(quantile(&latencies, 0.5));
-    progress(&format!("idle latency {queue_type}: p50 {p50:.2} ms"));
-    Ok(CaseResult {
-        case: "idle latency".into(),
-        queue_type: queue_type.into(),
-        value: p50,
-        min: latencies.first().copied().map(ms).unwrap_or(0.0),
-        max: latencies.last().copied().map(ms).unwrap_or(0.0),
-        unit: "ms p50".into(),
-        ratio_to_ceiling: None,
-        note: format!(
-            "insert+commit → arrival at a consumer, {} single events; p99 {:.2} ms",
-            latencies.len(),
-            ms(quantile(&latencies, 0.99))
+    progress_figures(
+        options,
+        &format!("idle latency {queue_type}"),
+        &format!("p50 {p50:.2} ms"),
+    );
+    let note = format!(
+        "insert+commit → arrival at a consumer, {} single events; p99 {:.2} ms",
+        latencies.len(),
+        ms(quantile(&latencies, 0.99))
+    );
+    Ok(
+        CaseResult::single("idle latency", queue_type, p50, "ms p50", note).with_range(
+            latencies.first().copied().map_or(0.0, ms),
+            latencies.last().copied().map_or(0.0, ms),
         ),
-    })
-}
-
-/// Published rows are deleted this long after publishing during the soak.
-const SOAK_RETENTION: Duration = Duration::from_secs(5);
-
-/// Steady load with retention on: does the outbox stop growing? Producers commit
-/// `soak_rate` rows/s in 100 ms ticks; the relay publishes them and deletes rows published more
-/// than `SOAK_RETENTION` ago every second. Reports the table's size (heap, indexes, TOAST).
-async fn soak(env: &Env, settings: &Settings, options: &BenchOptions) -> Result<CaseResult> {
-    let queue = env.queue("classic").await?;
-    let mut relay_settings = relay_settings(settings, env, options);
-    relay_settings.relay.retention = SOAK_RETENTION;
-    relay_settings.relay.cleanup_interval = Duration::from_secs(1);
-    let relay = start_relay(&relay_settings).await?;
-    let start = Instant::now();
-    let mut committed: u64 = 0;
-    let mut ticks: u64 = 0;
-    let end = start + Duration::from_secs(u64::from(options.soak_seconds));
-    let mut next_tick = start;
-    let mut next_sample = start;
-    let mut sizes: Vec<(f64, i64)> = Vec::new();
-    while Instant::now() < end {
-        if Instant::now() >= next_sample {
-            let size: i64 = sqlx::query_scalar("select pg_total_relation_size('postbox.outbox')")
-                .fetch_one(&env.pool)
-                .await
-                .context("reading the outbox size")?;
-            sizes.push((start.elapsed().as_secs_f64(), size));
-            next_sample += Duration::from_secs(1);
-        }
-        // What is due by the end of this tick, so a rate that is not a multiple of ten per
-        // second is kept exactly over the run instead of rounded down every tick.
-        ticks += 1;
-        let due = u64::from(options.soak_rate) * ticks / 10;
-        let rows = due - committed;
-        if rows > 0 {
-            sqlx::query(
-                "insert into postbox.outbox (routing_key, payload)
-                 select $1, repeat('x', $2) from generate_series(1, $3)",
-            )
-            .bind(&queue)
-            .bind(options.payload_size as i32)
-            .bind(rows as i64)
-            .execute(&env.pool)
-            .await
-            .context("soak insert")?;
-            committed = due;
-        }
-        next_tick += Duration::from_millis(100);
-        tokio::time::sleep_until(next_tick.into()).await;
-    }
-    let published = relay.stats().published();
-    let _ = relay.stop().await;
-    env.clear(&queue).await?;
-    let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
-    let at = |fraction: f64| {
-        let t = options.soak_seconds as f64 * fraction;
-        sizes
-            .iter()
-            .find(|(s, _)| *s >= t)
-            .or(sizes.last())
-            .map(|(_, b)| mib(*b))
-            .unwrap_or(0.0)
-    };
-    let peak = sizes.iter().map(|(_, b)| mib(*b)).fold(0.0, f64::max);
-    let (third, two_thirds, last) = (at(1.0 / 3.0), at(2.0 / 3.0), at(1.0));
-    progress(&format!(
-        "soak: outbox {third:.1} → {two_thirds:.1} → {last:.1} MiB (peak {peak:.1}), {published} published"
-    ));
-    Ok(CaseResult {
-        case: "retention soak".into(),
-        queue_type: "classic".into(),
-        value: last,
-        min: third,
-        max: peak,
-        unit: "MiB".into(),
-        ratio_to_ceiling: None,
-        note: format!(
-            "outbox size after {}s at {} rows/s, retention {}s: {third:.1} MiB at 1/3, \
-             {two_thirds:.1} at 2/3, {last:.1} at the end (range: 1/3 size to peak); {published} published",
-            options.soak_seconds,
-            options.soak_rate,
-            SOAK_RETENTION.as_secs()
-        ),
-    })
+    )
 }
 
 /// A row as the relay would claim it, published to `queue` through the default exchange: the
@@ -370,6 +306,16 @@ pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
 pub(super) fn progress(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "bench: {line}");
+}
+
+/// A progress line with what a case measured (`what: figures`); in a smoke run only that
+/// `what` ran, since its figures measure nothing.
+pub(super) fn progress_figures(options: &BenchOptions, what: &str, figures: &str) {
+    if options.smoke {
+        progress(&format!("{what}: ran (smoke run, not measured)"));
+    } else {
+        progress(&format!("{what}: {figures}"));
+    }
 }
 
 /// Raw publishing: the same client library, persistent messages, a window of
@@ -514,28 +460,19 @@ impl Shape {
     };
 }
 
-/// Rows committed first, then the relay(s) started: rows/s from the first marked batch to the
-/// last (see [`Rate`]), and the resources used meanwhile.
+/// `rows` rows committed first (see [`super::keys::commit_backlog`]), then the relay(s)
+/// started: rows/s from the first marked batch to the last (see [`Rate`]), and the resources
+/// used meanwhile.
 pub(super) async fn drain_once(
     env: &Env,
     settings: &Settings,
     queue_type: &str,
     options: &BenchOptions,
     shape: Shape,
+    rows: u32,
 ) -> Result<(f64, Usage)> {
     let queue = env.queue(queue_type).await?;
-    sqlx::query(
-        "insert into postbox.outbox (routing_key, payload, partition_key)
-         select $1, repeat('x', $2), case when $4 > 0 then 'k' || (g % $4) end
-         from generate_series(1, $3) g",
-    )
-    .bind(&queue)
-    .bind(options.payload_size as i32)
-    .bind(options.messages as i32)
-    .bind(shape.keys as i32)
-    .execute(&env.pool)
-    .await
-    .context("filling the backlog")?;
+    super::keys::commit_backlog(env, &queue, rows, shape.keys, options.payload_size).await?;
     sqlx::query("vacuum analyze postbox.outbox")
         .execute(&env.pool)
         .await
@@ -549,7 +486,7 @@ pub(super) async fn drain_once(
     for _ in 0..shape.relays {
         relays.push(start_relay(&settings).await?);
     }
-    let target = u64::from(options.messages);
+    let target = u64::from(rows);
     let deadline = start + Duration::from_secs(600);
     let published =
         |relays: &[RelayHandle]| -> u64 { relays.iter().map(|r| r.stats().published()).sum() };

@@ -2,17 +2,21 @@
 
 use std::time::{Duration, Instant};
 
-use super::cases::progress;
+use super::cases::progress_figures;
 use super::{BenchOptions, CaseResult, Env};
 use crate::amqp::message::outgoing;
 use crate::error::{Context, Error, Result};
-use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming};
+use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming, Versioning};
 
 pub(super) async fn dedup_case(env: &Env, options: &BenchOptions) -> Result<CaseResult> {
     let mut dedup = Vec::new();
     for rep in 0..options.repetitions {
         let rate = inbox_dedup_once(env, options, rep).await?;
-        progress(&format!("inbox dedup #{}: {rate:.0} msgs/s", rep + 1));
+        progress_figures(
+            options,
+            &format!("inbox dedup #{}", rep + 1),
+            &format!("{rate:.0} msgs/s"),
+        );
         dedup.push(rate);
     }
     let mut result = CaseResult::from_samples("inbox dedup", "-", &mut dedup, "msgs/s", None);
@@ -87,9 +91,10 @@ const CONSUMER_SHAPES: [(&str, usize, usize, u16); 2] = [
     ("consumer, batched", 4, 100, 800),
 ];
 
-/// `options.messages` relay-shaped messages (every tenth a redelivery of an earlier id) put in
-/// a queue first, then a [`Consumer`] with a handler that writes nothing started on it:
-/// messages/s from its start until every one is applied or recognized as a duplicate.
+/// `options.messages` relay-shaped messages (see [`fill_queue`]) put in a queue first, then a
+/// [`Consumer`] ordering each stream by number (`Versioning::Sequence`, the default) with a
+/// handler that writes nothing started on it: messages/s from its start until every one is
+/// applied or recognized as a duplicate.
 pub(super) async fn consumer_cases(
     env: &Env,
     queue_type: &str,
@@ -101,24 +106,56 @@ pub(super) async fn consumer_cases(
             concurrency,
             batch_size,
             prefetch,
+            // The default, named: the case measures the consumer with ordering on.
+            versioning: Versioning::Sequence,
             ..ConsumerOptions::default()
         };
         let mut rates = Vec::new();
+        let mut last = Outcomes::default();
         for rep in 0..options.repetitions {
-            let rate =
+            let (rate, outcomes) =
                 consume_once(env, queue_type, options, consumer_options.clone(), rep).await?;
-            progress(&format!("{case} #{}: {rate:.0} msgs/s", rep + 1));
+            progress_figures(
+                options,
+                &format!("{case} #{}", rep + 1),
+                &format!("{rate:.0} msgs/s; {}", outcomes.describe()),
+            );
             rates.push(rate);
+            last = outcomes;
         }
         let mut result = CaseResult::from_samples(case, queue_type, &mut rates, "msgs/s", None);
         result.note = format!(
-            "queue filled first, 10 % duplicates (relay retries), {KEYS} partition keys (versions checked); \
-             concurrency {concurrency}, batch_size {batch_size}, prefetch {prefetch}; a handler \
-             that writes nothing"
+            "queue filled first with relay-shaped messages (x-postbox-seq numbered per key, \
+             x-postbox-partition-key, x-postbox-source) over {KEYS} keys, applied in stream \
+             order (Versioning::Sequence); 10 % duplicates (relay retries), 1 in {} arriving \
+             ahead of its predecessor in its stream; concurrency {concurrency}, batch_size \
+             {batch_size}, prefetch {prefetch}; a handler that writes nothing; last run: {}",
+            2 * EARLY_EVERY,
+            last.describe()
         );
         results.push(result);
     }
     Ok(results)
+}
+
+/// How a consumer case's messages were decided.
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcomes {
+    applied: u64,
+    duplicates: u64,
+    held: u64,
+    /// Expected to stay 0: stale, dead-lettered or discarded messages.
+    other: u64,
+}
+
+impl Outcomes {
+    fn describe(&self) -> String {
+        format!(
+            "{} applied ({} of them held until their predecessor came), {} duplicates, {} \
+             stale/dead-lettered/discarded",
+            self.applied, self.held, self.duplicates, self.other
+        )
+    }
 }
 
 async fn consume_once(
@@ -127,24 +164,33 @@ async fn consume_once(
     options: &BenchOptions,
     consumer_options: ConsumerOptions,
     rep: u32,
-) -> Result<f64> {
+) -> Result<(f64, Outcomes)> {
     let queue = env.queue(queue_type).await?;
     let total = u64::from(options.messages);
-    fill_queue(env, &queue, options).await?;
+    let distinct = fill_queue(env, &queue, options).await?;
     let broker = crate::amqp::Broker::new(env.amqp_urls.clone());
-    let consumer = Consumer::new(
-        env.pool.clone(),
-        broker,
-        queue.clone(),
-        format!("bench-consumer-{rep}-{}", consumer_options.batch_size),
-        Noop,
-    )
-    .options(consumer_options)
-    .spawn()?;
+    let name = format!("bench-consumer-{rep}-{}", consumer_options.batch_size);
+    let consumer = Consumer::new(env.pool.clone(), broker, queue.clone(), name.clone(), Noop)
+        .options(consumer_options)
+        .spawn()?;
     let stats = consumer.stats();
+    let outcomes = || Outcomes {
+        applied: stats.applied(),
+        duplicates: stats.duplicates(),
+        held: stats.waiting(),
+        other: stats.stale() + stats.dead_lettered() + stats.discarded(),
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_secs(600);
-    while stats.applied() + stats.duplicates() < total {
+    loop {
+        let now = outcomes();
+        // Every delivery accounted for (a held message counts once applied). The inbox has the
+        // last word, since a delivery counted twice would end the wait early: every distinct
+        // message decided there.
+        let counted = now.applied + now.duplicates + now.other >= total;
+        if counted && decided(env, &name).await? >= distinct {
+            break;
+        }
         if Instant::now() > deadline {
             let _ = consumer.stop().await;
             return Err(Error::Timeout {
@@ -152,55 +198,92 @@ async fn consume_once(
                 after: Duration::from_secs(600),
             });
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Counting the inbox takes longer than reading counters: not every 2 ms.
+        let pause = if counted { 20 } else { 2 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let rate = total as f64 / start.elapsed().as_secs_f64();
+    let outcomes = outcomes();
     let _ = consumer.stop().await;
     env.delete_queue(&queue).await;
     // the dead-letter queue the consumer declared (DeadLetter::DefaultQueue)
     env.delete_queue(&format!("{queue}.dead")).await;
-    Ok(rate)
+    Ok((rate, outcomes))
+}
+
+/// Messages `consumer` has decided in the inbox (applied, stale, dead-lettered, ...): not
+/// held for their turn nor failing.
+async fn decided(env: &Env, consumer: &str) -> Result<u64> {
+    let decided: i64 = sqlx::query_scalar(
+        "select count(*) from postbox.inbox where consumer = $1 and processed_at is not null",
+    )
+    .bind(consumer)
+    .fetch_one(&env.pool)
+    .await
+    .context("counting the messages the consumer decided")?;
+    Ok(u64::try_from(decided).unwrap_or(0))
 }
 
 /// Partition keys of the consumer cases' messages, in turn.
 const KEYS: u32 = 1000;
 
-/// Publishes `options.messages` messages shaped as the relay sends them, over [`KEYS`] partition
-/// keys (so the inbox checks versions, as it does for most real events); every tenth is a copy
-/// of the one five before (its message id, outbox id and key), as a relay retry sends it.
-async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()> {
+/// One message in this many of alternate rounds over the keys arrives ahead of its predecessor.
+const EARLY_EVERY: u32 = 100;
+
+/// Publishes `options.messages` messages shaped as the relay sends them, over [`KEYS`]
+/// partition keys in turn, each numbered in its key's stream (`x-postbox-seq` 1, 2, 3, …), so
+/// the consumer orders them as it orders a relay's. Every tenth is a copy of the one five
+/// before (message id, outbox id, key and number), as a relay retry sends it. And a few arrive
+/// ahead of their predecessor, as they can with several relays: in every other round over the
+/// keys, every [`EARLY_EVERY`]th message swaps places with the next message of its key (the
+/// same position a round later); the consumer holds it in `postbox.inbox_waiting` until its
+/// predecessor is applied. Returns the number of distinct messages (copies not counted).
+async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<u64> {
     let payload = vec![b'x'; options.payload_size];
     let mut row = super::cases::bench_row(queue);
-    // (outbox id, message id, key) of every message sent
-    let mut sent_rows: Vec<(i64, uuid::Uuid, u32)> = Vec::with_capacity(options.messages as usize);
+    let total = options.messages;
+    // (outbox id, message id, key, stream number) of every message, in the order sent
+    let mut messages: Vec<(i64, uuid::Uuid, u32, i64)> = Vec::with_capacity(total as usize);
+    let mut last_seq = vec![0_i64; KEYS as usize];
     let mut next_id = 0;
-    let mut sent = 0;
-    while sent < options.messages {
-        let n = options.batch_size.min(options.messages - sent);
-        let mut messages = Vec::with_capacity(n as usize);
-        for i in sent..sent + n {
-            // the message five before is always a fresh one: each copy repeats a different one
-            let earlier = i
-                .checked_sub(5)
-                .and_then(|e| sent_rows.get(e as usize))
-                .copied();
-            let (id, message_id, key) = match earlier {
-                Some(copy) if i % 10 == 9 => copy,
-                _ => {
-                    next_id += 1;
-                    (next_id, uuid::Uuid::now_v7(), i % KEYS)
-                }
-            };
-            sent_rows.push((id, message_id, key));
+    for i in 0..total {
+        // the message five before is always a fresh one: each copy repeats a different one
+        let earlier = i
+            .checked_sub(5)
+            .and_then(|e| messages.get(e as usize))
+            .copied();
+        let message = match earlier {
+            Some(copy) if i % 10 == 9 => copy,
+            _ => {
+                next_id += 1;
+                let key = i % KEYS;
+                let seq = &mut last_seq[key as usize];
+                *seq += 1;
+                (next_id, uuid::Uuid::now_v7(), key, *seq)
+            }
+        };
+        messages.push(message);
+    }
+    // Positions ≡ 0 (mod 10) hold fresh messages (copies sit at 9), and the next message of
+    // the same key is KEYS places on; swapping only in odd rounds keeps the pairs apart.
+    for i in (0..total).filter(|i| i % EARLY_EVERY == 0 && (i / KEYS) % 2 == 1) {
+        if i + KEYS < total {
+            messages.swap(i as usize, (i + KEYS) as usize);
+        }
+    }
+    for chunk in messages.chunks(options.batch_size.max(1) as usize) {
+        let mut batch = Vec::with_capacity(chunk.len());
+        for &(id, message_id, key, seq) in chunk {
             row.id = id;
             row.message_id = message_id;
             row.partition_key = Some(format!("key-{key}"));
-            messages.push((
+            row.seq = Some(seq);
+            batch.push((
                 outgoing(&row).map_err(Error::Unconfirmed)?,
                 payload.as_slice(),
             ));
         }
-        for confirm in crate::amqp::publish_in_order(&env.channel, messages).await {
+        for confirm in crate::amqp::publish_in_order(&env.channel, batch).await {
             let confirmation = confirm
                 .context("bench publish")?
                 .await
@@ -209,7 +292,6 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<()
                 return Err(Error::Unconfirmed(format!("{confirmation:?}")));
             }
         }
-        sent += n;
     }
-    Ok(())
+    Ok(next_id as u64)
 }

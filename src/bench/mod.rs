@@ -5,7 +5,9 @@
 //! the ceiling measured in the same run, because absolute numbers move from machine to machine.
 
 mod cases;
+mod claim;
 mod inbox;
+mod keys;
 mod live;
 mod report;
 mod resources;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -52,6 +55,13 @@ pub struct BenchOptions {
     pub history: u64,
     /// The optional cases to run (from [`CASES`]); ceiling and drain always run.
     pub cases: Vec<String>,
+    /// Rows per key at least in the 1- and 4-key drains (0: `messages` rows, whatever the keys).
+    pub rows_per_key: u32,
+    /// The claim case's two backlogs behind one key: (smaller, larger) pending rows.
+    pub claim_backlogs: (u64, u64),
+    /// A smoke run (`--quick`): every case runs, at a size too small to measure anything, so
+    /// the report and progress lines carry no figures.
+    pub smoke: bool,
 }
 
 impl BenchOptions {
@@ -61,10 +71,13 @@ impl BenchOptions {
 }
 
 /// The cases, as `postbox bench --cases` names them. "drain" (the broker ceiling and the plain
-/// drain) always runs: the others are measured against it.
-pub const CASES: [&str; 9] = [
+/// drain) always runs: the others are measured against it. "keys" is the drains over 1, 4 and
+/// 100 partition keys; "claim" the claim time with a backlog behind one key; "live" includes
+/// the live case with 4 writers each committing its own key.
+pub const CASES: [&str; 10] = [
     "drain",
     "keys",
+    "claim",
     "relays",
     "nohistory",
     "latency",
@@ -79,7 +92,11 @@ pub async fn run(settings: &Settings, options: &BenchOptions) -> Result<Report> 
     let env = Env::create(settings).await?;
     let result = cases::run_all(&env, settings, options).await;
     env.drop_all().await;
-    result
+    let mut report = result?;
+    if options.smoke {
+        report.without_figures();
+    }
+    Ok(report)
 }
 
 /// The benchmark's own database and broker connection.
@@ -89,6 +106,8 @@ pub(crate) struct Env {
     /// The broker's nodes, for clients the bench starts (consumers).
     pub amqp_urls: Vec<String>,
     admin_url: String,
+    /// How to connect to the bench database, for pools of the bench's own load generators.
+    connect: PgConnectOptions,
     pub pool: PgPool,
     pub connection: Connection,
     pub channel: Channel,
@@ -127,11 +146,11 @@ impl Env {
         })?;
         url.set_path(&db_name);
         let db_url = url.to_string();
-        let connect = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&db_url)
+        let connect = <PgConnectOptions as std::str::FromStr>::from_str(&db_url)
             .context("parsing the bench database URL")?;
-        let pool = crate::store::without_nagle(sqlx::postgres::PgPoolOptions::new(), &connect)
+        let pool = crate::store::without_nagle(PgPoolOptions::new(), &connect)
             .max_connections(4)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .context("connecting to the bench database")?;
         // The pool closes when dropped on an error below, before the database is dropped
@@ -146,11 +165,23 @@ impl Env {
             db_url,
             amqp_urls: settings.amqp_urls().map(String::from).collect(),
             admin_url,
+            connect,
             pool,
             connection,
             channel,
             queues: std::sync::Mutex::default(),
         })
+    }
+
+    /// A pool of up to `connections` connections to the bench database, with TCP_NODELAY as the
+    /// relay's (without it a statement can wait ~40 ms for a delayed ACK): for load generators
+    /// that each hold one connection while the relay has its own pool.
+    pub async fn pool_of(&self, connections: u32) -> Result<PgPool> {
+        crate::store::without_nagle(PgPoolOptions::new(), &self.connect)
+            .max_connections(connections)
+            .connect_with(self.connect.clone())
+            .await
+            .context("connecting bench writers to the bench database")
     }
 
     /// Declares a fresh durable queue of `queue_type` and returns its name.

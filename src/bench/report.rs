@@ -9,12 +9,13 @@ pub struct CaseResult {
     pub case: String,
     /// Queue type the case ran against.
     pub queue_type: String,
-    /// Median of the repetitions (msgs/s for throughput cases, ms for latency cases).
-    pub value: f64,
+    /// Median of the repetitions (msgs/s for throughput cases, ms for latency cases); `None`
+    /// in a smoke run, which measures nothing.
+    pub value: Option<f64>,
     /// Smallest repetition.
-    pub min: f64,
+    pub min: Option<f64>,
     /// Largest repetition.
-    pub max: f64,
+    pub max: Option<f64>,
     /// Unit of `value`.
     pub unit: String,
     /// Ratio to the ceiling of the same queue type, where that means something.
@@ -37,21 +38,50 @@ impl CaseResult {
         Self {
             case: case.into(),
             queue_type: queue_type.into(),
-            value,
-            min,
-            max,
+            value: Some(value),
+            min: Some(min),
+            max: Some(max),
             unit: unit.into(),
             ratio_to_ceiling: ceiling.filter(|c| *c > 0.0).map(|c| value / c),
             note: String::new(),
         }
     }
 
+    /// One figure, measured once (its range is itself until [`CaseResult::with_range`]).
+    pub(crate) fn single(
+        case: impl Into<String>,
+        queue_type: impl Into<String>,
+        value: f64,
+        unit: &str,
+        note: String,
+    ) -> Self {
+        Self {
+            case: case.into(),
+            queue_type: queue_type.into(),
+            value: Some(value),
+            min: Some(value),
+            max: Some(value),
+            unit: unit.into(),
+            ratio_to_ceiling: None,
+            note,
+        }
+    }
+
+    /// The same with the range `min`–`max` the value summarizes (a latency case's fastest
+    /// and slowest event, say).
+    pub(crate) fn with_range(self, min: f64, max: f64) -> Self {
+        Self {
+            min: Some(min),
+            max: Some(max),
+            ..self
+        }
+    }
+
     /// This case's value as a multiple of `base` (0 when there is no base).
     pub(crate) fn times(&self, base: f64) -> f64 {
-        if base > 0.0 {
-            self.value / base
-        } else {
-            0.0
+        match self.value {
+            Some(value) if base > 0.0 => value / base,
+            _ => 0.0,
         }
     }
 }
@@ -61,28 +91,57 @@ impl CaseResult {
 pub struct Report {
     /// The options the run used, as text.
     pub options: String,
+    /// A smoke run (`--quick`): every case ran, at a size too small for its figures to mean
+    /// anything, so there are none.
+    pub smoke: bool,
     /// The cases, in the order they ran.
     pub cases: Vec<CaseResult>,
 }
 
 impl Report {
+    /// Drops every figure, for a smoke run: over a few batches a rate is start-up and timer
+    /// noise (a "ceiling" of two million messages a second), not a measurement, and a figure
+    /// printed is a figure someone quotes. What remains says which cases ran.
+    pub(crate) fn without_figures(&mut self) {
+        self.smoke = true;
+        for case in &mut self.cases {
+            case.value = None;
+            case.min = None;
+            case.max = None;
+            case.ratio_to_ceiling = None;
+            case.note = "smoke run: ran, not measured".into();
+        }
+    }
+
     /// The report as a markdown table.
     pub fn markdown(&self) -> String {
-        let mut out = format!("postbox bench: {}\n\n", self.options);
+        let mut out = if self.smoke {
+            format!(
+                "postbox bench, smoke run (--quick): no rates; every case ran at a size too \
+                 small to measure: {}\n\n",
+                self.options
+            )
+        } else {
+            format!("postbox bench: {}\n\n", self.options)
+        };
         out.push_str("| case | queue | median | min–max | unit | × ceiling | note |\n");
         out.push_str("|---|---|---:|---:|---|---:|---|\n");
+        let figure = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_default();
         for c in &self.cases {
+            let range = match (c.min, c.max) {
+                (Some(min), Some(max)) => format!("{min:.1}–{max:.1}"),
+                _ => String::new(),
+            };
             out.push_str(&format!(
-                "| {} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
                 c.case,
                 c.queue_type,
-                c.value,
-                c.min,
-                c.max,
+                figure(c.value),
+                range,
                 c.unit,
                 c.ratio_to_ceiling
                     .map(|r| format!("{r:.2}"))
-                    .unwrap_or_else(|| "".into()),
+                    .unwrap_or_default(),
                 c.note
             ));
         }
