@@ -624,3 +624,99 @@ async fn interleaving_writers_and_a_killed_relay_lose_reorder_and_double_nothing
         );
     }
 }
+
+/// Applies the migrations of `dir` (one of postbox's parts) older than `before`, as an
+/// installation from before that migration has them.
+async fn migrate_before(
+    pool: &sqlx::PgPool,
+    mut migrator: sqlx::migrate::Migrator,
+    table: &'static str,
+    before: i64,
+) {
+    let older: Vec<_> = migrator
+        .migrations
+        .iter()
+        .filter(|migration| migration.version < before)
+        .cloned()
+        .collect();
+    migrator.migrations = std::borrow::Cow::Owned(older);
+    migrator.create_schema("postbox");
+    migrator.dangerous_set_table_name(table);
+    migrator.run(pool).await.expect("migrate the older schema");
+}
+
+/// An installation from before stream numbers upgrades in place: rows pending then are
+/// numbered and published by the new relay, a consumer whose inbox holds versions from before
+/// applies them in order, and the older tables keep their rows.
+#[tokio::test]
+async fn an_installation_from_before_stream_numbers_upgrades_in_place() {
+    let outbox = TestDb::empty().await;
+    migrate_before(
+        &outbox.pool,
+        sqlx::migrate!("./migrations/outbox"),
+        "postbox._migrations_outbox",
+        20261204000001,
+    )
+    .await;
+    let sub = Subscriber::start_with_queue_arguments(&[]).await;
+    // The subscriber's database as an older consumer left it: rebuilt at the older schema, with
+    // a version row and an applied message.
+    sqlx::query("drop schema postbox cascade")
+        .execute(&sub.db.pool)
+        .await
+        .expect("drop the new inbox schema");
+    migrate_before(
+        &sub.db.pool,
+        sqlx::migrate!("./migrations/inbox"),
+        "postbox._migrations_inbox",
+        20261204000101,
+    )
+    .await;
+    sqlx::raw_sql(
+        "insert into postbox.inbox_versions (consumer, source, partition_key, version, message_id) \
+         values ('ordered', '', 'k', 41, gen_random_uuid()); \
+         insert into postbox.inbox (consumer, message_id, queue, outcome, processed_at) \
+         values ('ordered', gen_random_uuid(), 'q', 'applied', now())",
+    )
+    .execute(&sub.db.pool)
+    .await
+    .expect("older inbox rows");
+    Counters::install(&sub).await;
+    // Written by producers before the upgrade: plain SQL, keyed, pending.
+    for n in 0..5 {
+        sqlx::query(
+            "insert into postbox.outbox (routing_key, payload, partition_key) values ($1, $2, 'k')",
+        )
+        .bind(&sub.queue)
+        .bind(format!("before {n}"))
+        .execute(&outbox.pool)
+        .await
+        .expect("older row");
+    }
+
+    postbox::migrate(&outbox.pool)
+        .await
+        .expect("upgrade the outbox");
+    postbox::migrate_parts(&sub.db.pool, &[postbox::Part::Inbox])
+        .await
+        .expect("upgrade the inbox");
+    let relay = RunningRelay::start(outbox.settings()).await;
+    let consumer = consumer(&sub, sub.options());
+    until_applied(&sub, 5, DEADLINE).await;
+    consumer.stop().await.expect("stop");
+    relay.stop().await;
+    let bodies: Vec<String> = applied(&sub).await.into_iter().map(|(_, _, b)| b).collect();
+    assert_eq!(
+        bodies,
+        (0..5).map(|n| format!("before {n}")).collect::<Vec<_>>()
+    );
+    assert_in_order(&sub, &HashMap::from([("k".to_string(), 5)])).await;
+    let kept: i64 = sqlx::query_scalar(
+        "select (select count(*) from postbox.inbox_versions) \
+              + (select count(*) from postbox.inbox where queue = 'q')",
+    )
+    .fetch_one(&sub.db.pool)
+    .await
+    .expect("older rows");
+    assert_eq!(kept, 2, "the older tables keep their rows");
+}
