@@ -167,6 +167,11 @@ async fn a_message_ahead_of_its_turn_is_held_then_applied_right_after_its_predec
     .await
     .expect("the stream waits, visibly");
     assert_eq!((missing, waiting, first_waiting), (1, 2, 2));
+    let (held, oldest) = postbox::store::inbox_streams::waiting(&sub.db.pool, "ordered")
+        .await
+        .expect("held figures");
+    assert_eq!(held, 2);
+    assert!(oldest > Duration::ZERO, "{oldest:?}");
     assert_eq!(
         sub.inbox_row("ordered", ids[1]).await.0.as_deref(),
         Some("waiting")

@@ -5,6 +5,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -399,12 +400,17 @@ impl Session {
 /// How often a consumer looks for held messages whose turn came without a delivery to
 /// trigger it: a stream's next message applied by an instance that stopped before applying
 /// the ones held after it, or a stream whose start waited `stream_start_wait`.
-const STREAM_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+const STREAM_CHECK: Duration = Duration::from_secs(1);
 
 /// Applies held messages whose turn came (see [`STREAM_CHECK`]) until the session ends, and
-/// keeps the `postbox_consumer_waiting` gauge current.
+/// keeps the `postbox_consumer_waiting` and `postbox_consumer_oldest_waiting_seconds` gauges
+/// current, with a warning while a message has been held for a minute or more.
 async fn sweep_streams<H: Handler>(worker: Worker<H>) {
+    /// A held message this old is worth a warning.
+    const WARN_AFTER: Duration = Duration::from_secs(60);
+    const WARN_EVERY: Duration = Duration::from_secs(60);
     let shared = worker.shared.clone();
+    let mut last_warning = None;
     loop {
         tokio::select! {
             _ = worker.session.cancelled() => return,
@@ -414,9 +420,23 @@ async fn sweep_streams<H: Handler>(worker: Worker<H>) {
             return;
         }
         match crate::store::inbox_streams::waiting(&shared.pool, &shared.name).await {
-            Ok(waiting) => {
+            Ok((waiting, oldest)) => {
                 metrics::gauge!("postbox_consumer_waiting", "consumer" => shared.name.clone())
-                    .set(waiting as f64)
+                    .set(waiting as f64);
+                metrics::gauge!("postbox_consumer_oldest_waiting_seconds", "consumer" => shared.name.clone())
+                    .set(oldest.as_secs_f64());
+                // Said once a minute at most: a number missing that long is failing at the
+                // relay, parked behind a dead row, or was never published to this queue.
+                let due = last_warning.is_none_or(|at: Instant| at.elapsed() >= WARN_EVERY);
+                if oldest >= WARN_AFTER && due {
+                    last_warning = Some(Instant::now());
+                    tracing::warn!(
+                        consumer = %shared.name,
+                        waiting,
+                        oldest = ?oldest,
+                        "consumer: messages held for a missing stream number; see postbox.inbox_waiting_streams"
+                    );
+                }
             }
             Err(error) => tracing::debug!(%error, "consumer: could not count held messages"),
         }

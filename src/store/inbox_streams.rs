@@ -313,11 +313,23 @@ pub async fn ready(
         .context("reading streams ready to go on")
 }
 
-/// Messages `consumer` holds waiting for their predecessor.
-pub async fn waiting<'e, E: PgExecutor<'e>>(executor: E, consumer: &str) -> Result<i64> {
-    sqlx::query_scalar("select count(*) from postbox.inbox_waiting where consumer = $1")
-        .bind(consumer)
-        .fetch_one(executor)
-        .await
-        .context("counting postbox.inbox_waiting")
+/// Messages `consumer` holds waiting for their predecessor, and how long the oldest of them
+/// has waited (zero when none waits).
+pub async fn waiting<'e, E: PgExecutor<'e>>(
+    executor: E,
+    consumer: &str,
+) -> Result<(i64, Duration)> {
+    let (count, seconds): (i64, f64) = sqlx::query_as(
+        "select count(*), \
+                coalesce(extract(epoch from now() - min(received_at)), 0)::float8 \
+         from postbox.inbox_waiting where consumer = $1",
+    )
+    .bind(consumer)
+    .fetch_one(executor)
+    .await
+    .context("counting postbox.inbox_waiting")?;
+    Ok((
+        count,
+        Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX),
+    ))
 }
