@@ -257,6 +257,35 @@ async fn batches_apply_each_stream_in_number_order_and_hold_what_is_ahead() {
     }
 }
 
+/// A consumer with state semantics (no stream order) never hands a skip message to its
+/// handler, singly or in batches: recorded as skipped.
+#[tokio::test]
+async fn skip_messages_never_reach_a_handler_whatever_the_versioning() {
+    let sub = Subscriber::start().await;
+    Counters::install(&sub).await;
+    for batch_size in [1, 16] {
+        let options = ConsumerOptions {
+            versioning: postbox::inbox::Versioning::OutboxId,
+            batch_size,
+            ..sub.options()
+        };
+        let consumer = consumer(&sub, options);
+        let mut headers = numbered(1, "k");
+        headers.insert(
+            "x-postbox-skip".into(),
+            AMQPValue::LongString("gone".into()),
+        );
+        sub.send(Uuid::new_v4(), headers, b"").await;
+        let stats = consumer.stats();
+        wait_until("the skip recorded", DEADLINE, || async {
+            (stats.skipped() == 1).then_some(())
+        })
+        .await;
+        consumer.stop().await.expect("stop");
+    }
+    assert!(applied(&sub).await.is_empty(), "no handler ran");
+}
+
 /// A number at or below the last applied: the same message again is a duplicate; another
 /// message with an old number (a replay of old positions) is stale, never applied.
 #[tokio::test]

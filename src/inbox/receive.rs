@@ -27,8 +27,8 @@ pub enum Status {
     /// [`hold`] in this transaction (the consumer applies it once its turn comes); the inbox
     /// row says `waiting`.
     Ahead,
-    /// A skip message whose turn came: its stream moved on past a row the relay released.
-    /// Nothing to apply (recorded as `skipped`).
+    /// A skip message (whose turn came, when ordered by stream number): it stands for a row
+    /// the relay released. Nothing to apply (recorded as `skipped`).
     Skipped,
 }
 
@@ -103,6 +103,11 @@ pub(crate) async fn receive_turn(
             inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Applied).await?;
         }
         return Ok((Status::New { failed_attempts }, next_waiting));
+    }
+    // A skip message outside stream order (a consumer with state semantics): nothing to apply.
+    if receipt.skip {
+        inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Skipped).await?;
+        return Ok((Status::Skipped, false));
     }
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
         let source = receipt.source.unwrap_or_default();
@@ -182,6 +187,17 @@ pub async fn receive_batch(
         .map(|claim| claim.is_none().then_some(Status::Duplicate))
         .collect();
     in_streams(conn, receipts, &claimed, &mut statuses).await?;
+    // Skip messages outside stream order: nothing to apply.
+    let mut skips: Vec<(&str, Uuid)> = Vec::new();
+    for (status, receipt) in statuses.iter_mut().zip(receipts) {
+        if status.is_none() && receipt.skip {
+            *status = Some(Status::Skipped);
+            skips.push((receipt.consumer, receipt.message_id));
+        }
+    }
+    if !skips.is_empty() {
+        inbox::decide_many(conn, &skips, Outcome::Skipped).await?;
+    }
     // The rest (new, without a stream number): versions, when they carry one.
     let versioned: Vec<usize> = (0..receipts.len())
         .filter(|&i| statuses[i].is_none())

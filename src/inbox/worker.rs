@@ -315,7 +315,7 @@ impl<H: Handler> Worker<H> {
             partition_key: incoming.partition_key(),
             version,
             seq,
-            skip: seq.is_some() && incoming.is_skip(),
+            skip: incoming.is_skip(),
             source: incoming.source(),
         }
     }
