@@ -2,14 +2,17 @@
 //!
 //! A [`Consumer`] takes deliveries from one RabbitMQ queue. For each, in one Postgres
 //! transaction, it records the message id in `postbox.inbox` under the consumer's name,
-//! checks the message's version against the newest applied for its partition key (from the
-//! same outbox), runs the [`Handler`] only if the id is new and the version is newer, commits,
-//! and only then acks.
+//! checks the message's place in its stream (its partition key's messages to one exchange and
+//! routing key, numbered by the relay in `x-postbox-seq`), runs the [`Handler`] only if the id
+//! is new and its turn has come, commits, and only then acks.
 //!
 //! - A duplicate (a redelivery after a crash between commit and ack, a relay retry, a replay)
 //!   finds its id decided, is acked without running the handler, and is counted.
-//! - A late message older than what its key already applied is skipped as `stale`, so state
-//!   never moves backwards.
+//! - A message that arrives before its predecessor is held in `postbox.inbox_waiting` (and
+//!   acked), then applied right after it: a stream's messages take effect in number order, each
+//!   once, none skipped, across any number of consumer instances. An old number under another
+//!   id (a replay) is skipped as `stale`. [`Versioning`] offers state semantics instead (skip
+//!   what is older than the version applied).
 //! - A failing handler rolls back and is retried with backoff; after `max_attempts` failed runs
 //!   (counted in `postbox.inbox`, so a restart does not reset them) the message goes to the
 //!   dead-letter queue with the error, consumer and attempts in its headers.
