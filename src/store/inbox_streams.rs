@@ -44,28 +44,24 @@ const WHERE_STREAM: &str = "consumer = $1 and source = $2 and partition_key = $3
 
 /// Locks the stream's row for the rest of the transaction (creating it if new) and returns
 /// the last number applied (`None`: none yet). Transactions applying the stream's messages
-/// take turns here, whichever consumer instance runs them.
+/// take turns here, whichever consumer instance runs them. One statement: the no-op update of
+/// an existing row takes its lock and returns the row as committed, after waiting for any
+/// transaction that holds it (a plain `select … for update` would not see a row another
+/// transaction inserted after this statement's snapshot).
 pub async fn lock(conn: &mut PgConnection, stream: &StreamKey) -> Result<Option<i64>> {
     stream
         .bind(sqlx::query(
-            "insert into postbox.inbox_streams \
+            "insert into postbox.inbox_streams as s \
                  (consumer, source, partition_key, exchange, routing_key) \
-             values ($1, $2, $3, $4, $5) on conflict do nothing",
+             values ($1, $2, $3, $4, $5) \
+             on conflict (consumer, source, partition_key, exchange, routing_key) \
+                 do update set last_seq = s.last_seq \
+             returning s.last_seq",
         ))
-        .execute(&mut *conn)
-        .await
-        .context("recording a stream in postbox.inbox_streams")?;
-    let sql = format!(
-        "select last_seq from postbox.inbox_streams where {WHERE_STREAM} for no key update"
-    );
-    let last: Option<i64> = stream
-        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
         .fetch_one(&mut *conn)
         .await
-        .context("locking a stream in postbox.inbox_streams")?
-        .try_get(0)
-        .context("reading a stream's last number")?;
-    Ok(last)
+        .and_then(|row| row.try_get(0))
+        .context("locking a stream in postbox.inbox_streams")
 }
 
 /// [`lock`] for many streams at once, in the order given (sorted by the caller, so concurrent
