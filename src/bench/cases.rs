@@ -183,6 +183,11 @@ pub(super) async fn run_all(
             .cases
             .extend(super::inbox::consumer_cases(env, queue_type, options).await?);
     }
+    if options.runs("producers") {
+        report
+            .cases
+            .extend(super::producers::producers_cases(env, options).await?);
+    }
     // Last: the retained rows stay in the table until the bench database is dropped.
     if options.history > 0 {
         report

@@ -9,6 +9,7 @@ mod claim;
 mod inbox;
 mod keys;
 mod live;
+mod producers;
 mod report;
 mod resources;
 
@@ -73,8 +74,9 @@ impl BenchOptions {
 /// The cases, as `postbox bench --cases` names them. "drain" (the broker ceiling and the plain
 /// drain) always runs: the others are measured against it. "keys" is the drains over 1, 4 and
 /// 100 partition keys; "claim" the claim time with a backlog behind one key; "live" includes
-/// the live case with 4 writers each committing its own key.
-pub const CASES: [&str; 10] = [
+/// the live case with 4 writers each committing its own key; "producers" what the outbox costs
+/// concurrent producers' commits, against a minimal outbox table.
+pub const CASES: [&str; 11] = [
     "drain",
     "keys",
     "claim",
@@ -85,6 +87,7 @@ pub const CASES: [&str; 10] = [
     "live",
     "dedup",
     "consumer",
+    "producers",
 ];
 
 /// Runs every case and returns the report.

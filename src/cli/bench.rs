@@ -48,7 +48,10 @@ pub struct BenchArgs {
     /// relays, nohistory: the drain with two relays, without history. latency, idle: a single
     /// event into an idle relay, an idle relay's queries. live: commits at 25, 50 and 90 % of the
     /// drain rate, and 4 writers each committing its own key as fast as they can. dedup,
-    /// consumer: the inbox claim alone, consumers end to end with stream ordering on.
+    /// consumer: the inbox claim alone, consumers end to end with stream ordering on. producers:
+    /// 16 and 64 connections committing a business row plus one event, into postbox.outbox and
+    /// into a minimal outbox table, and 16 committing 10 events each through enqueue_many
+    /// (needs Postgres max_connections ≥ 74).
     #[arg(long, value_delimiter = ',', value_parser = bench::CASES)]
     pub cases: Vec<String>,
     /// A smoke run (CI): every selected case at a small size (2,000 messages, claim backlogs of
