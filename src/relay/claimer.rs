@@ -22,10 +22,15 @@ pub(crate) struct Claimer {
     pub poll_interval: Duration,
     /// Free in-flight slots; a batch holds one until it is marked.
     pub slots: Arc<Semaphore>,
+    /// All the slots: with every one free, no batch of this relay is open.
+    pub total_slots: usize,
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
     pub wake: Arc<Notify>,
     pub stats: Arc<super::Stats>,
     pub scan: Scan,
+    /// The relay's wake-up keys: taken when the polling claimer goes idle, given back when any
+    /// claim finds work (see [`super::sleeper`]).
+    pub sleeper: tokio::sync::Mutex<super::sleeper::Sleeper>,
 }
 
 /// Full scans every this many claims while the tail keeps batches full.
@@ -166,6 +171,10 @@ impl Claimer {
                 Ok(Claimed::Batch { batch, again }) => {
                     errors = connection_backoff();
                     idle = !again;
+                    // Busy: commits need not notify.
+                    if self.sleeper.lock().await.wake().await {
+                        self.stats.record_wake();
+                    }
                     if batch.rows.len() == self.batch_size as usize {
                         // more is likely waiting: an idle claimer may join in
                         self.wake.notify_one();
@@ -176,7 +185,16 @@ impl Claimer {
                 }
                 Ok(Claimed::Nothing) => {
                     errors = connection_backoff();
-                    idle = true;
+                    // With a batch still open, its end wakes a claimer. With none, the relay
+                    // asks producers to wake it; having just done so, it claims once more for
+                    // the rows of producers that committed without notifying meanwhile.
+                    let open = self.total_slots - self.slots.available_permits();
+                    let fell_asleep =
+                        open == 0 && self.sleeper.lock().await.sleep(&self.pool).await;
+                    if fell_asleep {
+                        self.stats.record_sleep();
+                    }
+                    idle = !fell_asleep;
                 }
                 Ok(Claimed::Again) => {
                     errors = connection_backoff();

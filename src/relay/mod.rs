@@ -22,6 +22,7 @@ mod listener;
 mod publisher;
 mod retention;
 mod retry;
+mod sleeper;
 
 pub use crate::retry::RetryPolicy;
 pub use listener::CHANNEL;
@@ -54,6 +55,8 @@ pub struct Stats {
     retried: AtomicU64,
     dead: AtomicU64,
     released: AtomicU64,
+    sleeps: AtomicU64,
+    wakes: AtomicU64,
     broker: BrokerState,
     listening: AtomicBool,
 }
@@ -123,6 +126,25 @@ impl Stats {
     pub fn released(&self) -> u64 {
         self.released.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn record_sleep(&self) {
+        self.sleeps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_wake(&self) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times the relay fell asleep: with nothing to claim, it asked producers' commits to
+    /// notify it (it took its wake-up keys).
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps.load(Ordering::Relaxed)
+    }
+
+    /// Times the relay woke to work and gave its wake-up keys back.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
 }
 
 /// A relay running on its own task (from [`Relay::spawn`]).
@@ -170,6 +192,8 @@ impl Relay {
     /// window slot (one being published or confirmed, one claimed and waiting, one being
     /// marked), one the LISTEN connection holds for good, and two for the idle poll,
     /// heartbeats, release announcements and retention, so these never wait behind batches.
+    /// Besides these, the relay holds one connection of its own while it sleeps (its wake-up
+    /// keys).
     pub fn connections_needed(settings: &RelaySettings) -> u32 {
         3 * settings.max_in_flight_batches + 3
     }
@@ -244,9 +268,11 @@ impl Relay {
             batch_size: settings.batch_size,
             poll_interval: settings.poll_interval,
             slots,
+            total_slots: 3 * in_flight,
             wake: wake.clone(),
             stats: self.stats.clone(),
             scan: claimer::Scan::default(),
+            sleeper: tokio::sync::Mutex::default(),
         };
         // Two claims run at once so the publisher never waits for one: they take disjoint rows
         // (SKIP LOCKED). A stream's rows may be in both; their numbers say the order, which
