@@ -181,6 +181,11 @@ async fn nonsense_rows_are_rejected_by_named_constraints() {
 #[tokio::test]
 async fn one_notification_per_transaction_whatever_the_row_count() {
     let db = TestDb::migrated().await;
+    // As while a relay sleeps: without one, commits notify nobody (tests/wakeup.rs).
+    let mut sleeper = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect");
+    common::hold_the_wakeup_keys(&mut sleeper).await;
     let mut listener = sqlx::postgres::PgListener::connect(&db.url)
         .await
         .expect("listener");

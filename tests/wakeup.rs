@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RunningRelay, Stage, TestDb};
+use common::{hold_the_wakeup_keys, RunningRelay, Stage, TestDb};
 use postbox::{enqueue, Message};
 use sqlx::postgres::PgListener;
 use sqlx::Connection;
@@ -13,17 +13,6 @@ use sqlx::Connection;
 /// Long enough that only a notification (or the relay's own claims) can deliver in time.
 const POLL: Duration = Duration::from_secs(600);
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// Takes every wake-up key in share mode on `connection`, as a sleeping relay does.
-async fn hold_the_wakeup_keys(connection: &mut sqlx::PgConnection) {
-    sqlx::query(
-        "select count(pg_advisory_lock_shared(hashtext('postbox.outbox wakeup'), k)) \
-         from generate_series(0, 255) k",
-    )
-    .execute(connection)
-    .await
-    .expect("take the wake-up keys");
-}
 
 async fn insert_plain(db: &TestDb) {
     sqlx::query("insert into postbox.outbox (routing_key, payload) values ('q', '{}')")

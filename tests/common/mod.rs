@@ -793,3 +793,15 @@ impl Drop for RelayProcess {
         }
     }
 }
+
+/// Takes every wake-up key in share mode on `connection`, as a sleeping relay does: from then
+/// on, commits into the outbox notify.
+pub async fn hold_the_wakeup_keys(connection: &mut sqlx::PgConnection) {
+    sqlx::query(
+        "select count(pg_advisory_lock_shared(hashtext('postbox.outbox wakeup'), k)) \
+         from generate_series(0, 255) k",
+    )
+    .execute(connection)
+    .await
+    .expect("take the wake-up keys");
+}
