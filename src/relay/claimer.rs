@@ -28,8 +28,8 @@ pub(crate) struct Claimer {
     pub wake: Arc<Notify>,
     pub stats: Arc<super::Stats>,
     pub scan: Scan,
-    /// The relay's wake-up keys: taken when the polling claimer goes idle, given back when any
-    /// claim finds work (see [`super::sleeper`]).
+    /// The relay's wake-up keys: taken when a claim finds nothing and no batch is open, given
+    /// back when a claim finds work (see [`super::sleeper`]).
     pub sleeper: tokio::sync::Mutex<super::sleeper::Sleeper>,
 }
 
@@ -188,7 +188,7 @@ impl Claimer {
                     // With a batch still open, its end wakes a claimer. With none, the relay
                     // asks producers to wake it; having just done so, it claims once more for
                     // the rows of producers that committed without notifying meanwhile.
-                    let open = self.total_slots - self.slots.available_permits();
+                    let open = self.total_slots.saturating_sub(self.slots.available_permits());
                     let fell_asleep =
                         open == 0 && self.sleeper.lock().await.sleep(&self.pool).await;
                     if fell_asleep {
