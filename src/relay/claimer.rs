@@ -188,7 +188,9 @@ impl Claimer {
                     // With a batch still open, its end wakes a claimer. With none, the relay
                     // asks producers to wake it; having just done so, it claims once more for
                     // the rows of producers that committed without notifying meanwhile.
-                    let open = self.total_slots.saturating_sub(self.slots.available_permits());
+                    let open = self
+                        .total_slots
+                        .saturating_sub(self.slots.available_permits());
                     let fell_asleep =
                         open == 0 && self.sleeper.lock().await.sleep(&self.pool).await;
                     if fell_asleep {
