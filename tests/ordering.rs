@@ -286,6 +286,55 @@ async fn skip_messages_never_reach_a_handler_whatever_the_versioning() {
     assert!(applied(&sub).await.is_empty(), "no handler ran");
 }
 
+/// A held message whose stored properties cannot be read back is dead-lettered with its body
+/// (nothing is lost), and its stream goes on past it.
+#[tokio::test]
+async fn an_unreadable_held_message_is_dead_lettered_and_its_stream_goes_on() {
+    let mut sub = Subscriber::start().await;
+    Counters::install(&sub).await;
+    let broken = Uuid::new_v4();
+    sqlx::query(
+        "insert into postbox.inbox (consumer, message_id, queue, outcome, version) \
+         values ('ordered', $1, $2, 'waiting', 2)",
+    )
+    .bind(broken)
+    .bind(&sub.queue)
+    .execute(&sub.db.pool)
+    .await
+    .expect("held inbox row");
+    sqlx::query(
+        "insert into postbox.inbox_waiting (consumer, source, partition_key, exchange, \
+             routing_key, seq, message_id, queue, properties, payload) \
+         values ('ordered', 'source-1', 'k', '', $1, 2, $2, $1, 'not json', 'the body')",
+    )
+    .bind(&sub.queue)
+    .bind(broken)
+    .execute(&sub.db.pool)
+    .await
+    .expect("held message");
+    let consumer = consumer(&sub, sub.options());
+    sub.send(Uuid::new_v4(), numbered(1, "k"), b"first").await;
+    sub.send(Uuid::new_v4(), numbered(3, "k"), b"third").await;
+    until_applied(&sub, 2, DEADLINE).await;
+    let dead = sub.dead_letters.take(1, DEADLINE).await;
+    consumer.stop().await.expect("stop");
+    assert_eq!(
+        dead[0].message_id.as_deref(),
+        Some(broken.to_string().as_str())
+    );
+    assert_eq!(dead[0].payload, b"the body");
+    let seqs: Vec<i64> = applied(&sub)
+        .await
+        .into_iter()
+        .map(|(_, seq, _)| seq)
+        .collect();
+    assert_eq!(seqs, [1, 3]);
+    assert_eq!(
+        sub.inbox_row("ordered", broken).await.0.as_deref(),
+        Some("dead_lettered")
+    );
+}
+
 /// A number at or below the last applied: the same message again is a duplicate; another
 /// message with an old number (a replay of old positions) is stale, never applied.
 #[tokio::test]

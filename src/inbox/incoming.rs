@@ -47,18 +47,37 @@ impl Incoming {
         })
     }
 
-    /// A message held in `postbox.inbox_waiting` whose turn came.
+    /// A message held in `postbox.inbox_waiting` whose turn came, and why its stored properties
+    /// could not be read back, if they could not (it then carries only what its stream says).
     pub(crate) fn from_waiting(
         stream: &crate::store::inbox_streams::StreamKey,
         waiting: crate::store::inbox_streams::Waiting,
-    ) -> Result<Self, String> {
-        let properties = serde_json::from_str(&waiting.properties).map_err(|e| {
+    ) -> (Self, Option<String>) {
+        let parsed: Result<BasicProperties, _> = serde_json::from_str(&waiting.properties);
+        let failure = parsed.as_ref().err().map(|e| {
             format!(
                 "the stored properties of message {} do not parse: {e}",
                 waiting.message_id
             )
-        })?;
-        Ok(Self {
+        });
+        // Unreadable properties: what the stream says of the message, so it can still be
+        // dead-lettered with its body and take its turn.
+        let properties = parsed.unwrap_or_else(|_| {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(waiting.seq));
+            headers.insert(
+                HEADER_PARTITION_KEY.into(),
+                AMQPValue::LongString(stream.partition_key.as_str().into()),
+            );
+            headers.insert(
+                HEADER_SOURCE.into(),
+                AMQPValue::LongString(stream.source.as_str().into()),
+            );
+            BasicProperties::default()
+                .with_message_id(waiting.message_id.to_string().into())
+                .with_headers(headers)
+        });
+        let incoming = Self {
             message_id: waiting.message_id,
             queue: waiting.queue,
             exchange: stream.exchange.clone(),
@@ -68,7 +87,8 @@ impl Incoming {
             payload: waiting.payload,
             attempt: 1,
             its_turn: true,
-        })
+        };
+        (incoming, failure)
     }
 
     /// The message id (the producer's `postbox.outbox.message_id`).

@@ -81,7 +81,7 @@ pub(crate) async fn receive_turn(
         let last = inbox_streams::lock(conn, &stream).await?;
         let next = last.map_or(1, |last| last + 1);
         if seq > next {
-            inbox::wait(conn, receipt.consumer, receipt.message_id).await?;
+            inbox::decide(conn, receipt.consumer, receipt.message_id, Outcome::Waiting).await?;
             return Ok((Status::Ahead, false));
         }
         if seq < next {
@@ -291,11 +291,11 @@ async fn in_streams(
     if !advanced.is_empty() {
         inbox_streams::advance_many(conn, &advanced).await?;
     }
-    if !waiting.is_empty() {
-        let (consumers, ids): (Vec<&str>, Vec<Uuid>) = waiting.into_iter().unzip();
-        inbox::wait_many(conn, &consumers, &ids).await?;
-    }
-    for (decided, outcome) in [(skipped, Outcome::Skipped), (stale, Outcome::Stale)] {
+    for (decided, outcome) in [
+        (waiting, Outcome::Waiting),
+        (skipped, Outcome::Skipped),
+        (stale, Outcome::Stale),
+    ] {
         if !decided.is_empty() {
             inbox::decide_many(conn, &decided, outcome).await?;
         }

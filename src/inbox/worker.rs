@@ -372,17 +372,21 @@ impl<H: Handler> Worker<H> {
             previous = Some(waiting.seq);
             let seq = waiting.seq;
             match Incoming::from_waiting(stream, waiting) {
-                Ok(incoming) => {
+                (incoming, None) => {
                     if !self.process_incoming(incoming).await {
                         return false;
                     }
                 }
-                Err(reason) => {
-                    // Stored by this library, so not expected; the stream must not stop here.
-                    tracing::error!(consumer = %self.shared.name, seq, %reason, "consumer: a waiting message cannot be read back; skipping its number");
-                    if let Err(error) = inbox_streams::settle(&self.shared.pool, stream, seq).await
+                // Stored by this library, so not expected: the body goes to the dead letters
+                // (nothing is lost) and the stream takes its turn past it.
+                (incoming, Some(reason)) => {
+                    tracing::error!(consumer = %self.shared.name, seq, %reason, "consumer: a waiting message cannot be read back; dead-lettering it");
+                    let receipt = self.receipt(&incoming);
+                    if !self
+                        .dead_letter(&incoming, Some(&receipt), &reason, 0)
+                        .await
                     {
-                        self.outage(&mut outages, &error).await;
+                        return false;
                     }
                 }
             }

@@ -133,35 +133,6 @@ pub async fn claim(
     })
 }
 
-/// Marks claimed messages (`(consumer, message_id)` pairs) as waiting, inside the transaction
-/// that holds them.
-pub async fn wait_many(conn: &mut PgConnection, consumers: &[&str], ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "update postbox.inbox set outcome = 'waiting', processed_at = null \
-         where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))",
-    )
-    .bind(consumers)
-    .bind(ids)
-    .execute(conn)
-    .await
-    .context("recording waiting messages in postbox.inbox")?;
-    Ok(())
-}
-
-/// Marks a claimed message as waiting (received, not decided), inside the transaction that
-/// holds it.
-pub async fn wait(conn: &mut PgConnection, consumer: &str, message_id: Uuid) -> Result<()> {
-    sqlx::query(
-        "update postbox.inbox set outcome = 'waiting', processed_at = null          where consumer = $1 and message_id = $2",
-    )
-    .bind(consumer)
-    .bind(message_id)
-    .execute(conn)
-    .await
-    .context("recording a waiting message in postbox.inbox")?;
-    Ok(())
-}
-
 const ADVANCE_VERSION: &str = r#"
 insert into postbox.inbox_versions as v (consumer, source, partition_key, version, message_id)
 values ($1, $5, $2, $3, $4)
@@ -194,9 +165,10 @@ pub async fn advance_version(
     Ok(advanced.is_some())
 }
 
+// A waiting message is received, not decided: no processed_at, so retention keeps its row.
 const DECIDE: &str = r#"
 update postbox.inbox
-set outcome = $3, processed_at = now()
+set outcome = $3, processed_at = case when $3 = 'waiting' then null else now() end
 where consumer = $1 and message_id = $2
 "#;
 
@@ -620,7 +592,7 @@ fn bind_versions<'q, 'k, O>(
 
 const DECIDE_MANY: &str = r#"
 update postbox.inbox
-set outcome = $3, processed_at = now()
+set outcome = $3, processed_at = case when $3 = 'waiting' then null else now() end
 where (consumer, message_id) in (select * from unnest($1::text[], $2::uuid[]))
 "#;
 
