@@ -696,6 +696,7 @@ async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() 
             partition_key: Some("one-key".into()),
             seq: Some(id),
             payload: format!("{{\"n\":{id}}}").into_bytes(),
+            invalid: None,
             content_type: "application/json".into(),
             headers: Ok(serde_json::json!({})),
             created_at: chrono::Utc::now(),

@@ -147,3 +147,113 @@ async fn commits_around_a_relay_falling_asleep_are_never_left_for_the_poll() {
 async fn commits_around_two_relays_falling_asleep_are_never_left_for_the_poll() {
     commits_around_falling_asleep(2).await;
 }
+
+/// Whether a relay sleeps holding the wake-up keys (all 256 taken in share mode by one
+/// session).
+async fn a_relay_sleeps(db: &TestDb) -> bool {
+    let sessions: i64 = sqlx::query_scalar(
+        "select count(*) from (select pid from pg_locks \
+         where locktype = 'advisory' and granted and mode = 'ShareLock' \
+           and classid = (-1084948806)::oid \
+           and database = (select oid from pg_database where datname = current_database()) \
+         group by pid having count(*) = 256) s",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("read pg_locks");
+    sessions > 0
+}
+
+/// Producers keep committing while the relay is stopped gracefully, while no relay runs, while
+/// a new one starts, and while that one is killed asleep and another starts: every row arrives,
+/// none is left for the (10-minute) poll, and after each restart a commit arrives within the
+/// wake-up deadline.
+#[tokio::test]
+async fn a_relay_restarted_while_producers_commit_leaves_nothing_for_the_poll() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let Stage {
+        db,
+        rabbit: _rabbit,
+        queue,
+        mut inbox,
+    } = Stage::start().await;
+    let poll = ("POSTBOX_RELAY__POLL_INTERVAL", "600s");
+    let committing = Arc::new(AtomicBool::new(true));
+    let committed = Arc::new(AtomicUsize::new(0));
+    let producers: Vec<_> = (0..4)
+        .map(|producer| {
+            let (pool, queue) = (db.pool.clone(), queue.clone());
+            let (committing, committed) = (committing.clone(), committed.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while committing.load(Ordering::SeqCst) {
+                    enqueue(&pool, &Message::text(&queue, format!("{producer}-{n}")))
+                        .await
+                        .expect("enqueue");
+                    committed.fetch_add(1, Ordering::SeqCst);
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            })
+        })
+        .collect();
+    // Until `at_least` rows were committed (producers keep going meanwhile).
+    let commits_reach = |at_least: usize| {
+        let committed = committed.clone();
+        common::wait_until("producers to commit", DEADLINE, move || {
+            let reached = committed.load(Ordering::SeqCst) >= at_least;
+            async move { reached.then_some(()) }
+        })
+    };
+
+    let first = common::RelayProcess::spawn(&db.url, &[poll]);
+    commits_reach(100).await;
+    assert_eq!(first.stop(DEADLINE).await, Some(0), "graceful stop");
+    // No relay: commits notify nobody and take no lock anyone waits for.
+    let gap = committed.load(Ordering::SeqCst);
+    commits_reach(gap + 100).await;
+    let second = common::RelayProcess::spawn(&db.url, &[poll]);
+    commits_reach(committed.load(Ordering::SeqCst) + 100).await;
+    committing.store(false, Ordering::SeqCst);
+    for producer in producers {
+        producer.await.expect("producer");
+    }
+    let total = committed.load(Ordering::SeqCst);
+    inbox.take(total, DEADLINE).await;
+
+    // The second relay falls asleep; killed there, its keys go with its session, and a third
+    // relay picks up a commit made in between, then wakes for the next one.
+    common::wait_until("the relay to fall asleep", DEADLINE, || async {
+        a_relay_sleeps(&db).await.then_some(())
+    })
+    .await;
+    second.kill();
+    common::wait_until("the killed relay's keys to go", DEADLINE, || async {
+        (!a_relay_sleeps(&db).await).then_some(())
+    })
+    .await;
+    enqueue(&db.pool, &Message::text(&queue, "between relays"))
+        .await
+        .expect("enqueue");
+    let third = common::RelayProcess::spawn(&db.url, &[poll]);
+    assert_eq!(inbox.take(1, DEADLINE).await[0].payload, b"between relays");
+    common::wait_until("the new relay to fall asleep", DEADLINE, || async {
+        a_relay_sleeps(&db).await.then_some(())
+    })
+    .await;
+    enqueue(&db.pool, &Message::text(&queue, "after the restart"))
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        inbox.take(1, DEADLINE).await[0].payload,
+        b"after the restart"
+    );
+    assert_eq!(third.stop(DEADLINE).await, Some(0));
+    assert_eq!(
+        db.count("published_at is null").await,
+        0,
+        "every committed row was published"
+    );
+}

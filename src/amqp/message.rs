@@ -45,6 +45,9 @@ const FIXED_PROPERTIES_BYTES: usize = 512;
 
 /// Builds the AMQP message for `row`, or says why the row cannot be sent as it is.
 pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, String> {
+    if let Some(invalid) = &row.invalid {
+        return Err(invalid.clone());
+    }
     let exchange = short(&row.exchange, "exchange")?;
     let routing_key = short(&row.routing_key, "routing_key")?;
     let content_type = short(&row.content_type, "content_type")?;
@@ -191,6 +194,7 @@ mod tests {
                         partition_key,
                         seq: None,
                         payload,
+                        invalid: None,
                         content_type,
                         headers: Ok(Value::Object(headers.into_iter().collect())),
                         created_at: chrono::DateTime::from_timestamp_micros(nums.2 >> 12)

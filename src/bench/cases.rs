@@ -300,6 +300,7 @@ pub(super) fn bench_row(queue: &str) -> crate::store::outbox::ClaimedRow {
         partition_key: None,
         seq: None,
         payload: Vec::new(),
+        invalid: None,
         content_type: "application/json".into(),
         headers: Ok(serde_json::json!({})),
         created_at: chrono::Utc::now(),

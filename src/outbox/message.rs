@@ -46,6 +46,42 @@ pub struct Message {
 }
 
 impl Message {
+    /// Checks the rules of the SQL contract that Postgres does not enforce on insert (the
+    /// relay would refuse such a row, marking it dead): AMQP short strings of at most 255
+    /// bytes, a content type, and a routing key when the exchange is the default one.
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        let refuse = |reason: String| Err(crate::Error::InvalidMessage(reason));
+        for (what, value) in [
+            ("exchange", &self.exchange),
+            ("routing key", &self.routing_key),
+            ("content type", &self.content_type),
+        ] {
+            if value.len() > 255 {
+                return refuse(format!(
+                    "{what} of {} bytes is longer than AMQP allows (255 bytes)",
+                    value.len()
+                ));
+            }
+        }
+        if let Some(name) = self.headers.keys().find(|name| name.len() > 255) {
+            return refuse(format!(
+                "header name of {} bytes is longer than AMQP allows (255 bytes)",
+                name.len()
+            ));
+        }
+        if self.content_type.is_empty() {
+            return refuse("content type must not be empty".into());
+        }
+        if self.exchange.is_empty() && self.routing_key.is_empty() {
+            return refuse(
+                "routing key must not be empty when the exchange is the default one (\"\"), \
+                 which routes by queue name"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     fn new(routing_key: impl Into<String>, payload: Payload, content_type: &str) -> Self {
         Self {
             message_id: None,

@@ -51,13 +51,22 @@ pub async fn enqueue_many<'e, E: PgExecutor<'e>>(
     if messages.is_empty() {
         return Ok(Vec::new());
     }
+    for (place, message) in messages.iter().enumerate() {
+        message.check().map_err(|error| match error {
+            Error::InvalidMessage(reason) if messages.len() > 1 => {
+                Error::InvalidMessage(format!("message {place} of {}: {reason}", messages.len()))
+            }
+            other => other,
+        })?;
+    }
     // Ids are chosen here rather than by the column default so that every message, new or
     // duplicate, can be reported with its id.
     let ids: Vec<Uuid> = messages
         .iter()
         .map(|m| m.message_id.unwrap_or_else(Uuid::now_v7))
         .collect();
-    let mut inserted = store::outbox::insert_many(executor, &ids, messages).await?;
+    let fresh = messages.iter().all(|m| m.message_id.is_none());
+    let mut inserted = store::outbox::insert_many(executor, &ids, messages, fresh).await?;
     // remove(): when one call repeats a message id, only its first occurrence is the new row
     Ok(ids
         .into_iter()

@@ -21,8 +21,9 @@ use crate::error::{Context, Result};
 /// Wake-up keys (the second half of the advisory lock key; the first is the namespace).
 pub(crate) const KEYS: i32 = 256;
 
-/// The advisory lock namespace of the wake-up keys, as the trigger computes it.
-const NAMESPACE: &str = "hashtext('postbox.outbox wakeup')";
+/// The advisory lock namespace of the wake-up keys, as the trigger writes it
+/// (`hashtext('postbox.outbox wakeup')` on little-endian machines).
+const NAMESPACE: i32 = -1_084_948_806;
 
 /// How long falling asleep may wait for one producer's transaction: a producer that stays in
 /// its transaction longer leaves the relay awake (it polls), rather than stuck falling asleep.

@@ -798,7 +798,7 @@ impl Drop for RelayProcess {
 /// on, commits into the outbox notify.
 pub async fn hold_the_wakeup_keys(connection: &mut sqlx::PgConnection) {
     sqlx::query(
-        "select count(pg_advisory_lock_shared(hashtext('postbox.outbox wakeup'), k)) \
+        "select count(pg_advisory_lock_shared(-1084948806, k)) \
          from generate_series(0, 255) k",
     )
     .execute(connection)
