@@ -75,8 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
 
     let connect = PgConnectOptions::from_str(&database_url).context("parsing the database URL")?;
-    // sqlx 0.9.0 leaves Nagle's algorithm on: ~40 ms stalls on larger statements.
-    let pool = postbox::store::without_nagle(PgPoolOptions::new(), &connect)
+    let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(connect)
         .await

@@ -151,7 +151,7 @@ impl Env {
         let db_url = url.to_string();
         let connect = <PgConnectOptions as std::str::FromStr>::from_str(&db_url)
             .context("parsing the bench database URL")?;
-        let pool = crate::store::without_nagle(PgPoolOptions::new(), &connect)
+        let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(connect.clone())
             .await
@@ -176,11 +176,10 @@ impl Env {
         })
     }
 
-    /// A pool of up to `connections` connections to the bench database, with TCP_NODELAY as the
-    /// relay's (without it a statement can wait ~40 ms for a delayed ACK): for load generators
+    /// A pool of up to `connections` connections to the bench database: for load generators
     /// that each hold one connection while the relay has its own pool.
     pub async fn pool_of(&self, connections: u32) -> Result<PgPool> {
-        crate::store::without_nagle(PgPoolOptions::new(), &self.connect)
+        PgPoolOptions::new()
             .max_connections(connections)
             .connect_with(self.connect.clone())
             .await

@@ -3,12 +3,10 @@
 
 pub mod inbox;
 pub mod inbox_streams;
-mod nodelay;
 pub mod operations;
 pub mod outbox;
 pub mod relays;
 
-pub use nodelay::without_nagle;
 
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
@@ -164,7 +162,7 @@ fn session_options(
 }
 
 fn lazy(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {
-    without_nagle(sqlx::postgres::PgPoolOptions::new(), &options)
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_lazy_with(options)
