@@ -19,12 +19,15 @@
 //! - [`config`]: settings from defaults, a TOML file and the environment.
 //! - [`trace`]: W3C `traceparent`, carried from the enqueue to the consumer's handler.
 //! - [`cli`]: the `postbox` command's subcommands.
-//! - [`bench`]: `postbox bench`, the relay measured against the broker's ceiling.
+//! - [`contract`]: the names producers, the relay and consumers share: headers, the NOTIFY
+//!   channel, the wake-up keys, the id namespace.
+//! - [`bench`](mod@bench): `postbox bench`, the relay measured against the broker's ceiling.
 
 pub mod amqp;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod contract;
 mod error;
 pub mod inbox;
 pub mod metrics;

@@ -262,7 +262,7 @@ async fn one_notification_per_transaction_whatever_the_row_count() {
         .await
         .expect("listener");
     listener
-        .listen(postbox::relay::CHANNEL)
+        .listen(postbox::contract::NOTIFY_CHANNEL)
         .await
         .expect("listen");
     let mut tx = db.pool.begin().await.expect("begin");

@@ -4,24 +4,10 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use serde_json::Value;
 
+use crate::contract::{
+    HEADER_CREATED_AT, HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SEQ, HEADER_SOURCE,
+};
 use crate::store::outbox::ClaimedRow;
-
-/// Header carrying the row's outbox position (replay address, per-key order check).
-pub const HEADER_OUTBOX_ID: &str = "x-postbox-outbox-id";
-/// Header carrying the row's partition key, when it has one.
-pub const HEADER_PARTITION_KEY: &str = "x-postbox-partition-key";
-/// Header carrying when the row was written (RFC 3339, microseconds).
-pub const HEADER_CREATED_AT: &str = "x-postbox-created-at";
-/// Header naming the outbox the message came from (`postbox.outbox_source`): outbox ids order
-/// only the messages of one source.
-pub const HEADER_SOURCE: &str = "x-postbox-source";
-
-/// Header carrying the row's number in its stream (partition key, exchange, routing key):
-/// consumers apply a stream's messages in this order, each once, none skipped.
-pub const HEADER_SEQ: &str = "x-postbox-seq";
-/// Header of a skip message: it stands in a stream for the released dead row whose message id
-/// it holds, carrying that row's number, so consumers move on past it.
-pub const HEADER_SKIP: &str = "x-postbox-skip";
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;

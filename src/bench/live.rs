@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::cases::{progress_figures, relay_settings, start_ready_relay, start_relay};
 use super::keys::ROWS_PER_TRANSACTION;
 use super::{quantile, resources, BenchOptions, CaseResult, Env};
-use crate::amqp::message::{HEADER_PARTITION_KEY, HEADER_SEQ};
 use crate::config::Settings;
+use crate::contract::{HEADER_PARTITION_KEY, HEADER_SEQ};
 use crate::error::{Context, Error, Result};
 
 /// Commits per producer tick.

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::dead_letter::DeadLetters;
 use super::worker::{Counter, Job, Load, Malformed, Shared, Worker};
 use super::{ConsumerOptions, Handler, Incoming};
-use crate::amqp::message::HEADER_PARTITION_KEY;
 use crate::amqp::Broker;
+use crate::contract::HEADER_PARTITION_KEY;
 use crate::error::{Context, Result};
 use crate::reconnect::until_ok;
 

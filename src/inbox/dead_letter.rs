@@ -9,20 +9,11 @@ use tokio::sync::Mutex;
 
 use super::ConsumerOptions;
 use crate::amqp::confirm_channel;
+use crate::contract::{
+    HEADER_ATTEMPTS, HEADER_CONSUMER, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE,
+    HEADER_ORIGINAL_ROUTING_KEY, HEADER_QUEUE,
+};
 use crate::error::{Context, Error, Result};
-
-/// Header with the last error of a dead-lettered message.
-pub const HEADER_ERROR: &str = "x-postbox-error";
-/// Header with the name of the consumer that gave up on the message.
-pub const HEADER_CONSUMER: &str = "x-postbox-consumer";
-/// Header with the number of failed handler runs.
-pub const HEADER_ATTEMPTS: &str = "x-postbox-attempts";
-/// Header with the queue the message was consumed from.
-pub const HEADER_QUEUE: &str = "x-postbox-queue";
-/// Header with the exchange the message was originally published to.
-pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-postbox-original-exchange";
-/// Header with the routing key the message was originally published with.
-pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-postbox-original-routing-key";
 
 /// Why a message is dead-lettered, carried in its headers.
 pub(crate) struct Cause<'a> {

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::HandlerError;
-use crate::amqp::message::{
+use crate::contract::{
     HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SEQ, HEADER_SKIP, HEADER_SOURCE,
 };
 

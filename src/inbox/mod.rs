@@ -46,10 +46,6 @@ mod worker;
 
 pub use crate::store::inbox::{Outcome, Receipt};
 pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
-pub use dead_letter::{
-    HEADER_ATTEMPTS, HEADER_CONSUMER, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE,
-    HEADER_ORIGINAL_ROUTING_KEY, HEADER_QUEUE,
-};
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};

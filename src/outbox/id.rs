@@ -12,9 +12,8 @@
 
 use uuid::Uuid;
 
-/// The namespace of postbox's deterministic ids: UUIDv5 of the URL namespace over
-/// `https://postbox.dev/message-id`. Part of the public contract; never changes.
-pub const NAMESPACE: Uuid = Uuid::from_u128(0xe1410293_3a24_5a40_a19d_c374ce71053f);
+/// The namespace of postbox's deterministic ids; part of the public contract, never changes.
+pub use crate::contract::ID_NAMESPACE as NAMESPACE;
 
 /// The id for an event identified by `fields`, e.g. `["order.created", order_id]`.
 ///

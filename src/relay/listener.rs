@@ -8,11 +8,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Stats;
+use crate::contract::NOTIFY_CHANNEL;
 use crate::error::Context;
 use crate::reconnect::until_ok;
-
-/// The channel the outbox trigger notifies; part of the SQL contract.
-pub const CHANNEL: &str = "postbox_outbox";
 
 /// Listens until `stop`; reconnects on its own. After every (re)connect it wakes the claimer
 /// once, since notifications sent while it was away are lost. `stats` shows whether it listens.
@@ -32,7 +30,7 @@ pub(crate) async fn listen(
             // sqlx inside `try_recv`), so that `listening` is false while it is away.
             listener.eager_reconnect(false);
             listener
-                .listen(CHANNEL)
+                .listen(NOTIFY_CHANNEL)
                 .await
                 .context("LISTEN postbox_outbox")?;
             Ok(listener)

@@ -25,7 +25,6 @@ mod retry;
 mod sleeper;
 
 pub use crate::retry::RetryPolicy;
-pub use listener::CHANNEL;
 pub use retention::cleanup;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

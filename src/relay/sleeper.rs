@@ -3,8 +3,8 @@
 //! Postgres serializes the commits of notifying transactions on one lock, held through each
 //! commit's WAL flush, so a `NOTIFY` per commit throttles the application. The outbox trigger
 //! therefore notifies only when a relay asked for it: a sleeping relay holds every one of
-//! [`KEYS`] advisory keys in share mode, and a producer's insert tries to take its own key
-//! (its backend pid modulo [`KEYS`]) exclusively for the rest of its transaction. The try fails
+//! [`WAKEUP_KEYS`](crate::contract::WAKEUP_KEYS) advisory keys in share mode, and a producer's insert tries to take its own key
+//! (its backend pid modulo [`WAKEUP_KEYS`](crate::contract::WAKEUP_KEYS)) exclusively for the rest of its transaction. The try fails
 //! only while a relay sleeps (or, rarely, while another producer with the same key is inside its
 //! transaction): then the producer notifies. A busy relay holds nothing, and its commits pay
 //! nothing.
@@ -16,14 +16,8 @@
 
 use sqlx::{PgConnection, PgPool};
 
+use crate::contract::{WAKEUP_KEYS, WAKEUP_NAMESPACE};
 use crate::error::{Context, Result};
-
-/// Wake-up keys (the second half of the advisory lock key; the first is the namespace).
-pub(crate) const KEYS: i32 = 256;
-
-/// The advisory lock namespace of the wake-up keys, as the trigger writes it
-/// (`hashtext('postbox.outbox wakeup')` on little-endian machines).
-const NAMESPACE: i32 = -1_084_948_806;
 
 /// How long falling asleep may wait for one producer's transaction: a producer that stays in
 /// its transaction longer leaves the relay awake (it polls), rather than stuck falling asleep.
@@ -77,9 +71,9 @@ impl Sleeper {
             return Ok(());
         };
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "select count(pg_advisory_lock_shared({NAMESPACE}, k)) \
+            "select count(pg_advisory_lock_shared({WAKEUP_NAMESPACE}, k)) \
              from generate_series(0, {}) k",
-            KEYS - 1
+            WAKEUP_KEYS - 1
         )))
         .execute(connection)
         .await

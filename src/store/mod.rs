@@ -7,7 +7,6 @@ pub mod operations;
 pub mod outbox;
 pub mod relays;
 
-
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 

@@ -144,7 +144,7 @@ impl ClaimedRow {
     /// Whether the row is a skip message standing for a released row (header
     /// `x-postbox-skip`, written by [`release`]).
     pub fn is_skip(&self) -> bool {
-        matches!(&self.headers, Ok(serde_json::Value::Object(headers)) if headers.contains_key("x-postbox-skip"))
+        matches!(&self.headers, Ok(serde_json::Value::Object(headers)) if headers.contains_key(crate::contract::HEADER_SKIP))
     }
 }
 
