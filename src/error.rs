@@ -104,6 +104,43 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether trying again later may succeed without anything about the request changing:
+    /// Postgres or RabbitMQ unreachable or restarting, a pool timing out, a serialization
+    /// conflict, and Postgres errors about the database rather than the values sent (a missing
+    /// table or permission: an operator can fix those while the caller waits). False for
+    /// Postgres refusing the values themselves (SQLSTATE classes 22 data exception, 23
+    /// integrity constraint violation, 54 program limit exceeded), for invalid messages and for
+    /// configuration errors: repeating those fails the same way.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database {
+                source: sqlx::Error::Database(database),
+                ..
+            } => {
+                let code = database.code().unwrap_or_default();
+                !["22", "23", "54"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            }
+            Error::Database { .. }
+            | Error::Amqp { .. }
+            | Error::Io { .. }
+            | Error::Unconfirmed(_)
+            | Error::Conflict(_)
+            | Error::Timeout { .. } => true,
+            Error::Config { .. }
+            | Error::ConfigLoad(_)
+            | Error::ConfigFile { .. }
+            | Error::UnknownSetting { .. }
+            | Error::Migrate(_)
+            | Error::InvalidMessage(_)
+            | Error::Discrepancy(_)
+            | Error::Metrics(_) => false,
+        }
+    }
+}
+
 /// A driver error as a user reads it: the server's message with its detail, hint and SQLSTATE
 /// (not the line of Postgres's own source that raised it), and what to do when postbox's
 /// schema is missing.

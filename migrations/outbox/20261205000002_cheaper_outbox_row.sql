@@ -5,7 +5,7 @@
 --    from its text form and plans it again for every insert or update statement, so the twelve
 --    checks cost about a tenth of a single-event transaction's throughput. What they refused
 --    the relay now refuses, row by row: such a row is marked dead at once with the rule it
---    breaks in last_error (see postbox::outbox store's CLAIM and the relay's encoder), which an
+--    breaks in last_error (see CLAIM in src/store/outbox.rs and the relay's encoder), which an
 --    operator sees in outbox_status, outbox_errors and `postbox dead list` and can fix and
 --    retry. The Rust producer API checks the same rules before it writes.
 -- 2. A cheaper default message id: still a time-ordered UUIDv7, from fewer and cheaper

@@ -61,7 +61,7 @@ impl Completer {
             metrics::counter!("postbox_released_total").increment(rows as u64);
             metrics::counter!("postbox_mark_failures_total").increment(1);
         }
-        // A finished batch frees a slot and may unblock keys held back behind it.
+        // A finished batch frees a slot: the claimer claims again at once.
         self.wake.notify_one();
     }
 

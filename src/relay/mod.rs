@@ -3,7 +3,7 @@
 //! ```text
 //!  LISTEN/NOTIFY, poll ──wake──▶ claimer ──Batch──▶ publisher ──Published──▶ confirmer ──Decided──▶ completer
 //!                                  ▲                                                                │
-//!                                  └────────────── slot freed, keys unblocked (wake) ───────────────┘
+//!                                  └──────────────────────── slot freed (wake) ───────────────────────┘
 //! ```
 //!
 //! A batch is claimed with `FOR UPDATE SKIP LOCKED` inside a transaction that stays open until
