@@ -100,8 +100,12 @@ async fn main() -> anyhow::Result<()> {
             &["customer", "total_cents"],
         ),
     };
-    let broker = postbox::amqp::Broker::new([amqp_url]);
-    let consumer = Consumer::new(pool, broker, "orders", "order-projection", handler).spawn()?;
+    let broker = postbox::inbox::Broker::new([amqp_url]);
+    let consumer = Consumer::builder(pool, broker)
+        .queue("orders")
+        .name("order-projection")
+        .handler(handler)?
+        .spawn();
     tokio::signal::ctrl_c().await?;
     let stats = consumer.stats();
     consumer.stop().await?;

@@ -4,6 +4,7 @@
 //! setting as `POSTBOX_<NAME>` or `POSTBOX_<SECTION>__<NAME>` (`POSTBOX_RELAY__BATCH_SIZE=1000`),
 //! which wins over both.
 
+#[cfg(feature = "cli")]
 use std::path::Path;
 use std::time::Duration;
 
@@ -102,6 +103,7 @@ pub enum Vacuum {
     Never,
 }
 
+#[cfg(feature = "cli")]
 const DEFAULTS: &str = r#"
 database_url = "postgres://postgres@127.0.0.1:5432/postgres"
 amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -129,6 +131,7 @@ vacuum = "auto"
 "#;
 
 impl Settings {
+    #[cfg(feature = "cli")]
     /// Loads defaults, then `file` if given, then the environment, and validates the result.
     /// A key in `file` that is not a setting is an error (a misspelt setting would otherwise be
     /// ignored without a word); a `POSTBOX_…` variable that is not one is logged as a warning.
@@ -206,7 +209,7 @@ impl Settings {
             ));
         }
         if !self.metrics_addr.trim().is_empty() {
-            crate::metrics::parse_addr(&self.metrics_addr)?;
+            parse_addr(&self.metrics_addr)?;
         }
         let relay = &self.relay;
         if !(1..=10_000).contains(&relay.batch_size) {
@@ -318,6 +321,7 @@ impl Settings {
     }
 }
 
+#[cfg(feature = "cli")]
 /// The dotted names of every setting (`relay.batch_size`), from the defaults.
 fn known_keys() -> Vec<String> {
     config::Config::builder()
@@ -327,10 +331,12 @@ fn known_keys() -> Vec<String> {
         .unwrap_or_default()
 }
 
+#[cfg(feature = "cli")]
 /// Settings earlier versions had: accepted in a file with a warning, and ignored.
 /// `relay.max_rows_per_key` capped a key's rows per batch; stream numbers made it unnecessary.
 const OBSOLETE: &[&str] = &["relay.max_rows_per_key"];
 
+#[cfg(feature = "cli")]
 /// The dotted names of the leaf values in `config`.
 fn keys(config: &config::Config) -> Vec<String> {
     fn walk(prefix: &str, table: config::Map<String, config::Value>, out: &mut Vec<String>) {
@@ -353,6 +359,7 @@ fn keys(config: &config::Config) -> Vec<String> {
     out
 }
 
+#[cfg(feature = "cli")]
 /// `POSTBOX_…` variables that name no setting (nor one of the CLI's own options).
 fn unknown_environment() -> Vec<String> {
     let mut known: Vec<String> = known_keys()
@@ -368,6 +375,7 @@ fn unknown_environment() -> Vec<String> {
     unknown
 }
 
+#[cfg(feature = "cli")]
 /// A configuration file that does not parse, said without quoting the file: its lines may hold
 /// passwords.
 fn file_error(file: &Path, error: config::ConfigError) -> Error {
@@ -510,7 +518,26 @@ fn mask_password_parameter(value: &str) -> String {
     }
 }
 
-#[cfg(test)]
+/// Parses `metrics_addr`: `host:port`, or a bare `port` / `:port` meaning loopback.
+pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr> {
+    let value = value.trim();
+    let port_only = value.strip_prefix(':').unwrap_or(value);
+    let parsed = match port_only.parse::<u16>() {
+        Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        // A name (localhost:9187) resolves to its first address.
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(value)
+            .map(|mut addrs| addrs.next())
+            .map_err(|e| e.to_string())
+            .and_then(|addr| addr.ok_or_else(|| "the name has no address".to_string())),
+    };
+    parsed.map_err(|e| Error::Config {
+        setting: "metrics_addr",
+        value: value.into(),
+        reason: format!("expected host:port or a port (loopback), such as 127.0.0.1:9187: {e}"),
+    })
+}
+
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

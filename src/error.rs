@@ -17,6 +17,7 @@ pub enum Error {
     },
 
     /// The configuration could not be read or parsed (file missing, wrong type...).
+    #[cfg(feature = "cli")]
     #[error("could not load configuration: {0}")]
     ConfigLoad(#[from] config::ConfigError),
 
@@ -130,13 +131,14 @@ impl Error {
             | Error::Conflict(_)
             | Error::Timeout { .. } => true,
             Error::Config { .. }
-            | Error::ConfigLoad(_)
             | Error::ConfigFile { .. }
             | Error::UnknownSetting { .. }
             | Error::Migrate(_)
             | Error::InvalidMessage(_)
             | Error::Discrepancy(_)
             | Error::Metrics(_) => false,
+            #[cfg(feature = "cli")]
+            Error::ConfigLoad(_) => false,
         }
     }
 }

@@ -8,35 +8,46 @@
 //! publishes them to RabbitMQ with their stable message ids and publisher confirms, and marks
 //! them published.
 //!
-//! Module map:
-//! - [`outbox`]: the producer API: [`Message`], [`enqueue`], deterministic ids.
-//! - [`inbox`]: the consumer library: effectively-once handlers over an inbox table.
-//! - [`relay`]: the claim → publish → confirm → mark pipeline.
-//! - [`retry`]: the backoff schedule shared by relay and consumer.
-//! - [`store`]: every SQL statement, one file per table, and [`migrate`].
-//! - [`amqp`]: RabbitMQ connections with failover, message properties and headers.
-//! - [`metrics`]: the HTTP listener for Prometheus metrics, liveness and readiness.
-//! - [`config`]: settings from defaults, a TOML file and the environment.
-//! - [`trace`]: W3C `traceparent`, carried from the enqueue to the consumer's handler.
-//! - [`cli`]: the `postbox` command's subcommands.
+//! Modules:
+//! - [`outbox`]: the producer API: [`Message`], [`enqueue`], [`enqueue_many`], deterministic ids.
+//! - [`relay`]: [`Relay`], the claim → publish → confirm → mark pipeline, to embed in a service
+//!   of your own or to run as `postbox run`.
+//! - [`inbox`]: the consumer library: [`inbox::Consumer`] runs a [`inbox::Handler`] once per
+//!   message, in stream order, over an inbox table.
+//! - [`migrate`] and [`migrate_parts`]: the schema, outbox and inbox parts.
 //! - [`contract`]: the names producers, the relay and consumers share: headers, the NOTIFY
 //!   channel, the wake-up keys, the id namespace.
-//! - [`bench`](mod@bench): `postbox bench`, the relay measured against the broker's ceiling.
+//! - [`config`]: the relay's settings and their checks.
+//! - [`trace`]: W3C `traceparent`, carried from the enqueue to the consumer's handler.
+//!
+//! With the default feature `cli` (the `postbox` command): `metrics` (the HTTP listener for
+//! Prometheus metrics, liveness and readiness), `telemetry` (log output) and loading settings
+//! from files and the environment. Without it, the library leaves out clap, axum, the
+//! Prometheus exporter, the configuration loader and tracing-subscriber.
 
-pub mod amqp;
-pub mod bench;
+#![cfg_attr(not(feature = "cli"), allow(dead_code))]
+
+mod amqp;
+#[cfg(feature = "cli")]
+mod bench;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod cli;
 pub mod config;
 pub mod contract;
 mod error;
 pub mod inbox;
+#[cfg(feature = "cli")]
 pub mod metrics;
 pub mod outbox;
-pub mod reconnect;
+mod reconnect;
 pub mod relay;
-pub mod retry;
-pub mod store;
+mod retry;
+mod store;
+#[cfg(feature = "cli")]
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 pub mod trace;
 
 pub use config::Settings;

@@ -5,7 +5,6 @@
 //! this module installs the Prometheus recorder and serves what it renders. Without it the
 //! facade's calls cost next to nothing.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,25 +38,6 @@ pub fn install() -> Result<PrometheusHandle> {
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS))
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Metrics(e.to_string()))
-}
-
-/// Parses `metrics_addr`: `host:port`, or a bare `port` / `:port` meaning loopback.
-pub fn parse_addr(value: &str) -> Result<SocketAddr> {
-    let value = value.trim();
-    let port_only = value.strip_prefix(':').unwrap_or(value);
-    let parsed = match port_only.parse::<u16>() {
-        Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
-        // A name (localhost:9187) resolves to its first address.
-        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(value)
-            .map(|mut addrs| addrs.next())
-            .map_err(|e| e.to_string())
-            .and_then(|addr| addr.ok_or_else(|| "the name has no address".to_string())),
-    };
-    parsed.map_err(|e| Error::Config {
-        setting: "metrics_addr",
-        value: value.into(),
-        reason: format!("expected host:port or a port (loopback), such as 127.0.0.1:9187: {e}"),
-    })
 }
 
 /// What the endpoints look at.
@@ -178,7 +158,7 @@ async fn ready(State(probe): State<Probe>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_addr;
+    use crate::config::parse_addr;
 
     #[test]
     fn metrics_addresses() {

@@ -145,10 +145,7 @@ async fn subscriber() -> Subscriber {
 /// Options for state semantics: a key's outbox position is its version, and older events are
 /// skipped as stale.
 fn state_options(sub: &Subscriber) -> ConsumerOptions {
-    ConsumerOptions {
-        versioning: Versioning::OutboxId,
-        ..sub.options()
-    }
+    sub.options().versioning(Versioning::OutboxId)
 }
 
 async fn applied(sub: &Subscriber) -> Vec<(Uuid, Option<String>, Option<i64>)> {
@@ -277,13 +274,12 @@ async fn a_message_that_keeps_taking_its_consumer_down_is_dead_lettered() {
         poison: Some(poison),
         ..gated
     };
-    let options = ConsumerOptions {
-        max_attempts: 2,
+    let options = sub
+        .options()
+        .max_attempts(2)
         // How long a lost session waits for its handlers before rolling them back: the
         // "crashed" run's transaction ends unrecorded, as a dead process's would.
-        shutdown_timeout: Duration::from_millis(100),
-        ..sub.options()
-    };
+        .shutdown_timeout(Duration::from_millis(100));
     let consumer = sub.consumer_via(
         sub.db.pool.clone(),
         &proxy.redirect(&common::amqp_url()),
@@ -346,10 +342,7 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_does_not_block_the_
         poison: Some(poison),
         ..Recorder::default()
     };
-    let options = ConsumerOptions {
-        max_attempts: 3,
-        ..sub.options()
-    };
+    let options = sub.options().max_attempts(3);
     let consumer = sub.consumer("billing", failing.clone(), options);
     let mut headers = relay_headers(1, Some("acc-1"));
     headers.insert("x-trace".into(), AMQPValue::LongString("kept".into()));
@@ -414,10 +407,7 @@ async fn a_panicking_handler_is_counted_and_dead_lettered() {
         fail: Some(|message| panic!("handler bug\0 {message}")),
         ..Recorder::default()
     };
-    let options = ConsumerOptions {
-        max_attempts: 2,
-        ..sub.options()
-    };
+    let options = sub.options().max_attempts(2);
     let consumer = sub.consumer("billing", panicking.clone(), options);
     let id = Uuid::new_v4();
     sub.send(id, relay_headers(1, Some("acc-1")), b"{}").await;
@@ -525,14 +515,13 @@ async fn unkeyed_messages_are_not_queued_behind_a_retrying_worker() {
         poison: Some(poison),
         ..Recorder::default()
     };
-    let options = ConsumerOptions {
-        concurrency: 2,
-        max_attempts: 2,
+    let options = sub
+        .options()
+        .concurrency(2)
+        .max_attempts(2)
         // Far beyond the test's deadline: whatever waits behind the retry fails the test.
-        retry_initial_delay: Duration::from_secs(60),
-        retry_max_delay: Duration::from_secs(60),
-        ..sub.options()
-    };
+        .retry_initial_delay(Duration::from_secs(60))
+        .retry_max_delay(Duration::from_secs(60));
     let consumer = sub.consumer("billing", recorder.clone(), options);
     sub.send(poison, FieldTable::default(), b"{}").await;
     wait_for(&consumer, "the first failed run", |stats| {
@@ -629,10 +618,7 @@ async fn attempts_are_remembered_across_restarts() {
     .await
     .expect("seed inbox");
     let recorder = Recorder::default();
-    let options = ConsumerOptions {
-        max_attempts: 2,
-        ..sub.options()
-    };
+    let options = sub.options().max_attempts(2);
     let consumer = sub.consumer("billing", recorder.clone(), options);
     sub.send(id, relay_headers(1, None), b"{}").await;
     expect_dead_letter(&mut sub, consumer, id).await;
@@ -705,10 +691,7 @@ async fn malformed_messages_follow_the_policy() {
     );
 
     // The discard policy acks and records instead.
-    let options = ConsumerOptions {
-        on_malformed: MalformedPolicy::Discard,
-        ..sub.options()
-    };
+    let options = sub.options().on_malformed(MalformedPolicy::Discard);
     let consumer = sub.consumer("billing", recorder.clone(), options);
     let discarded = Uuid::new_v4();
     sub.send(discarded, relay_headers(3, None), b"[]").await;
@@ -878,10 +861,9 @@ async fn versions_from_a_header_and_the_upsert_guard() {
     };
     // Header versioning: the producer's version 2 wins over version 1 although version 1 was
     // written later (a higher outbox position).
-    let options = ConsumerOptions {
-        versioning: Versioning::Header("x-version".into()),
-        ..sub.options()
-    };
+    let options = sub
+        .options()
+        .versioning(Versioning::Header("x-version".into()));
     let consumer = sub.consumer("ledger", handler.clone(), options);
     sub.send(Uuid::new_v4(), with_version(10, 2), &deposit("acc-1", 20))
         .await;
@@ -894,10 +876,7 @@ async fn versions_from_a_header_and_the_upsert_guard() {
     assert_eq!(balance(&sub, "acc-1").await, (2, 20));
 
     // With the inbox's check off, the versioned upsert alone keeps the newer state.
-    let options = ConsumerOptions {
-        versioning: Versioning::Off,
-        ..sub.options()
-    };
+    let options = sub.options().versioning(Versioning::Off);
     let consumer = sub.consumer("ledger-raw", handler.clone(), options);
     sub.send(Uuid::new_v4(), with_version(12, 1), &deposit("acc-1", 99))
         .await;
@@ -934,10 +913,7 @@ async fn relay_to_consumer_end_to_end_in_key_order() {
     tx.commit().await.expect("commit");
 
     let recorder = Recorder::default();
-    let options = ConsumerOptions {
-        concurrency: 4,
-        ..sub.options()
-    };
+    let options = sub.options().concurrency(4);
     let consumer = sub.consumer("projection", recorder.clone(), options);
     let stats = stop_when(consumer, "all 200 applied", |stats| stats.applied() == 200).await;
     harness.relay.stop().await;
@@ -1073,10 +1049,7 @@ async fn batches_deduplicate_in_one_statement_and_fall_back_one_by_one() {
         poison: Some(poison),
         ..BatchRecorder::default()
     };
-    let options = ConsumerOptions {
-        batch_size: 16,
-        ..sub.options()
-    };
+    let options = sub.options().batch_size(16);
     // Everything is queued before the consumer starts, so prefetch hands it full batches.
     let consumer = sub.consumer("billing", handler.clone(), options);
     let dead = sub.dead_letters.take(1, DEADLINE).await;
@@ -1137,12 +1110,11 @@ async fn batches_skip_stale_messages_as_single_runs_would() {
         }
     }
     let handler = BatchRecorder::default();
-    let options = ConsumerOptions {
-        batch_size: 16,
-        concurrency: 1,
-        versioning: Versioning::OutboxId,
-        ..sub.options()
-    };
+    let options = sub
+        .options()
+        .batch_size(16)
+        .concurrency(1)
+        .versioning(Versioning::OutboxId);
     let consumer = sub.consumer("billing", handler.clone(), options);
     let stats = stop_when(consumer, "20 applied, 20 stale", |stats| {
         stats.applied() == 20 && stats.stale() == 20
@@ -1190,12 +1162,11 @@ async fn a_database_outage_mid_stream_loses_and_doubles_nothing() {
         .await
         .expect("pool through the proxy");
     let recorder = Recorder::default();
-    let options = ConsumerOptions {
-        concurrency: 4,
+    let options = sub
+        .options()
+        .concurrency(4)
         // One counted failure would dead-letter a message: outages must not count.
-        max_attempts: 1,
-        ..sub.options()
-    };
+        .max_attempts(1);
     let consumer = sub.consumer_via(
         pool,
         &common::amqp_url(),
@@ -1679,10 +1650,7 @@ async fn cleanup_deletes_only_old_decided_rows() {
 async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
     let sub = subscriber().await;
     let (recorder, started, _never_released) = Recorder::gated();
-    let options = ConsumerOptions {
-        shutdown_timeout: Duration::from_millis(200),
-        ..sub.options()
-    };
+    let options = sub.options().shutdown_timeout(Duration::from_millis(200));
     let consumer = sub.consumer("billing", recorder.clone(), options);
     let id = Uuid::new_v4();
     sub.send(id, relay_headers(1, None), b"{}").await;
@@ -1711,10 +1679,9 @@ async fn handlers_that_outlive_the_shutdown_timeout_roll_back() {
 #[tokio::test]
 async fn the_default_dead_letter_queue_is_declared_by_the_consumer() {
     let sub = subscriber().await;
-    let options = ConsumerOptions {
-        dead_letter: postbox::inbox::DeadLetter::DefaultQueue,
-        ..sub.options()
-    };
+    let options = sub
+        .options()
+        .dead_letter(postbox::inbox::DeadLetter::DefaultQueue);
     let recorder = Recorder {
         fail: Some(HandlerError::permanent),
         ..Recorder::default()
@@ -1737,13 +1704,12 @@ async fn a_dead_letter_that_cannot_be_published_waits_unacked_until_it_can() {
     let mut sub = subscriber().await;
     // The dead-letter exchange does not exist yet: publishing to it closes the channel.
     let exchange = format!("postbox-test-{}", Uuid::new_v4().simple());
-    let options = ConsumerOptions {
-        dead_letter: postbox::inbox::DeadLetter::Exchange {
+    let options = sub
+        .options()
+        .dead_letter(postbox::inbox::DeadLetter::Exchange {
             exchange: exchange.clone(),
             routing_key: sub.dead_letter_queue.clone(),
-        },
-        ..sub.options()
-    };
+        });
     let recorder = Recorder {
         fail: Some(HandlerError::permanent),
         ..Recorder::default()
@@ -1780,10 +1746,7 @@ async fn two_instances_receiving_one_id_at_once_apply_it_once() {
     let sub = subscriber().await;
     let (first, started, release) = Recorder::gated();
     // One unacked delivery each, so the second copy must go to the second instance.
-    let options = ConsumerOptions {
-        prefetch: 1,
-        ..sub.options()
-    };
+    let options = sub.options().prefetch(1);
     let a = sub.consumer("billing", first.clone(), options.clone());
     let id = Uuid::new_v4();
     sub.send(id, relay_headers(1, None), b"{}").await;

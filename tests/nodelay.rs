@@ -34,7 +34,7 @@ async fn postgres_connections_send_without_nagle_delay() {
     let db = TestDb::migrated().await;
     let client_port = |port: i32| u16::try_from(port).expect("a TCP port");
     // An application's ordinary pool (the test's own) and the relay's.
-    let relay_pool = postbox::store::connect(&db.settings(), 1)
+    let relay_pool = postbox::testing::store::connect(&db.settings(), 1)
         .await
         .expect("relay pool");
     for pool in [&db.pool, &relay_pool] {

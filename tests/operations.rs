@@ -402,16 +402,16 @@ async fn parked_streams_are_counted_and_the_lag_covers_every_pending_row() {
          values ('orders', '{}', 'k', now() - interval '1 hour')",
     )
     .await;
-    let parking = postbox::store::operations::backlog(&db.pool, true)
+    let parking = postbox::testing::store::operations::backlog(&db.pool, true)
         .await
         .expect("backlog");
     assert_eq!((parking.pending, parking.dead, parking.parked), (1, 1, 1));
     assert!(parking.oldest_pending_age_seconds > 3000.0, "{parking:?}");
-    let not_parking = postbox::store::operations::backlog(&db.pool, false)
+    let not_parking = postbox::testing::store::operations::backlog(&db.pool, false)
         .await
         .expect("backlog");
     assert_eq!(not_parking.parked, 0);
-    let streams = postbox::store::operations::streams(&db.pool)
+    let streams = postbox::testing::store::operations::streams(&db.pool)
         .await
         .expect("streams");
     assert_eq!(
@@ -831,7 +831,7 @@ async fn a_dead_row_parks_its_stream_until_released_then_a_skip_takes_its_number
         Some(&lapin::types::AMQPValue::LongString("k".into()))
     );
     // Released twice: still one skip.
-    postbox::store::operations::release_dead(&db.pool, Some(&[dead_id]), None)
+    postbox::testing::store::operations::release_dead(&db.pool, Some(&[dead_id]), None)
         .await
         .expect("release again");
     assert!(inbox.drain_for(Duration::from_millis(500)).await.is_empty());
@@ -898,7 +898,7 @@ async fn a_released_row_retried_gets_a_new_number() {
         &format!("update postbox.outbox set payload = 'fixed' where id = {dead_id}"),
     )
     .await;
-    let revived = postbox::store::operations::retry_dead(&db.pool, Some(&[dead_id]))
+    let revived = postbox::testing::store::operations::retry_dead(&db.pool, Some(&[dead_id]))
         .await
         .expect("retry");
     assert_eq!(revived, vec![dead_id]);
@@ -925,7 +925,7 @@ async fn with_parking_off_a_dead_row_is_skipped_at_once() {
 #[tokio::test]
 async fn postbox_vacuums_a_table_itself_only_where_autovacuum_will_not() {
     use postbox::config::Vacuum;
-    use postbox::store::operations::{vacuums_itself, HotTable};
+    use postbox::testing::store::operations::{vacuums_itself, HotTable};
     let db = TestDb::migrated().await;
     let server_autovacuum: bool = sqlx::query_scalar("select current_setting('autovacuum')::bool")
         .fetch_one(&db.pool)

@@ -167,7 +167,7 @@ async fn a_message_ahead_of_its_turn_is_held_then_applied_right_after_its_predec
     .await
     .expect("the stream waits, visibly");
     assert_eq!((missing, waiting, first_waiting), (1, 2, 2));
-    let (held, oldest) = postbox::store::inbox_streams::waiting(&sub.db.pool, "ordered")
+    let (held, oldest) = postbox::testing::store::inbox_streams::waiting(&sub.db.pool, "ordered")
         .await
         .expect("held figures");
     assert_eq!(held, 2);
@@ -229,11 +229,7 @@ async fn batches_apply_each_stream_in_number_order_and_hold_what_is_ahead() {
         sub.send(*id, headers, format!("{key}{seq}").as_bytes())
             .await;
     }
-    let options = ConsumerOptions {
-        batch_size: 16,
-        concurrency: 1,
-        ..sub.options()
-    };
+    let options = sub.options().batch_size(16).concurrency(1);
     let consumer = consumer(&sub, options);
     until_applied(&sub, 35, DEADLINE).await;
     let stats = consumer.stats();
@@ -264,11 +260,10 @@ async fn skip_messages_never_reach_a_handler_whatever_the_versioning() {
     let sub = Subscriber::start().await;
     Counters::install(&sub).await;
     for batch_size in [1, 16] {
-        let options = ConsumerOptions {
-            versioning: postbox::inbox::Versioning::OutboxId,
-            batch_size,
-            ..sub.options()
-        };
+        let options = sub
+            .options()
+            .versioning(postbox::inbox::Versioning::OutboxId)
+            .batch_size(batch_size);
         let consumer = consumer(&sub, options);
         let mut headers = numbered(1, "k");
         headers.insert(
@@ -368,10 +363,7 @@ async fn old_numbers_are_duplicates_or_stale_never_applied_twice() {
 async fn a_stream_joined_midway_starts_after_the_start_wait() {
     let sub = Subscriber::start().await;
     Counters::install(&sub).await;
-    let options = ConsumerOptions {
-        stream_start_wait: Duration::from_millis(300),
-        ..sub.options()
-    };
+    let options = sub.options().stream_start_wait(Duration::from_millis(300));
     let consumer = consumer(&sub, options);
     sub.send(Uuid::new_v4(), numbered(8, "joined"), b"eighth")
         .await;
@@ -478,10 +470,13 @@ async fn a_released_row_lets_its_stream_go_on(park: bool) {
             0,
             "parked: nothing applied yet"
         );
-        let released =
-            postbox::store::operations::release_dead(&pipeline.outbox.pool, Some(&[dead_id]), None)
-                .await
-                .expect("release");
+        let released = postbox::testing::store::operations::release_dead(
+            &pipeline.outbox.pool,
+            Some(&[dead_id]),
+            None,
+        )
+        .await
+        .expect("release");
         assert_eq!(released, vec![dead_id]);
     }
     until_applied(&pipeline.sub, 2, DEADLINE).await;
@@ -548,10 +543,7 @@ async fn publishes_the_broker_refuses_mid_stream_are_applied_in_order_once_retri
     postbox::enqueue_many(&outbox.pool, &messages)
         .await
         .expect("enqueue");
-    let options = ConsumerOptions {
-        prefetch: 1,
-        ..sub.options()
-    };
+    let options = sub.options().prefetch(1);
     let consumer = consumer(&sub, options);
     let mut settings = outbox.settings();
     settings.relay.batch_size = 50;
@@ -590,11 +582,7 @@ async fn two_instances_one_dying_keep_counters_exact_and_in_order() {
     let doomed_pool = sqlx::PgPool::connect(&pg.redirect(&sub.db.url))
         .await
         .expect("pool through the proxy");
-    let options = ConsumerOptions {
-        concurrency: 4,
-        prefetch: 32,
-        ..sub.options()
-    };
+    let options = sub.options().concurrency(4).prefetch(32);
     let doomed = sub.consumer_via(
         doomed_pool,
         &amqp.redirect(&common::amqp_url()),
@@ -643,13 +631,7 @@ async fn interleaving_writers_and_a_killed_relay_lose_reorder_and_double_nothing
     let mut relays: Vec<RelayProcess> = (0..3)
         .map(|_| RelayProcess::spawn(&pipeline.outbox.url, &small_batches))
         .collect();
-    let consumer = consumer(
-        &pipeline.sub,
-        ConsumerOptions {
-            concurrency: 4,
-            ..pipeline.sub.options()
-        },
-    );
+    let consumer = consumer(&pipeline.sub, pipeline.sub.options().concurrency(4));
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let pipeline = pipeline.clone();

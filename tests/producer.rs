@@ -123,7 +123,7 @@ async fn sql_inserts_get_time_ordered_v7_message_ids() {
 #[tokio::test]
 async fn delayed_messages_wait_for_their_time() {
     let db = TestDb::migrated().await;
-    let next_due = || postbox::store::outbox::next_due(&db.pool);
+    let next_due = || postbox::testing::store::outbox::next_due(&db.pool);
     assert_eq!(next_due().await.expect("probe"), None, "nothing pending");
     let later = enqueue(
         &db.pool,
@@ -311,7 +311,7 @@ async fn keyed_rows_are_claimed_once_numbered_per_stream() {
         "unnumbered rows wait, and the scan stops at the first"
     );
 
-    let numbered = postbox::store::outbox::number(&db.pool, 100)
+    let numbered = postbox::testing::store::outbox::number(&db.pool, 100)
         .await
         .expect("number");
     assert_eq!(numbered, Some(5));
@@ -330,7 +330,7 @@ async fn keyed_rows_are_claimed_once_numbered_per_stream() {
     // rows go out again with the same numbers, and a second pass numbers nothing.
     assert_eq!(claim_seqs(&db).await, expected);
     assert_eq!(
-        postbox::store::outbox::number(&db.pool, 100)
+        postbox::testing::store::outbox::number(&db.pool, 100)
             .await
             .expect("number"),
         Some(0)
@@ -361,11 +361,11 @@ async fn a_late_commit_gets_the_next_number_and_goes_out_after() {
     .expect("new");
     let second_id = commit_keyed(&db, &["k"]).await[0];
     assert!(first_id < second_id);
-    postbox::store::outbox::number(&db.pool, 100)
+    postbox::testing::store::outbox::number(&db.pool, 100)
         .await
         .expect("number");
     early.commit().await.expect("commit");
-    postbox::store::outbox::number(&db.pool, 100)
+    postbox::testing::store::outbox::number(&db.pool, 100)
         .await
         .expect("number");
     assert_eq!(
@@ -389,14 +389,14 @@ async fn one_numbering_pass_at_a_time() {
     .expect("lock");
     assert!(locked);
     assert_eq!(
-        postbox::store::outbox::number(&db.pool, 100)
+        postbox::testing::store::outbox::number(&db.pool, 100)
             .await
             .expect("number"),
         None
     );
     other.rollback().await.expect("rollback");
     assert_eq!(
-        postbox::store::outbox::number(&db.pool, 100)
+        postbox::testing::store::outbox::number(&db.pool, 100)
             .await
             .expect("number"),
         Some(2)
@@ -431,7 +431,7 @@ async fn commit_keyed(db: &TestDb, keys: &[&str]) -> Vec<i64> {
 /// claimed ids with their numbers, in publish order.
 async fn claim_seqs(db: &TestDb) -> Vec<(i64, Option<i64>)> {
     let mut tx = db.pool.begin().await.expect("begin");
-    let rows = postbox::store::outbox::claim(&mut tx, 100, 0)
+    let rows = postbox::testing::store::outbox::claim(&mut tx, 100, 0)
         .await
         .expect("claim");
     tx.rollback().await.expect("rollback");
@@ -453,7 +453,7 @@ fn a_malformed_traceparent_is_refused_with_its_value() {
 async fn relay_sessions_carry_their_settings() {
     let db = TestDb::migrated().await;
     let settings = db.settings();
-    let pool = postbox::store::connect(&settings, 1)
+    let pool = postbox::testing::store::connect(&settings, 1)
         .await
         .expect("connect");
     let (jit, synchronous_commit, idle_timeout): (String, String, String) = sqlx::query_as(

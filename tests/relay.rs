@@ -342,7 +342,7 @@ async fn without_history_published_rows_are_deleted_and_failed_rows_stay() {
 /// history, deleted), retried rows pushed back with their error, dead rows kept with theirs.
 #[tokio::test]
 async fn a_mixed_batch_is_written_in_one_statement_with_and_without_history() {
-    use postbox::store::outbox::{complete, Completion};
+    use postbox::testing::store::outbox::{complete, Completion};
     let db = TestDb::migrated().await;
     for keep_published in [true, false] {
         let batch: Vec<Message> = (0..3).map(|n| Message::text("q", n.to_string())).collect();
@@ -663,12 +663,12 @@ async fn two_relays_share_one_outbox_without_duplicates_or_gaps_in_numbers() {
 }
 
 fn messages(
-    rows: &[postbox::store::outbox::ClaimedRow],
-) -> Vec<(postbox::amqp::message::Outgoing, &[u8])> {
+    rows: &[postbox::testing::store::outbox::ClaimedRow],
+) -> Vec<(postbox::testing::amqp::message::Outgoing, &[u8])> {
     rows.iter()
         .map(|row| {
             (
-                postbox::amqp::message::outgoing(row).unwrap(),
+                postbox::testing::amqp::message::outgoing(row).unwrap(),
                 row.payload.as_slice(),
             )
         })
@@ -680,8 +680,8 @@ fn messages(
 /// it is queued.
 #[tokio::test]
 async fn publish_in_order_keeps_the_given_order_and_stops_at_a_closed_channel() {
-    use postbox::amqp::{confirm_channel, publish_in_order};
-    use postbox::store::outbox::ClaimedRow;
+    use postbox::testing::amqp::{confirm_channel, publish_in_order};
+    use postbox::testing::store::outbox::ClaimedRow;
 
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue().await;

@@ -170,9 +170,12 @@ async fn consume_once(
     let distinct = fill_queue(env, &queue, options).await?;
     let broker = crate::amqp::Broker::new(env.amqp_urls.clone());
     let name = format!("bench-consumer-{rep}-{}", consumer_options.batch_size);
-    let consumer = Consumer::new(env.pool.clone(), broker, queue.clone(), name.clone(), Noop)
+    let consumer = Consumer::builder(env.pool.clone(), broker)
+        .queue(queue.clone())
+        .name(name.clone())
         .options(consumer_options)
-        .spawn()?;
+        .handler(Noop)?
+        .spawn();
     let stats = consumer.stats();
     let outcomes = || Outcomes {
         applied: stats.applied(),

@@ -96,7 +96,7 @@ async fn serve_metrics(
     stats: std::sync::Arc<crate::relay::Stats>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let addr = metrics::parse_addr(addr)?;
+    let addr = crate::config::parse_addr(addr)?;
     let handle = metrics::install()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

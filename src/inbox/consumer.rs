@@ -126,42 +126,105 @@ impl ConsumerHandle {
     }
 }
 
-impl<H: Handler> Consumer<H> {
-    /// A consumer of `queue` named `name` (the inbox key: instances of one service share a
-    /// name; each independent subscriber has its own), writing through `pool`, whose database
-    /// must have the inbox schema (`postbox migrate --part inbox`).
-    pub fn new(
-        pool: PgPool,
-        broker: Broker,
-        queue: impl Into<String>,
-        name: impl Into<String>,
-        handler: H,
-    ) -> Self {
-        Self {
+impl Consumer<()> {
+    /// Starts describing a consumer that writes through `pool` (whose database must have the
+    /// inbox schema: `postbox migrate --part inbox`) and consumes from `broker`. Name its queue
+    /// and itself, then give it its handler:
+    ///
+    /// ```no_run
+    /// # use postbox::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming};
+    /// # struct Billing;
+    /// # impl Handler for Billing {
+    /// #     async fn handle(&self, _: &mut sqlx::Transaction<'_, sqlx::Postgres>, _: &Incoming)
+    /// #         -> Result<(), HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+    /// let broker = postbox::inbox::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+    /// let consumer = Consumer::builder(pool, broker)
+    ///     .queue("orders")
+    ///     .name("billing")
+    ///     .options(ConsumerOptions::default().concurrency(4))
+    ///     .handler(Billing)?
+    ///     .spawn();
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(pool: PgPool, broker: Broker) -> ConsumerBuilder {
+        ConsumerBuilder {
             pool,
             broker,
-            queue: queue.into(),
-            name: name.into(),
-            handler,
+            queue: None,
+            name: None,
             options: ConsumerOptions::default(),
-            stats: Arc::default(),
         }
     }
+}
 
-    /// Replaces the default options.
+/// A consumer being described; from [`Consumer::builder`].
+#[must_use = "a consumer builder does nothing until `handler` builds the consumer"]
+pub struct ConsumerBuilder {
+    pool: PgPool,
+    broker: Broker,
+    queue: Option<String>,
+    name: Option<String>,
+    options: ConsumerOptions,
+}
+
+impl ConsumerBuilder {
+    /// The queue to consume (declared by whoever owns the topology; the consumer does not
+    /// declare it).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// The consumer's name, the inbox's key: instances of one service share a name; each
+    /// independent subscriber has its own.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Options other than the defaults.
     pub fn options(mut self, options: ConsumerOptions) -> Self {
         self.options = options;
         self
     }
 
+    /// The consumer, running `handler` for each message. Fails, naming the setting, when the
+    /// queue or the name is missing or an option is invalid.
+    pub fn handler<H: Handler>(self, handler: H) -> Result<Consumer<H>> {
+        let missing = |setting: &'static str, what: &str| crate::Error::Config {
+            setting,
+            value: String::new(),
+            reason: format!("expected {what}; set it on the consumer builder"),
+        };
+        let queue = self
+            .queue
+            .ok_or_else(|| missing("consumer.queue", "the queue to consume"))?;
+        let name = self
+            .name
+            .ok_or_else(|| missing("consumer.name", "the consumer's name"))?;
+        self.options.validate(&queue, &name)?;
+        Ok(Consumer {
+            pool: self.pool,
+            broker: self.broker,
+            queue,
+            name,
+            handler,
+            options: self.options,
+            stats: Arc::default(),
+        })
+    }
+}
+
+impl<H: Handler> Consumer<H> {
     /// Counters that stay readable while the consumer runs.
     pub fn stats(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
     }
 
-    /// Checks the options, then runs the consumer on its own task.
-    pub fn spawn(self) -> Result<ConsumerHandle> {
-        self.options.validate(&self.queue, &self.name)?;
+    /// Runs the consumer on its own task.
+    pub fn spawn(self) -> ConsumerHandle {
         let stats = self.stats();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -170,17 +233,16 @@ impl<H: Handler> Consumer<H> {
                 tracing::error!(%error, "consumer stopped");
             }
         });
-        Ok(ConsumerHandle {
+        ConsumerHandle {
             shutdown,
             stats,
             task,
-        })
+        }
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting (with backoff) whenever the broker
-    /// connection or the consumer's channel is lost. Fails at once only on invalid options.
+    /// connection or the consumer's channel is lost.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        self.options.validate(&self.queue, &self.name)?;
         let Consumer {
             pool,
             broker,

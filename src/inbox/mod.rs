@@ -27,8 +27,12 @@
 //! #         -> Result<(), HandlerError> { Ok(()) }
 //! # }
 //! # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
-//! let broker = postbox::amqp::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
-//! let consumer = Consumer::new(pool, broker, "orders", "billing", Projector).spawn()?;
+//! let broker = postbox::inbox::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+//! let consumer = Consumer::builder(pool, broker)
+//!     .queue("orders")
+//!     .name("billing")
+//!     .handler(Projector)?
+//!     .spawn();
 //! // ... on shutdown:
 //! consumer.stop().await.ok();
 //! # Ok(()) }
@@ -44,8 +48,9 @@ mod retention;
 mod upsert;
 mod worker;
 
+pub use crate::amqp::Broker;
 pub use crate::store::inbox::{Outcome, Receipt};
-pub use consumer::{Consumer, ConsumerHandle, ConsumerStats};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::store::{self, inbox, operations};
 
 /// Deletes decided inbox rows older than `older_than` (of `consumer`, or of every consumer when
-/// `None`), [`CLEANUP_BATCH`](crate::store::CLEANUP_BATCH) rows per statement, until none is left. Rows of messages still
+/// `None`), 1,000 rows per statement, until none is left. Rows of messages still
 /// being retried are kept. Returns how many rows were deleted.
 ///
 /// A duplicate arriving after its row was deleted is processed again (unless the version check

@@ -9,7 +9,7 @@ use crate::config::Vacuum;
 use crate::error::Result;
 use crate::store::{self, operations};
 
-/// Deletes rows published more than `older_than` ago, [`CLEANUP_BATCH`](store::CLEANUP_BATCH)
+/// Deletes rows published more than `older_than` ago, 1,000 rows
 /// per statement, until none is left; pending and dead rows are never touched. Returns how many
 /// rows were deleted.
 pub async fn cleanup(pool: &PgPool, older_than: Duration) -> Result<u64> {

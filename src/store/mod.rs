@@ -35,7 +35,8 @@ where
 /// The independently migrated parts of postbox's schema. Each has its own migrations folder
 /// and its own history table (`postbox._migrations_<part>`), so a subscriber's database can
 /// carry the inbox alone and a producer's the outbox alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Part {
     /// `postbox.outbox`: what producers and the relay need.
     Outbox,

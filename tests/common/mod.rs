@@ -572,16 +572,14 @@ impl Subscriber {
 
     /// Quick retries, dead letters to the test's own queue.
     pub fn options(&self) -> postbox::inbox::ConsumerOptions {
-        postbox::inbox::ConsumerOptions {
-            retry_initial_delay: Duration::from_millis(10),
-            retry_max_delay: Duration::from_millis(50),
-            dead_letter: postbox::inbox::DeadLetter::Exchange {
+        postbox::inbox::ConsumerOptions::default()
+            .retry_initial_delay(Duration::from_millis(10))
+            .retry_max_delay(Duration::from_millis(50))
+            .dead_letter(postbox::inbox::DeadLetter::Exchange {
                 exchange: String::new(),
                 routing_key: self.dead_letter_queue.clone(),
-            },
-            shutdown_timeout: Duration::from_secs(10),
-            ..postbox::inbox::ConsumerOptions::default()
-        }
+            })
+            .shutdown_timeout(Duration::from_secs(10))
     }
 
     /// Starts a consumer named `name` of the test's queue, writing through `pool` and
@@ -595,16 +593,13 @@ impl Subscriber {
         options: postbox::inbox::ConsumerOptions,
     ) -> postbox::inbox::ConsumerHandle {
         postbox::telemetry::init();
-        postbox::inbox::Consumer::new(
-            pool,
-            postbox::amqp::Broker::new([amqp_url]),
-            self.queue.clone(),
-            name,
-            handler,
-        )
-        .options(options)
-        .spawn()
-        .expect("valid consumer options")
+        postbox::inbox::Consumer::builder(pool, postbox::inbox::Broker::new([amqp_url]))
+            .queue(self.queue.clone())
+            .name(name)
+            .options(options)
+            .handler(handler)
+            .expect("valid consumer options")
+            .spawn()
     }
 
     /// Starts a consumer named `name` of the test's queue.
