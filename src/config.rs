@@ -8,12 +8,17 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::redact::{redact_url, without_password};
+use crate::relay::options::{invalid, LONGEST};
+use crate::relay::RelayOptions;
 
 /// All of postbox's settings. See README "Configuration" for each one's meaning and default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+#[non_exhaustive]
 pub struct Settings {
     /// Postgres connection URL of the database holding `postbox.outbox`.
     pub database_url: String,
@@ -28,107 +33,21 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub readiness_max_lag: Duration,
     /// The relay's tuning.
-    pub relay: RelaySettings,
+    pub relay: RelayOptions,
 }
 
-/// How the relay claims, publishes and retries.
-#[derive(Debug, Clone, Deserialize)]
-pub struct RelaySettings {
-    /// Rows claimed and published per batch.
-    pub batch_size: u32,
-    /// Batches published and still awaiting their confirms (the broker window). Up to three
-    /// times as many are open in Postgres, so the next batches are claimed while earlier ones are
-    /// confirmed and marked.
-    pub max_in_flight_batches: u32,
-    /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
-    #[serde(with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// How long a batch may wait for its publisher confirms before its rows count as failed.
-    #[serde(with = "humantime_serde")]
-    pub confirm_timeout: Duration,
-    /// Payloads larger than this many bytes are marked dead without being sent (a broker
-    /// refuses messages above its `max_message_size`, by closing the channel). The default,
-    /// 16 MiB, is RabbitMQ 4's `max_message_size`; 3.x allows 128 MiB.
-    pub max_message_bytes: usize,
-    /// How long rows claimed by a relay that stopped responding (paused, partitioned, hung with
-    /// its connection open) stay locked: Postgres ends such a session after this long idle in
-    /// its transaction, and other relays take its rows. At least 2 × `confirm_timeout` + 1s,
-    /// since a batch's transaction sits idle while it waits for a window slot and its confirms.
-    #[serde(with = "humantime_serde")]
-    pub takeover_timeout: Duration,
-    /// Failed attempts after which a row is marked dead.
-    pub max_attempts: u32,
-    /// A dead keyed row parks its stream: consumers hold the stream's later messages until an
-    /// operator releases the row (its number is then skipped) or retries it (`false`: released
-    /// at once, so consumers move on past it).
-    pub dead_rows_park_keys: bool,
-    /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
-    #[serde(with = "humantime_serde")]
-    pub retry_initial_delay: Duration,
-    /// Upper bound of the retry backoff.
-    #[serde(with = "humantime_serde")]
-    pub retry_max_delay: Duration,
-    /// On SIGTERM, how long in-flight batches may take to finish before they are released.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_timeout: Duration,
-    /// Whether published rows stay in the outbox (`published_at` set) until `retention` deletes
-    /// them. `false`: each row is deleted by the statement that would mark it, which saves
-    /// Postgres about a third of its work per row but leaves no history: nothing to replay or
-    /// reconcile, and a producer's retry with the same message id after the publish enqueues it
-    /// again.
-    pub keep_published: bool,
-    /// Published rows older than this are deleted (replay can reach back this far); `0s` keeps
-    /// them forever.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-    /// How often the relay deletes published rows older than `retention`.
-    #[serde(with = "humantime_serde")]
-    pub cleanup_interval: Duration,
-    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round.
-    pub vacuum: Vacuum,
-    /// How often the relay refreshes its row in `postbox.relays`.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            migrate_on_start: true,
+            metrics_addr: String::new(),
+            readiness_max_lag: Duration::ZERO,
+            relay: RelayOptions::default(),
+        }
+    }
 }
-
-/// When the relay vacuums the outbox itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Vacuum {
-    /// Only where autovacuum is off for the table (nothing else would reclaim dead rows).
-    Auto,
-    /// After every cleanup round.
-    Always,
-    /// Never: autovacuum (or the operator) takes care of it.
-    Never,
-}
-
-#[cfg(feature = "cli")]
-const DEFAULTS: &str = r#"
-database_url = "postgres://postgres@127.0.0.1:5432/postgres"
-amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-migrate_on_start = true
-metrics_addr = ""
-readiness_max_lag = "0s"
-
-[relay]
-batch_size = 500
-max_in_flight_batches = 4
-poll_interval = "2s"
-confirm_timeout = "30s"
-max_attempts = 10
-max_message_bytes = 16777216
-takeover_timeout = "90s"
-dead_rows_park_keys = true
-retry_initial_delay = "1s"
-retry_max_delay = "5m"
-shutdown_timeout = "30s"
-keep_published = true
-retention = "7d"
-cleanup_interval = "5m"
-heartbeat_interval = "10s"
-vacuum = "auto"
-"#;
 
 impl Settings {
     #[cfg(feature = "cli")]
@@ -136,8 +55,7 @@ impl Settings {
     /// A key in `file` that is not a setting is an error (a misspelt setting would otherwise be
     /// ignored without a word); a `POSTBOX_…` variable that is not one is logged as a warning.
     pub fn load(file: Option<&Path>) -> Result<Self> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        let mut builder = config::Config::builder().add_source(defaults()?);
         if let Some(file) = file {
             let contents = config::Config::builder()
                 .add_source(config::File::from(file).format(config::FileFormat::Toml))
@@ -211,105 +129,40 @@ impl Settings {
         if !self.metrics_addr.trim().is_empty() {
             parse_addr(&self.metrics_addr)?;
         }
-        let relay = &self.relay;
-        if !(1..=10_000).contains(&relay.batch_size) {
-            return Err(invalid(
-                "relay.batch_size",
-                relay.batch_size,
-                "a whole number from 1 to 10000",
-            ));
-        }
-        if !(1..=64).contains(&relay.max_in_flight_batches) {
-            return Err(invalid(
-                "relay.max_in_flight_batches",
-                relay.max_in_flight_batches,
-                "a whole number from 1 to 64",
-            ));
-        }
-        if !(1..=512 * 1024 * 1024).contains(&relay.max_message_bytes) {
-            return Err(invalid(
-                "relay.max_message_bytes",
-                relay.max_message_bytes,
-                "a whole number of bytes from 1 to 536870912 (RabbitMQ's hard limit, 512 MiB)",
-            ));
-        }
-        // A claimed batch's transaction idles while the batch waits for a broker-window slot
-        // (up to one confirm_timeout) and then for its own confirms (another).
-        let least = relay
-            .confirm_timeout
-            .checked_mul(2)
-            .and_then(|d| d.checked_add(Duration::from_secs(1)));
-        if least.is_none_or(|least| relay.takeover_timeout < least) {
-            return Err(invalid(
-                "relay.takeover_timeout",
-                humantime::format_duration(relay.takeover_timeout),
-                "at least 2 × relay.confirm_timeout + 1s (a claimed batch may wait one \
-                 confirm_timeout for a window slot and another for its own confirms)",
-            ));
-        }
-        // `attempts` is a Postgres integer.
-        if relay.max_attempts == 0 || relay.max_attempts > i32::MAX as u32 {
-            return Err(invalid(
-                "relay.max_attempts",
-                relay.max_attempts,
-                "a whole number from 1 to 2147483647",
-            ));
-        }
-        for (setting, value) in [
-            ("relay.poll_interval", relay.poll_interval),
-            ("relay.confirm_timeout", relay.confirm_timeout),
-            ("relay.retry_initial_delay", relay.retry_initial_delay),
-            ("relay.retry_max_delay", relay.retry_max_delay),
-            ("relay.cleanup_interval", relay.cleanup_interval),
-            ("relay.heartbeat_interval", relay.heartbeat_interval),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(
-                    setting,
-                    humantime::format_duration(value),
-                    "a duration above zero, such as \"500ms\" or \"2s\"",
-                ));
-            }
-        }
         // Far enough for any real setting, near enough that no deadline computed from one
         // overflows.
-        const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-        for (setting, value) in [
-            ("readiness_max_lag", self.readiness_max_lag),
-            ("relay.poll_interval", relay.poll_interval),
-            ("relay.confirm_timeout", relay.confirm_timeout),
-            ("relay.retry_initial_delay", relay.retry_initial_delay),
-            ("relay.retry_max_delay", relay.retry_max_delay),
-            ("relay.shutdown_timeout", relay.shutdown_timeout),
-            ("relay.retention", relay.retention),
-            ("relay.cleanup_interval", relay.cleanup_interval),
-            ("relay.heartbeat_interval", relay.heartbeat_interval),
-        ] {
-            if value > LONGEST {
-                return Err(invalid(
-                    setting,
-                    humantime::format_duration(value),
-                    "a duration of at most 100 years",
-                ));
-            }
-        }
-        // Postgres's idle_in_transaction_session_timeout, which enforces it, is an int of ms.
-        if relay.takeover_timeout > Duration::from_millis(i32::MAX as u64) {
+        if self.readiness_max_lag > LONGEST {
             return Err(invalid(
-                "relay.takeover_timeout",
-                humantime::format_duration(relay.takeover_timeout),
-                "at most 24d 20h 31m 23s 647ms (Postgres's longest \
-                 idle_in_transaction_session_timeout)",
+                "readiness_max_lag",
+                humantime::format_duration(self.readiness_max_lag),
+                "a duration of at most 100 years",
             ));
         }
-        if relay.retry_max_delay < relay.retry_initial_delay {
-            return Err(invalid(
-                "relay.retry_max_delay",
-                humantime::format_duration(relay.retry_max_delay),
-                "at least relay.retry_initial_delay",
-            ));
-        }
+        self.relay.validate()?;
         Ok(())
+    }
+
+    /// A relay with these settings: connects to the database (Postgres must be reachable; the
+    /// broker is connected when the relay starts).
+    pub async fn relay(&self) -> Result<crate::Relay> {
+        let pool = crate::store::connect(
+            self.database(),
+            crate::Relay::connections_needed(&self.relay),
+        )
+        .await?;
+        crate::Relay::new(
+            pool,
+            crate::relay::Broker::new(self.amqp_urls()),
+            self.relay.clone(),
+        )
+    }
+
+    /// Where postbox's own Postgres sessions connect.
+    pub(crate) fn database(&self) -> crate::store::Target<'_> {
+        crate::store::Target {
+            url: &self.database_url,
+            takeover_timeout: self.relay.takeover_timeout,
+        }
     }
 
     /// The RabbitMQ URLs, in the order they are tried.
@@ -324,11 +177,15 @@ impl Settings {
 #[cfg(feature = "cli")]
 /// The dotted names of every setting (`relay.batch_size`), from the defaults.
 fn known_keys() -> Vec<String> {
-    config::Config::builder()
-        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-        .build()
+    defaults()
         .map(|defaults| keys(&defaults))
         .unwrap_or_default()
+}
+
+/// The defaults (`Settings::default()`, defined in code once) as the loader's first source.
+#[cfg(feature = "cli")]
+fn defaults() -> Result<config::Config> {
+    Ok(config::Config::try_from(&Settings::default())?)
 }
 
 #[cfg(feature = "cli")]
@@ -406,14 +263,6 @@ fn file_error(file: &Path, error: config::ConfigError) -> Error {
     }
 }
 
-fn invalid(setting: &'static str, value: impl ToString, allowed: &str) -> Error {
-    Error::Config {
-        setting,
-        value: value.to_string(),
-        reason: format!("expected {allowed}"),
-    }
-}
-
 fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()> {
     let expected = format!(
         "a URL starting with {}",
@@ -446,78 +295,6 @@ pub fn check_database_url(setting: &'static str, url: &str) -> Result<()> {
     }
 }
 
-/// `message` with the password of `url` (if any) masked: parser errors may quote it.
-fn without_password(message: &str, url: &str) -> String {
-    let password = url::Url::parse(url).ok().and_then(|url| {
-        let query = url
-            .query_pairs()
-            .find(|(key, _)| key.eq_ignore_ascii_case("password"))
-            .map(|(_, value)| value.into_owned());
-        url.password().map(str::to_owned).or(query)
-    });
-    match password {
-        Some(password) if !password.is_empty() => message.replace(&password, "***"),
-        _ => message.to_owned(),
-    }
-}
-
-/// Replaces the password in a URL with `***`, so URLs can be logged and shown in errors.
-/// Text that does not parse as a URL is returned with everything between `:` and `@` masked.
-pub fn redact_url(value: &str) -> String {
-    match url::Url::parse(value) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                // Setting a password only fails for URLs that cannot have one, which have none.
-                let _ = url.set_password(Some("***"));
-            }
-            // libpq and sqlx also take the password as a query parameter.
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(key, value)| {
-                    let value = if key.eq_ignore_ascii_case("password") {
-                        "***".to_owned()
-                    } else {
-                        value.into_owned()
-                    };
-                    (key.into_owned(), value)
-                })
-                .collect();
-            if pairs
-                .iter()
-                .any(|(key, _)| key.eq_ignore_ascii_case("password"))
-            {
-                url.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            url.to_string()
-        }
-        Err(_) => {
-            let masked = match (value.rfind('@'), value.find("://")) {
-                (Some(at), Some(scheme)) => match value[scheme + 3..at].find(':') {
-                    Some(colon) => {
-                        format!("{}:***{}", &value[..scheme + 3 + colon], &value[at..])
-                    }
-                    None => value.to_string(),
-                },
-                _ => value.to_string(),
-            };
-            mask_password_parameter(&masked)
-        }
-    }
-}
-
-/// `password=…` in text that is not a URL masked up to the next `&`.
-fn mask_password_parameter(value: &str) -> String {
-    let lower = value.to_ascii_lowercase();
-    match lower.find("password=") {
-        Some(start) => {
-            let from = start + "password=".len();
-            let end = value[from..].find('&').map_or(value.len(), |n| from + n);
-            format!("{}***{}", &value[..from], &value[end..])
-        }
-        None => value.to_string(),
-    }
-}
-
 /// Parses `metrics_addr`: `host:port`, or a bare `port` / `:port` meaning loopback.
 pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr> {
     let value = value.trim();
@@ -541,27 +318,11 @@ pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("postgres://app:s3cr3t@db/app"),
-            "postgres://app:***@db/app"
-        );
-        assert!(!redact_url("postgres://app:pa ss@db:x/app").contains("pa ss"));
-        assert_eq!(
-            redact_url("postgres://app@db/app?sslmode=require&password=s3cr3t"),
-            "postgres://app@db/app?sslmode=require&password=***"
-        );
-        assert!(!redact_url("postgres://app@db:x/app?Password=s3cr3t&a=b").contains("s3cr3t"));
-    }
-
-    fn defaults() -> Settings {
+    /// The defaults as the loader reads them (written out from `Settings::default()`, then
+    /// read back).
+    fn loaded_defaults() -> Settings {
         config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(super::defaults().expect("defaults"))
             .build()
             .and_then(|c| c.try_deserialize())
             .unwrap()
@@ -569,7 +330,7 @@ mod tests {
 
     #[test]
     fn urls_are_checked_as_the_clients_parse_them() {
-        let mut settings = defaults();
+        let mut settings = loaded_defaults();
         settings.database_url = "postgres:///app?host=/var/run/postgresql".into();
         settings.validate().unwrap();
         settings.database_url = "postgres://app:s3cr3t@db/app?sslmode=bogus".into();
@@ -579,7 +340,7 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("s3cr3t"), "{error}");
-        let mut settings = defaults();
+        let mut settings = loaded_defaults();
         settings.amqp_url = "amqp://guest:s3cr3t@host/%2f?heartbeat=abc".into();
         let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("amqp_url"), "{error}");
@@ -588,11 +349,11 @@ mod tests {
 
     #[test]
     fn durations_no_deadline_can_hold_are_refused() {
-        let mut settings = defaults();
+        let mut settings = loaded_defaults();
         settings.relay.poll_interval = Duration::from_secs(500_000_000_000 * 365 * 86400);
         let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("relay.poll_interval"), "{error}");
-        let mut settings = defaults();
+        let mut settings = loaded_defaults();
         settings.relay.takeover_timeout = Duration::from_secs(30 * 86400);
         let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("relay.takeover_timeout"), "{error}");
@@ -620,22 +381,16 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .unwrap();
+        let settings = loaded_defaults();
         settings.validate().unwrap();
         assert_eq!(settings.relay.batch_size, 500);
+        assert_eq!(settings.relay.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(settings.relay.vacuum, crate::Vacuum::Auto);
     }
 
     #[test]
     fn takeover_timeout_must_cover_a_window_wait_and_the_confirms() {
-        let mut settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .unwrap();
+        let mut settings = loaded_defaults();
         settings.relay.confirm_timeout = Duration::from_secs(30);
         settings.relay.takeover_timeout = Duration::from_secs(60);
         let error = settings.validate().unwrap_err().to_string();

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
-/// Everything that can go wrong in postbox's library code.
+/// Everything that can go wrong in postbox. New variants may come in any release; match with a
+/// wildcard arm, and use [`Error::is_transient`] to decide whether to try again.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A setting has a value postbox cannot use.
     #[error("invalid setting `{setting}` = {value:?}: {reason}")]
@@ -22,6 +24,7 @@ pub enum Error {
     ConfigLoad(#[from] config::ConfigError),
 
     /// The configuration file does not parse.
+    #[cfg(feature = "cli")]
     #[error("could not read configuration file {path}: {reason}")]
     ConfigFile {
         /// The file.
@@ -31,6 +34,7 @@ pub enum Error {
     },
 
     /// The configuration names something that is not a setting (a misspelling, most likely).
+    #[cfg(feature = "cli")]
     #[error("unknown setting `{name}` in {origin}; see README \"Configuration\" for the settings")]
     UnknownSetting {
         /// The key as written (`relay.batch_sise`).
@@ -83,6 +87,7 @@ pub enum Error {
     Unconfirmed(String),
 
     /// `postbox reconcile` found published messages a consumer never processed.
+    #[cfg(feature = "cli")]
     #[error("reconcile: {0}")]
     Discrepancy(String),
 
@@ -92,6 +97,7 @@ pub enum Error {
     Conflict(String),
 
     /// The Prometheus recorder could not be installed.
+    #[cfg(feature = "cli")]
     #[error("metrics: {0}")]
     Metrics(String),
 
@@ -130,15 +136,13 @@ impl Error {
             | Error::Unconfirmed(_)
             | Error::Conflict(_)
             | Error::Timeout { .. } => true,
-            Error::Config { .. }
+            Error::Config { .. } | Error::Migrate(_) | Error::InvalidMessage(_) => false,
+            #[cfg(feature = "cli")]
+            Error::ConfigLoad(_)
             | Error::ConfigFile { .. }
             | Error::UnknownSetting { .. }
-            | Error::Migrate(_)
-            | Error::InvalidMessage(_)
             | Error::Discrepancy(_)
             | Error::Metrics(_) => false,
-            #[cfg(feature = "cli")]
-            Error::ConfigLoad(_) => false,
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod outbox;
 mod reconnect;
+mod redact;
 pub mod relay;
 mod retry;
 mod store;
@@ -49,9 +50,11 @@ pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 pub mod trace;
+mod vacuum;
 
 pub use config::Settings;
 pub use error::{Error, Result};
 pub use outbox::{deterministic_id, enqueue, enqueue_many, Enqueued, Message, Payload};
-pub use relay::Relay;
+pub use relay::{Relay, RelayOptions};
 pub use store::{migrate, migrate_parts, Part};
+pub use vacuum::Vacuum;

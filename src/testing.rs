@@ -3,7 +3,13 @@
 
 /// SQL of the outbox, the inbox and operations.
 pub mod store {
-    pub use crate::store::connect;
+    /// The relay's pool for `settings`, with `max_connections` connections.
+    pub async fn connect(
+        settings: &crate::Settings,
+        max_connections: u32,
+    ) -> crate::Result<sqlx::PgPool> {
+        crate::store::connect(settings.database(), max_connections).await
+    }
 
     /// `postbox.outbox`: claim, number, complete.
     pub mod outbox {
@@ -27,6 +33,7 @@ pub mod amqp {
 
     /// A row's AMQP properties and headers.
     pub mod message {
-        pub use crate::amqp::message::*;
+        pub use crate::amqp::Outgoing;
+        pub use crate::relay::encode::*;
     }
 }

@@ -95,7 +95,7 @@ async fn receive_all(
 /// Relay settings for the process-based scenarios: small batches, so a kill lands mid-stream.
 const SMALL_BATCHES: &[(&str, &str)] = &[("POSTBOX_RELAY__BATCH_SIZE", "50")];
 
-fn small_batch_settings(db: &TestDb) -> postbox::config::RelaySettings {
+fn small_batch_settings(db: &TestDb) -> postbox::RelayOptions {
     let mut settings = db.settings().relay;
     settings.batch_size = 50;
     settings

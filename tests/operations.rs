@@ -924,8 +924,8 @@ async fn with_parking_off_a_dead_row_is_skipped_at_once() {
 /// mean what they say. The same rule serves the relay (outbox) and the consumer (inbox).
 #[tokio::test]
 async fn postbox_vacuums_a_table_itself_only_where_autovacuum_will_not() {
-    use postbox::config::Vacuum;
     use postbox::testing::store::operations::{vacuums_itself, HotTable};
+    use postbox::Vacuum;
     let db = TestDb::migrated().await;
     let server_autovacuum: bool = sqlx::query_scalar("select current_setting('autovacuum')::bool")
         .fetch_one(&db.pool)

@@ -552,7 +552,7 @@ async fn statements_for(
     // Retention's periodic delete is not part of the per-batch budget; the heartbeat only
     // registers (at start) and deregisters (at stop) within the test.
     settings.relay.retention = Duration::ZERO;
-    settings.relay.vacuum = postbox::config::Vacuum::Never;
+    settings.relay.vacuum = postbox::Vacuum::Never;
     settings.relay.heartbeat_interval = Duration::from_secs(600);
     let relay = RunningRelay::start(settings).await;
     let relay_stats = relay.stats.clone();

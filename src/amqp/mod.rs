@@ -1,14 +1,26 @@
 //! RabbitMQ: connecting (with failover across cluster nodes) and confirm-mode channels.
 
-pub mod message;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::config::redact_url;
 use crate::error::{Context, Result};
+use crate::redact::redact_url;
+
+/// One message ready to publish, its pieces checked so publishing it cannot fail on our side.
+pub struct Outgoing {
+    /// Exchange, as an AMQP short string.
+    pub exchange: ShortString,
+    /// Routing key, as an AMQP short string.
+    pub routing_key: ShortString,
+    /// Persistent properties with message id, content type, timestamp and headers.
+    pub properties: BasicProperties,
+    /// Bytes the properties take on the wire (an upper bound): they travel in one frame, which
+    /// the broker's `frame_max` limits.
+    pub properties_bytes: usize,
+}
 
 /// The broker's nodes, tried in turn: after a failure the next attempt starts at the node after
 /// the one that failed, so a dead node does not hold the relay back.
@@ -99,7 +111,7 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
 /// is queued: the result is shorter than the input, and the caller treats the rest as unsent.
 pub async fn publish_in_order<'a>(
     channel: &Channel,
-    messages: impl IntoIterator<Item = (message::Outgoing, &'a [u8])>,
+    messages: impl IntoIterator<Item = (Outgoing, &'a [u8])>,
 ) -> Vec<lapin::Result<lapin::PublisherConfirm>> {
     use std::future::Future;
     use std::pin::Pin;

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::resources::{self, Usage};
 use super::{quantile, BenchOptions, CaseResult, Env, Report};
-use crate::amqp::message::outgoing;
 use crate::config::Settings;
 use crate::error::{Context, Error, Result};
-use crate::relay::{Relay, RelayHandle};
+use crate::relay::encode::outgoing;
+use crate::relay::RelayHandle;
 
 pub(super) async fn run_all(
     env: &Env,
@@ -423,7 +423,7 @@ pub(super) fn relay_settings(settings: &Settings, env: &Env, options: &BenchOpti
 }
 
 pub(super) async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
-    Ok(Relay::connect(settings).await?.spawn())
+    Ok(settings.relay().await?.spawn())
 }
 
 /// A relay that is connected to the broker and listening for commits, as one that has been

@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 
 use super::cases::progress_figures;
 use super::{BenchOptions, CaseResult, Env};
-use crate::amqp::message::outgoing;
 use crate::error::{Context, Error, Result};
 use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming, Versioning};
+use crate::relay::encode::outgoing;
 
 pub(super) async fn dedup_case(env: &Env, options: &BenchOptions) -> Result<CaseResult> {
     let mut dedup = Vec::new();

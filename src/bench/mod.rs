@@ -144,7 +144,7 @@ impl Env {
         let admin_url = admin_url.to_string();
         let mut url = url::Url::parse(&admin_url).map_err(|e| crate::Error::Config {
             setting: "database_url",
-            value: crate::config::redact_url(&admin_url),
+            value: crate::redact::redact_url(&admin_url),
             reason: e.to_string(),
         })?;
         url.set_path(&db_name);

@@ -23,7 +23,7 @@ pub struct CleanupArgs {
 }
 
 pub(super) async fn run(settings: Settings, args: CleanupArgs) -> Result<()> {
-    let pool = store::connect_for_command(&settings).await?;
+    let pool = store::connect_for_command(settings.database()).await?;
     let older_than = args.older_than.unwrap_or(settings.relay.retention);
     let mut report = Vec::new();
     if older_than.is_zero() {

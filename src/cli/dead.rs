@@ -61,7 +61,7 @@ pub enum DeadCommand {
 }
 
 pub(super) async fn run(settings: Settings, args: DeadArgs) -> Result<()> {
-    let pool = store::connect_for_command(&settings).await?;
+    let pool = store::connect_for_command(settings.database()).await?;
     let result = match args.command {
         DeadCommand::List { limit, json } => list(&pool, limit, json).await,
         DeadCommand::Retry { ids, all } => retry(&pool, (!all).then_some(ids)).await,

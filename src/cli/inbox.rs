@@ -48,7 +48,7 @@ impl InboxDatabase {
             crate::config::check_database_url("--inbox-database-url", url)?;
             inbox.database_url = url.clone();
         }
-        let pool = store::connect_for_command(&inbox).await?;
+        let pool = store::connect_for_command(inbox.database()).await?;
         if !store::inbox::has_rows(&pool, consumer).await? {
             let _ = writeln!(
                 std::io::stderr(),

@@ -2,8 +2,9 @@
 
 use clap::Args;
 
-use crate::config::{redact_url, Settings};
+use crate::config::Settings;
 use crate::error::Result;
+use crate::redact::redact_url;
 use crate::store::{self, Part};
 
 /// Options of `postbox migrate`.
@@ -21,7 +22,7 @@ pub(super) async fn run(settings: Settings, args: MigrateArgs) -> Result<()> {
     } else {
         args.parts
     };
-    let pool = store::connect_for_command(&settings).await?;
+    let pool = store::connect_for_command(settings.database()).await?;
     store::migrate_parts(&pool, &parts).await?;
     tracing::info!(database = %redact_url(&settings.database_url), ?parts, "postbox schema is up to date");
     pool.close().await;

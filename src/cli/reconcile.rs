@@ -95,7 +95,7 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
         let _ = writeln!(std::io::stderr(), "{}", super::replay::NO_HISTORY);
     }
     let inbox_pool = args.database.connect(&settings, &args.consumer).await?;
-    let outbox_pool = store::connect_for_command(&settings).await?;
+    let outbox_pool = store::connect_for_command(settings.database()).await?;
     let selection = operations::Selection {
         since: args.since,
         routing_key: args.routing_key.clone(),

@@ -68,7 +68,7 @@ pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
         until: args.until,
         routing_key: args.routing_key,
     };
-    let pool = store::connect_for_command(&settings).await?;
+    let pool = store::connect_for_command(settings.database()).await?;
     let started = operations::now(&pool).await?;
     let count = operations::count_replayable(&pool, &selection).await?;
     let mut out = std::io::stdout();

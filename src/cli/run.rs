@@ -3,10 +3,11 @@
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
-use crate::config::{redact_url, Settings};
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::reconnect::until_ok;
+use crate::redact::redact_url;
 use crate::relay::Relay;
 use crate::store;
 
@@ -40,11 +41,11 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     let connections = Relay::connections_needed(relay_settings);
     // The pool connects on first use: the health endpoints answer (and a taken port fails the
     // start) while Postgres is still unreachable; /readyz says so.
-    let pool = store::connect_lazy(&settings, connections)?;
-    let relay = Relay::new(pool.clone(), broker, settings.relay.clone());
+    let pool = store::connect_lazy(settings.database(), connections)?;
+    let relay = Relay::new(pool.clone(), broker, settings.relay.clone())?;
     // A connection of its own for the probes: they must not queue behind the relay's
     // heartbeat, poll, cleanup or a long VACUUM for the pool's spare connection.
-    let probe_pool = store::connect_lazy(&settings, 1)?;
+    let probe_pool = store::connect_lazy(settings.database(), 1)?;
     let server = match settings.metrics_addr.trim() {
         "" => None,
         addr => Some(
@@ -58,7 +59,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
             .await?,
         ),
     };
-    if until_ok("postgres", &shutdown, || store::ping(&settings))
+    if until_ok("postgres", &shutdown, || store::ping(settings.database()))
         .await
         .is_none()
     {

@@ -28,7 +28,7 @@ struct Status {
 }
 
 pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
-    let pool = store::connect_for_command(&settings).await?;
+    let pool = store::connect_for_command(settings.database()).await?;
     let status = Status {
         outbox: operations::status(&pool).await?,
         streams: operations::streams(&pool).await?,

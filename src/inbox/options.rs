@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use lapin::types::ShortString;
 
-use crate::config::Vacuum;
 use crate::error::{Error, Result};
+use crate::Vacuum;
 
 /// Where messages go that cannot be processed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::store;
+use crate::store::outbox::{Body, NewRow};
 
 /// What became of one enqueued message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +67,25 @@ pub async fn enqueue_many<'e, E: PgExecutor<'e>>(
         .map(|m| m.message_id.unwrap_or_else(Uuid::now_v7))
         .collect();
     let fresh = messages.iter().all(|m| m.message_id.is_none());
-    let mut inserted = store::outbox::insert_many(executor, &ids, messages, fresh).await?;
+    let rows: Vec<NewRow<'_>> = messages
+        .iter()
+        .zip(&ids)
+        .map(|(m, &message_id)| NewRow {
+            message_id,
+            exchange: &m.exchange,
+            routing_key: &m.routing_key,
+            partition_key: m.partition_key.as_deref(),
+            payload: match &m.payload {
+                Payload::Text(text) => Body::Text(text),
+                Payload::Bytes(bytes) => Body::Bytes(bytes),
+            },
+            content_type: &m.content_type,
+            headers: serde_json::Value::Object(m.headers.clone()).to_string(),
+            available_at: m.available_at,
+            delay_ms: m.delay.map(|d| d.as_secs_f64() * 1000.0),
+        })
+        .collect();
+    let mut inserted = store::outbox::insert_many(executor, &rows, fresh).await?;
     // remove(): when one call repeats a message id, only its first occurrence is the new row
     Ok(ids
         .into_iter()

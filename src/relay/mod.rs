@@ -17,14 +17,18 @@ mod broker_state;
 mod claimer;
 mod completer;
 mod confirmer;
+pub(crate) mod encode;
 mod heartbeat;
 mod listener;
+pub(crate) mod options;
 mod publisher;
 mod retention;
 mod retry;
 mod sleeper;
 
+pub use crate::amqp::Broker;
 pub use crate::retry::RetryPolicy;
+pub use options::RelayOptions;
 pub use retention::cleanup;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,8 +38,6 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Broker;
-use crate::config::RelaySettings;
 use broker_state::BrokerState;
 use claimer::Claimer;
 use completer::Completer;
@@ -167,24 +169,39 @@ impl RelayHandle {
     }
 }
 
-/// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] it.
+/// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] or [`Relay::spawn`] it.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+/// use postbox::relay::{Broker, Relay, RelayOptions};
+///
+/// let options = RelayOptions::default().batch_size(200);
+/// // The pool needs Relay::connections_needed(&options) connections.
+/// let broker = Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+/// let relay = Relay::new(pool, broker, options)?.spawn();
+/// // ... on shutdown:
+/// relay.stop().await.ok();
+/// # Ok(()) }
+/// ```
 pub struct Relay {
     pool: PgPool,
     broker: Broker,
-    settings: RelaySettings,
+    settings: RelayOptions,
     stats: Arc<Stats>,
 }
 
 impl Relay {
     /// A relay over the outbox in `pool`'s database, publishing to `broker`. The pool needs
-    /// [`Relay::connections_needed`] connections (each open batch holds one).
-    pub fn new(pool: PgPool, broker: Broker, settings: RelaySettings) -> Self {
-        Self {
+    /// [`Relay::connections_needed`] connections (each open batch holds one). Fails, naming
+    /// the setting, when an option is invalid.
+    pub fn new(pool: PgPool, broker: Broker, options: RelayOptions) -> crate::Result<Self> {
+        options.validate()?;
+        Ok(Self {
             pool,
             broker,
-            settings,
+            settings: options,
             stats: Arc::default(),
-        }
+        })
     }
 
     /// Database connections a relay with `settings` uses: up to three open batches per broker
@@ -193,20 +210,8 @@ impl Relay {
     /// heartbeats, release announcements and retention, so these never wait behind batches.
     /// Besides these, the relay holds one connection of its own while it sleeps (its wake-up
     /// keys).
-    pub fn connections_needed(settings: &RelaySettings) -> u32 {
+    pub fn connections_needed(settings: &RelayOptions) -> u32 {
         3 * settings.max_in_flight_batches + 3
-    }
-
-    /// Connects to the database in `settings` (Postgres must be reachable; the broker is
-    /// connected at start) and builds a relay from its settings.
-    pub async fn connect(settings: &crate::Settings) -> crate::Result<Self> {
-        let pool =
-            crate::store::connect(settings, Self::connections_needed(&settings.relay)).await?;
-        Ok(Self::new(
-            pool,
-            Broker::new(settings.amqp_urls()),
-            settings.relay.clone(),
-        ))
     }
 
     /// Runs the relay on its own task; stop it with [`RelayHandle::stop`].

@@ -13,9 +13,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use super::batch::{Batch, ChannelLease, Published, Sent, WindowSlot};
-use crate::amqp::message::{outgoing, Outgoing};
+use crate::amqp::Outgoing;
 use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
+use crate::relay::encode::outgoing;
 use crate::store::outbox::ClaimedRow;
 
 /// How often an idle publisher looks at its connection, for readiness.
@@ -56,7 +57,7 @@ impl Publisher {
         broker: Broker,
         window: Arc<Semaphore>,
         stats: Arc<super::Stats>,
-        settings: &crate::config::RelaySettings,
+        settings: &crate::relay::RelayOptions,
     ) -> Self {
         let (returns_tx, returns_rx) = mpsc::unbounded_channel();
         Self {

@@ -5,9 +5,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Vacuum;
 use crate::error::Result;
 use crate::store::{self, operations};
+use crate::Vacuum;
 
 /// Deletes rows published more than `older_than` ago, 1,000 rows
 /// per statement, until none is left; pending and dead rows are never touched. Returns how many

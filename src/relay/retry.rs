@@ -1,13 +1,13 @@
 //! What becomes of a failed row: retry after a backoff, or dead. Pure decisions, so they are
 //! tested without a broker.
 
-use crate::config::RelaySettings;
+use crate::relay::RelayOptions;
 use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
 impl RetryPolicy {
     /// The relay's policy, from its settings.
-    pub fn from_settings(settings: &RelaySettings) -> Self {
+    pub fn from_settings(settings: &RelayOptions) -> Self {
         Self::new(
             settings.max_attempts,
             settings.retry_initial_delay,

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::error::{Context, Result};
 
-/// What the inbox records about one delivery (see [`receive`](crate::inbox::receive)).
+/// What the inbox records about one delivery (see `postbox::inbox::receive`).
 #[derive(Debug, Clone)]
 pub struct Receipt<'a> {
     /// The consumer's name.

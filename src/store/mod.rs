@@ -80,6 +80,15 @@ pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
     Ok(())
 }
 
+/// Where postbox's own sessions connect, and what their session settings need.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The Postgres URL.
+    pub url: &'a str,
+    /// How long a session may sit idle in a transaction before Postgres ends it (the relay's
+    /// takeover timeout: a hung relay's claimed rows go back to the others after this long).
+    pub takeover_timeout: std::time::Duration,
+}
 /// Opens a pool of up to `max_connections` to the configured database. Relay sessions carry an
 /// `application_name` (visible in `pg_stat_activity`) and `relay.takeover_timeout` as their
 /// `idle_in_transaction_session_timeout`, so rows locked by a relay that hangs are freed by
@@ -88,43 +97,40 @@ pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
 /// retry and dead marks) can be lost in a Postgres crash without losing an event, since an
 /// unmarked row is published again, so marks need not wait for the WAL flush, which on a disk
 /// shared with RabbitMQ competes with the broker's own fsyncs.
-pub async fn connect(settings: &crate::Settings, max_connections: u32) -> Result<PgPool> {
-    open(settings, max_connections, "off").await
+pub async fn connect(target: Target<'_>, max_connections: u32) -> Result<PgPool> {
+    open(target, max_connections, "off").await
 }
 
 /// A one-connection pool for an operator command (`replay`, `dead retry`, `cleanup`…). Unlike
 /// the relay's marks, what these commit must survive a Postgres crash once the command has
 /// said it is done, so they commit synchronously.
-pub async fn connect_for_command(settings: &crate::Settings) -> Result<PgPool> {
-    open(settings, 1, "on").await
+pub async fn connect_for_command(target: Target<'_>) -> Result<PgPool> {
+    open(target, 1, "on").await
 }
 
 async fn open(
-    settings: &crate::Settings,
+    target: Target<'_>,
     max_connections: u32,
     synchronous_commit: &str,
 ) -> Result<PgPool> {
-    let options = session_options(settings, synchronous_commit)?;
-    ping(settings).await?;
+    let options = session_options(target, synchronous_commit)?;
+    ping(target).await?;
     Ok(lazy(options, max_connections))
 }
 
 /// The relay's pool without connecting yet (only the URL is checked): what `postbox run` serves
 /// its health endpoints with while it waits for Postgres ([`ping`]).
-pub fn connect_lazy(settings: &crate::Settings, max_connections: u32) -> Result<PgPool> {
-    Ok(lazy(session_options(settings, "off")?, max_connections))
+pub fn connect_lazy(target: Target<'_>, max_connections: u32) -> Result<PgPool> {
+    Ok(lazy(session_options(target, "off")?, max_connections))
 }
 
 /// One direct connection, closed at once: the pool would retry until its acquire timeout and
 /// then report only "timed out", where this says what actually failed (refused, auth, no such
 /// database).
-pub async fn ping(settings: &crate::Settings) -> Result<()> {
+pub async fn ping(target: Target<'_>) -> Result<()> {
     use crate::error::Context;
-    let options = session_options(settings, "off")?;
-    let what = format!(
-        "connecting to {}",
-        crate::config::redact_url(&settings.database_url)
-    );
+    let options = session_options(target, "off")?;
+    let what = format!("connecting to {}", crate::redact::redact_url(target.url));
     sqlx::Connection::close(
         <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
             .await
@@ -135,30 +141,28 @@ pub async fn ping(settings: &crate::Settings) -> Result<()> {
 }
 
 fn session_options(
-    settings: &crate::Settings,
+    target: Target<'_>,
     synchronous_commit: &str,
 ) -> Result<sqlx::postgres::PgConnectOptions> {
     use crate::error::Context;
     use std::str::FromStr;
 
-    let idle_timeout_ms = settings.relay.takeover_timeout.as_millis().to_string();
-    Ok(
-        sqlx::postgres::PgConnectOptions::from_str(&settings.database_url)
-            .context("parsing database_url")?
-            .application_name("postbox")
-            .options([
-                (
-                    "idle_in_transaction_session_timeout",
-                    idle_timeout_ms.as_str(),
-                ),
-                ("synchronous_commit", synchronous_commit),
-                // postbox's statements are short and run thousands of times a second; once a
-                // prepared claim switches to a generic plan whose estimate crosses
-                // jit_above_cost, compiling it took ~400 ms per execution (measured on a
-                // 100-key backlog behind 100,000 published rows).
-                ("jit", "off"),
-            ]),
-    )
+    let idle_timeout_ms = target.takeover_timeout.as_millis().to_string();
+    Ok(sqlx::postgres::PgConnectOptions::from_str(target.url)
+        .context("parsing database_url")?
+        .application_name("postbox")
+        .options([
+            (
+                "idle_in_transaction_session_timeout",
+                idle_timeout_ms.as_str(),
+            ),
+            ("synchronous_commit", synchronous_commit),
+            // postbox's statements are short and run thousands of times a second; once a
+            // prepared claim switches to a generic plan whose estimate crosses
+            // jit_above_cost, compiling it took ~400 ms per execution (measured on a
+            // 100-key backlog behind 100,000 published rows).
+            ("jit", "off"),
+        ]))
 }
 
 fn lazy(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {

@@ -5,8 +5,8 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
-use crate::config::Vacuum;
 use crate::error::{Context, Result};
+use crate::Vacuum;
 
 /// `postbox.outbox_status`, one row.
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -8,7 +8,6 @@ use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use crate::error::{Context, Result};
-use crate::outbox::{Message, Payload};
 
 /// The insert of `insert_many`, with `$conflict` between the rows and `returning`.
 macro_rules! insert_many_sql {
@@ -42,16 +41,46 @@ const INSERT_MANY_IDEMPOTENT: &str = insert_many_sql!("on conflict (message_id) 
 /// plain insert, cheaper than checking each id for a conflict first.
 const INSERT_MANY_NEW: &str = insert_many_sql!("");
 
-/// Inserts `messages` (with the ids chosen for them) in one statement. Returns the outbox id of
-/// each row that was new, by message id; rows whose message id already existed are left alone.
-/// `fresh`: every id was drawn just now rather than given by the caller, so none can exist.
+/// One row to insert, column by column.
+pub struct NewRow<'a> {
+    /// `message_id`.
+    pub message_id: Uuid,
+    /// `exchange`.
+    pub exchange: &'a str,
+    /// `routing_key`.
+    pub routing_key: &'a str,
+    /// `partition_key`.
+    pub partition_key: Option<&'a str>,
+    /// `payload` (text) or `payload_bytes`.
+    pub payload: Body<'a>,
+    /// `content_type`.
+    pub content_type: &'a str,
+    /// `headers`, a JSON object as text.
+    pub headers: String,
+    /// `available_at`, if given as a time.
+    pub available_at: Option<DateTime<Utc>>,
+    /// `available_at` as a delay from the insert's `now()`, in milliseconds.
+    pub delay_ms: Option<f64>,
+}
+
+/// Which payload column a row fills.
+pub enum Body<'a> {
+    /// `payload`: text stored as written.
+    Text(&'a str),
+    /// `payload_bytes`.
+    Bytes(&'a [u8]),
+}
+
+/// Inserts `rows` in one statement. Returns the outbox id of each row that was new, by message
+/// id; rows whose message id already existed are left alone. `fresh`: every id was drawn just
+/// now rather than given by the caller, so none can exist.
 pub async fn insert_many<'e, E: PgExecutor<'e>>(
     executor: E,
-    ids: &[Uuid],
-    messages: &[Message],
+    rows: &[NewRow<'_>],
     fresh: bool,
 ) -> Result<HashMap<Uuid, i64>> {
-    let n = messages.len();
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
     let mut exchange = Vec::with_capacity(n);
     let mut routing_key = Vec::with_capacity(n);
     let mut partition_key = Vec::with_capacity(n);
@@ -61,32 +90,33 @@ pub async fn insert_many<'e, E: PgExecutor<'e>>(
     let mut headers = Vec::with_capacity(n);
     let mut available_at = Vec::with_capacity(n);
     let mut delay_ms = Vec::with_capacity(n);
-    for m in messages {
-        exchange.push(m.exchange.as_str());
-        routing_key.push(m.routing_key.as_str());
-        partition_key.push(m.partition_key.as_deref());
-        match &m.payload {
-            Payload::Text(t) => {
-                text.push(Some(t.as_str()));
+    for row in rows {
+        ids.push(row.message_id);
+        exchange.push(row.exchange);
+        routing_key.push(row.routing_key);
+        partition_key.push(row.partition_key);
+        match row.payload {
+            Body::Text(t) => {
+                text.push(Some(t));
                 bytes.push(None);
             }
-            Payload::Bytes(b) => {
+            Body::Bytes(b) => {
                 text.push(None);
-                bytes.push(Some(b.as_slice()));
+                bytes.push(Some(b));
             }
         }
-        content_type.push(m.content_type.as_str());
-        headers.push(serde_json::Value::Object(m.headers.clone()).to_string());
-        available_at.push(m.available_at);
-        delay_ms.push(m.delay.map(|d| d.as_secs_f64() * 1000.0));
+        content_type.push(row.content_type);
+        headers.push(row.headers.as_str());
+        available_at.push(row.available_at);
+        delay_ms.push(row.delay_ms);
     }
     let statement = if fresh {
         INSERT_MANY_NEW
     } else {
         INSERT_MANY_IDEMPOTENT
     };
-    let rows = sqlx::query(statement)
-        .bind(ids)
+    let inserted = sqlx::query(statement)
+        .bind(&ids)
         .bind(&exchange)
         .bind(&routing_key)
         .bind(&partition_key)
@@ -99,7 +129,8 @@ pub async fn insert_many<'e, E: PgExecutor<'e>>(
         .fetch_all(executor)
         .await
         .context(format!("inserting {n} message(s) into postbox.outbox"))?;
-    rows.iter()
+    inserted
+        .iter()
         .map(|row| Ok((row.try_get("message_id")?, row.try_get("id")?)))
         .collect::<Result<_, sqlx::Error>>()
         .context("reading inserted outbox ids")
@@ -173,7 +204,7 @@ pub async fn number<'e, E: PgExecutor<'e>>(executor: E, limit: u32) -> Result<Op
 // (checking at insert would cost every producer's transaction; see the migration
 // 20261205000002_cheaper_outbox_row.sql): such a row is refused, that is marked dead with the
 // reason, instead of being sent. The rules on lengths and headers are checked where the row is
-// encoded (`amqp::message::outgoing`).
+// encoded (`relay::encode::outgoing`).
 const CLAIM: &str = r#"
 select id, message_id, exchange, routing_key, partition_key, seq, payload, payload_bytes,
        content_type, headers::text as headers, attempts,

@@ -141,7 +141,7 @@ impl Report {
 
 /// Rows a relay with this batch size and window can hold at once: the most one fault can
 /// send twice.
-pub fn in_flight_rows(settings: &postbox::config::RelaySettings) -> usize {
+pub fn in_flight_rows(settings: &postbox::RelayOptions) -> usize {
     settings.batch_size as usize * (3 * settings.max_in_flight_batches as usize)
 }
 

@@ -217,7 +217,8 @@ impl RunningRelay {
     pub async fn start(settings: Settings) -> Self {
         // The relay's warnings show up in a failing test's output.
         postbox::telemetry::init();
-        let handle = postbox::Relay::connect(&settings)
+        let handle = settings
+            .relay()
             .await
             .expect("relay connects to Postgres")
             .spawn();

@@ -1,9 +1,11 @@
-//! Turning an outbox row into an AMQP message: properties and headers.
+//! Turning an outbox row into an AMQP message: properties and headers. The relay owns this
+//! encoding; `amqp` only carries what it produces.
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use serde_json::Value;
 
+use crate::amqp::Outgoing;
 use crate::contract::{
     HEADER_CREATED_AT, HEADER_OUTBOX_ID, HEADER_PARTITION_KEY, HEADER_SEQ, HEADER_SOURCE,
 };
@@ -11,19 +13,6 @@ use crate::store::outbox::ClaimedRow;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
-
-/// The AMQP pieces of one row, checked so publishing it cannot fail on our side.
-pub struct Outgoing {
-    /// Exchange, as an AMQP short string.
-    pub exchange: ShortString,
-    /// Routing key, as an AMQP short string.
-    pub routing_key: ShortString,
-    /// Persistent properties with message id, content type, timestamp and headers.
-    pub properties: BasicProperties,
-    /// Bytes the properties take on the wire (an upper bound): they travel in one frame, which
-    /// the broker's `frame_max` limits.
-    pub properties_bytes: usize,
-}
 
 /// Room for every property but the headers: content type (≤ 256), message id, app id,
 /// delivery mode, timestamp, property flags and the content header's own fields.

@@ -1,0 +1,317 @@
+//! The relay's options: what a service embedding the relay sets, and what the `[relay]`
+//! section of `postbox run`'s configuration maps onto.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::Vacuum;
+
+/// How the relay claims, publishes and retries. Start from `RelayOptions::default()` and change
+/// what you need with the methods named after the fields:
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox::relay::RelayOptions;
+///
+/// let options = RelayOptions::default()
+///     .batch_size(1_000)
+///     .retention(Duration::from_secs(3 * 24 * 3600));
+/// assert!(options.validate().is_ok());
+/// ```
+///
+/// In the configuration file these are the `[relay]` section; a missing key keeps its default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RelayOptions {
+    /// Rows claimed and published per batch.
+    pub batch_size: u32,
+    /// Batches published and still awaiting their confirms (the broker window). Up to three
+    /// times as many are open in Postgres, so the next batches are claimed while earlier ones are
+    /// confirmed and marked.
+    pub max_in_flight_batches: u32,
+    /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a batch may wait for its publisher confirms before its rows count as failed.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Payloads larger than this many bytes are marked dead without being sent (a broker
+    /// refuses messages above its `max_message_size`, by closing the channel). The default,
+    /// 16 MiB, is RabbitMQ 4's `max_message_size`; 3.x allows 128 MiB.
+    pub max_message_bytes: usize,
+    /// How long rows claimed by a relay that stopped responding (paused, partitioned, hung with
+    /// its connection open) stay locked: Postgres ends such a session after this long idle in
+    /// its transaction, and other relays take its rows. At least 2 × `confirm_timeout` + 1s,
+    /// since a batch's transaction sits idle while it waits for a window slot and its confirms.
+    #[serde(with = "humantime_serde")]
+    pub takeover_timeout: Duration,
+    /// Failed attempts after which a row is marked dead.
+    pub max_attempts: u32,
+    /// A dead keyed row parks its stream: consumers hold the stream's later messages until an
+    /// operator releases the row (its number is then skipped) or retries it (`false`: released
+    /// at once, so consumers move on past it).
+    pub dead_rows_park_keys: bool,
+    /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_delay: Duration,
+    /// Upper bound of the retry backoff.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// On SIGTERM, how long in-flight batches may take to finish before they are released.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Whether published rows stay in the outbox (`published_at` set) until `retention` deletes
+    /// them. `false`: each row is deleted by the statement that would mark it, which saves
+    /// Postgres about a third of its work per row but leaves no history: nothing to replay or
+    /// reconcile, and a producer's retry with the same message id after the publish enqueues it
+    /// again.
+    pub keep_published: bool,
+    /// Published rows older than this are deleted (replay can reach back this far); `0s` keeps
+    /// them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the relay deletes published rows older than `retention`.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round.
+    pub vacuum: Vacuum,
+    /// How often the relay refreshes its row in `postbox.relays`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_in_flight_batches: 4,
+            poll_interval: Duration::from_secs(2),
+            confirm_timeout: Duration::from_secs(30),
+            max_message_bytes: 16 * 1024 * 1024,
+            takeover_timeout: Duration::from_secs(90),
+            max_attempts: 10,
+            dead_rows_park_keys: true,
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(5 * 60),
+            shutdown_timeout: Duration::from_secs(30),
+            keep_published: true,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(5 * 60),
+            vacuum: Vacuum::Auto,
+            heartbeat_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RelayOptions {
+    /// Sets [`batch_size`](Self::batch_size).
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`max_in_flight_batches`](Self::max_in_flight_batches).
+    pub fn max_in_flight_batches(mut self, max_in_flight_batches: u32) -> Self {
+        self.max_in_flight_batches = max_in_flight_batches;
+        self
+    }
+
+    /// Sets [`poll_interval`](Self::poll_interval).
+    pub fn poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    /// Sets [`confirm_timeout`](Self::confirm_timeout).
+    pub fn confirm_timeout(mut self, confirm_timeout: Duration) -> Self {
+        self.confirm_timeout = confirm_timeout;
+        self
+    }
+
+    /// Sets [`max_message_bytes`](Self::max_message_bytes).
+    pub fn max_message_bytes(mut self, max_message_bytes: usize) -> Self {
+        self.max_message_bytes = max_message_bytes;
+        self
+    }
+
+    /// Sets [`takeover_timeout`](Self::takeover_timeout).
+    pub fn takeover_timeout(mut self, takeover_timeout: Duration) -> Self {
+        self.takeover_timeout = takeover_timeout;
+        self
+    }
+
+    /// Sets [`max_attempts`](Self::max_attempts).
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sets [`dead_rows_park_keys`](Self::dead_rows_park_keys).
+    pub fn dead_rows_park_keys(mut self, dead_rows_park_keys: bool) -> Self {
+        self.dead_rows_park_keys = dead_rows_park_keys;
+        self
+    }
+
+    /// Sets [`retry_initial_delay`](Self::retry_initial_delay).
+    pub fn retry_initial_delay(mut self, retry_initial_delay: Duration) -> Self {
+        self.retry_initial_delay = retry_initial_delay;
+        self
+    }
+
+    /// Sets [`retry_max_delay`](Self::retry_max_delay).
+    pub fn retry_max_delay(mut self, retry_max_delay: Duration) -> Self {
+        self.retry_max_delay = retry_max_delay;
+        self
+    }
+
+    /// Sets [`shutdown_timeout`](Self::shutdown_timeout).
+    pub fn shutdown_timeout(mut self, shutdown_timeout: Duration) -> Self {
+        self.shutdown_timeout = shutdown_timeout;
+        self
+    }
+
+    /// Sets [`keep_published`](Self::keep_published).
+    pub fn keep_published(mut self, keep_published: bool) -> Self {
+        self.keep_published = keep_published;
+        self
+    }
+
+    /// Sets [`retention`](Self::retention).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`cleanup_interval`](Self::cleanup_interval).
+    pub fn cleanup_interval(mut self, cleanup_interval: Duration) -> Self {
+        self.cleanup_interval = cleanup_interval;
+        self
+    }
+
+    /// Sets [`vacuum`](Self::vacuum).
+    pub fn vacuum(mut self, vacuum: Vacuum) -> Self {
+        self.vacuum = vacuum;
+        self
+    }
+
+    /// Sets [`heartbeat_interval`](Self::heartbeat_interval).
+    pub fn heartbeat_interval(mut self, heartbeat_interval: Duration) -> Self {
+        self.heartbeat_interval = heartbeat_interval;
+        self
+    }
+
+    /// Checks every value and names the first bad one: the setting (as the configuration file
+    /// writes it), the value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let relay = self;
+        if !(1..=10_000).contains(&relay.batch_size) {
+            return Err(invalid(
+                "relay.batch_size",
+                relay.batch_size,
+                "a whole number from 1 to 10000",
+            ));
+        }
+        if !(1..=64).contains(&relay.max_in_flight_batches) {
+            return Err(invalid(
+                "relay.max_in_flight_batches",
+                relay.max_in_flight_batches,
+                "a whole number from 1 to 64",
+            ));
+        }
+        if !(1..=512 * 1024 * 1024).contains(&relay.max_message_bytes) {
+            return Err(invalid(
+                "relay.max_message_bytes",
+                relay.max_message_bytes,
+                "a whole number of bytes from 1 to 536870912 (RabbitMQ's hard limit, 512 MiB)",
+            ));
+        }
+        // A claimed batch's transaction idles while the batch waits for a broker-window slot
+        // (up to one confirm_timeout) and then for its own confirms (another).
+        let least = relay
+            .confirm_timeout
+            .checked_mul(2)
+            .and_then(|d| d.checked_add(Duration::from_secs(1)));
+        if least.is_none_or(|least| relay.takeover_timeout < least) {
+            return Err(invalid(
+                "relay.takeover_timeout",
+                humantime::format_duration(relay.takeover_timeout),
+                "at least 2 × relay.confirm_timeout + 1s (a claimed batch may wait one \
+                 confirm_timeout for a window slot and another for its own confirms)",
+            ));
+        }
+        // `attempts` is a Postgres integer.
+        if relay.max_attempts == 0 || relay.max_attempts > i32::MAX as u32 {
+            return Err(invalid(
+                "relay.max_attempts",
+                relay.max_attempts,
+                "a whole number from 1 to 2147483647",
+            ));
+        }
+        for (setting, value) in [
+            ("relay.poll_interval", relay.poll_interval),
+            ("relay.confirm_timeout", relay.confirm_timeout),
+            ("relay.retry_initial_delay", relay.retry_initial_delay),
+            ("relay.retry_max_delay", relay.retry_max_delay),
+            ("relay.cleanup_interval", relay.cleanup_interval),
+            ("relay.heartbeat_interval", relay.heartbeat_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(
+                    setting,
+                    humantime::format_duration(value),
+                    "a duration above zero, such as \"500ms\" or \"2s\"",
+                ));
+            }
+        }
+        for (setting, value) in [
+            ("relay.poll_interval", relay.poll_interval),
+            ("relay.confirm_timeout", relay.confirm_timeout),
+            ("relay.retry_initial_delay", relay.retry_initial_delay),
+            ("relay.retry_max_delay", relay.retry_max_delay),
+            ("relay.shutdown_timeout", relay.shutdown_timeout),
+            ("relay.retention", relay.retention),
+            ("relay.cleanup_interval", relay.cleanup_interval),
+            ("relay.heartbeat_interval", relay.heartbeat_interval),
+        ] {
+            if value > LONGEST {
+                return Err(invalid(
+                    setting,
+                    humantime::format_duration(value),
+                    "a duration of at most 100 years",
+                ));
+            }
+        }
+        // Postgres's idle_in_transaction_session_timeout, which enforces it, is an int of ms.
+        if relay.takeover_timeout > Duration::from_millis(i32::MAX as u64) {
+            return Err(invalid(
+                "relay.takeover_timeout",
+                humantime::format_duration(relay.takeover_timeout),
+                "at most 24d 20h 31m 23s 647ms (Postgres's longest \
+                 idle_in_transaction_session_timeout)",
+            ));
+        }
+        if relay.retry_max_delay < relay.retry_initial_delay {
+            return Err(invalid(
+                "relay.retry_max_delay",
+                humantime::format_duration(relay.retry_max_delay),
+                "at least relay.retry_initial_delay",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Far enough for any real setting, near enough that no deadline computed from one overflows.
+pub(crate) const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A setting's value is not allowed: names the setting, the value and what is.
+pub(crate) fn invalid(setting: &'static str, value: impl ToString, allowed: &str) -> Error {
+    Error::Config {
+        setting,
+        value: value.to_string(),
+        reason: format!("expected {allowed}"),
+    }
+}
