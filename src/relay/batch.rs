@@ -6,9 +6,6 @@ use lapin::PublisherConfirm;
 use sqlx::{Postgres, Transaction};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::Stats;
-use crate::error::Context;
-use crate::store::operations::wake_relays;
 use crate::store::outbox::{ClaimedRow, Completion};
 
 /// Rows claimed in one transaction. The transaction holds their row locks until the completer
@@ -20,37 +17,6 @@ pub(crate) struct Batch {
     /// One of the open-batch slots (each holds a database connection), given back once the
     /// batch is marked.
     pub permit: OwnedSemaphorePermit,
-}
-
-/// How long a release may take before the batch is simply dropped (rolled back unannounced).
-const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl Batch {
-    /// Gives the rows back unmarked, and tells every relay at once (rather than at its next
-    /// poll) that they are free: the transaction only locked them, so committing it releases
-    /// them as a rollback would, and delivers the notification in the same moment.
-    pub async fn release(self, stats: &Stats) {
-        let rows = self.rows.len() as u64;
-        let mut tx = self.tx;
-        let release = async {
-            wake_relays(&mut *tx).await?;
-            tx.commit().await.context("releasing a batch")
-        };
-        match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
-            Ok(Ok(())) => {}
-            // The session is gone, and its locks with it: the rows are free, and other relays
-            // find them on their next poll.
-            Ok(Err(error)) => tracing::debug!(%error, "relay: could not announce a released batch"),
-            // Postgres does not answer: the transaction rolls back when dropped, but the locks
-            // stay until Postgres ends the session (at the latest `takeover_timeout`).
-            Err(_) => tracing::warn!(
-                rows,
-                "relay: giving back a batch timed out; its rows stay locked until Postgres ends the session"
-            ),
-        }
-        stats.record(0, 0, 0, rows);
-        metrics::counter!("postbox_released_total").increment(rows);
-    }
 }
 
 /// What publishing did with one row.

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
 
-use super::batch::Decided;
+use super::batch::{Batch, Decided};
 use super::Stats;
 
 use crate::error::{Context, Result};
+use crate::store::operations::wake_relays;
 use crate::store::outbox::{self, Completion};
 
 /// Persists decisions on the transaction that claimed the batch: if that transaction is gone
@@ -75,7 +76,7 @@ impl Completer {
         if completions.is_empty() {
             // Nothing was decided (the broker connection went away): the rows go back as
             // they are, and other relays hear of it.
-            batch.release(&self.stats).await;
+            release(batch, &self.stats).await;
             return Ok(());
         }
         let mut tx = batch.tx;
@@ -138,4 +139,33 @@ impl Completer {
         drop(batch.permit);
         Ok(())
     }
+}
+
+/// How long a release may take before the batch is simply dropped (rolled back unannounced).
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Gives `batch`'s rows back unmarked, and tells every relay at once (rather than at its next
+/// poll) that they are free: the transaction only locked them, so committing it releases them
+/// as a rollback would, and delivers the notification in the same moment.
+async fn release(batch: Batch, stats: &Stats) {
+    let rows = batch.rows.len() as u64;
+    let mut tx = batch.tx;
+    let release = async {
+        wake_relays(&mut *tx).await?;
+        tx.commit().await.context("releasing a batch")
+    };
+    match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
+        Ok(Ok(())) => {}
+        // The session is gone, and its locks with it: the rows are free, and other relays
+        // find them on their next poll.
+        Ok(Err(error)) => tracing::debug!(%error, "relay: could not announce a released batch"),
+        // Postgres does not answer: the transaction rolls back when dropped, but the locks
+        // stay until Postgres ends the session (at the latest `takeover_timeout`).
+        Err(_) => tracing::warn!(
+            rows,
+            "relay: giving back a batch timed out; its rows stay locked until Postgres ends the session"
+        ),
+    }
+    stats.record(0, 0, 0, rows);
+    metrics::counter!("postbox_released_total").increment(rows);
 }

@@ -297,6 +297,7 @@ impl Relay {
         let publisher = tokio::spawn(publisher.run(
             claimed_rx,
             published_tx,
+            decided_tx.clone(),
             shutdown.clone(),
             hard_stop.clone(),
         ));

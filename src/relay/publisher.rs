@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use super::batch::{Batch, ChannelLease, Published, Sent, WindowSlot};
+use super::batch::{Batch, ChannelLease, Decided, Published, Sent, WindowSlot};
 use crate::amqp::Outgoing;
 use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
@@ -79,18 +79,25 @@ impl Publisher {
 
     /// Publishes until the claimer is done (its channel closes) or `hard_stop` is cancelled.
     /// Once `shutdown` begins, waiting for the broker to come back is pointless: batches not
-    /// yet published are released rather than held until `hard_stop`.
+    /// yet published are given back rather than held until `hard_stop`. A batch it cannot
+    /// publish goes to the completer undecided (`give_back`), which releases its rows: the
+    /// publisher writes nothing to Postgres.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Batch>,
         out: mpsc::Sender<Published>,
+        give_back: mpsc::Sender<Decided>,
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
     ) {
         loop {
             // Connect at once (readiness reflects the broker before there is anything to
             // publish), and after a loss reconnect before taking the next batch.
-            if !self.connected() && !self.reconnect(&mut input, &shutdown, &hard_stop).await {
+            if !self.connected()
+                && !self
+                    .reconnect(&mut input, &give_back, &shutdown, &hard_stop)
+                    .await
+            {
                 break;
             }
             let waiting_since = std::time::Instant::now();
@@ -118,7 +125,7 @@ impl Publisher {
             if !self.stats.broker.usable() || !self.connected() {
                 // Lost or blocked while the batch waited: hand it back rather than hold its
                 // rows through the reconnect or the alarm.
-                batch.release(&self.stats).await;
+                hand_back(&give_back, batch).await;
                 continue;
             }
             let block_changes = self.stats.broker.block_changes();
@@ -157,14 +164,14 @@ impl Publisher {
                         rows = batch.rows.len(),
                         "relay: the broker blocks publishing; the batch goes back to pending without using an attempt"
                     );
-                    batch.release(&self.stats).await;
+                    hand_back(&give_back, batch).await;
                     continue;
                 }
             };
             let Some((lease, sent)) = written else {
                 // The connection went away: the rows go back, and the next round reconnects
                 // (or stops).
-                batch.release(&self.stats).await;
+                hand_back(&give_back, batch).await;
                 continue;
             };
             let written_at = std::time::Instant::now();
@@ -201,13 +208,14 @@ impl Publisher {
         if !hard_stop.is_cancelled() {
             input.close();
             while let Some(batch) = input.recv().await {
-                batch.release(&self.stats).await;
+                hand_back(&give_back, batch).await;
             }
         }
         // Lets the confirmer finish once it has drained what it holds. Batches handed on still
         // wait for their confirms on this connection: keep it open until the relay says the
         // pipeline has drained (or gave up on it).
         drop(out);
+        drop(give_back);
         hard_stop.cancelled().await;
         self.stats.broker.set_connected(false);
         self.watcher = None;
@@ -222,11 +230,11 @@ impl Publisher {
     async fn reconnect(
         &mut self,
         input: &mut mpsc::Receiver<Batch>,
+        give_back: &mpsc::Sender<Decided>,
         shutdown: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> bool {
         self.stats.broker.set_connected(false);
-        let stats = self.stats.clone();
         let connect = self.channel(shutdown, true);
         tokio::pin!(connect);
         loop {
@@ -244,7 +252,7 @@ impl Publisher {
                     return true;
                 }
                 batch = input.recv() => match batch {
-                    Some(batch) => batch.release(&stats).await,
+                    Some(batch) => hand_back(give_back, batch).await,
                     None => return false,
                 },
             }
@@ -495,6 +503,21 @@ impl Limits<'_> {
         }
         Ok(())
     }
+}
+
+/// Sends `batch` to the completer undecided: it releases the rows and tells the other relays.
+/// Should the completer be gone (the relay is stopping), dropping the batch rolls it back,
+/// which releases the rows as well.
+async fn hand_back(give_back: &mpsc::Sender<Decided>, batch: Batch) {
+    let now = std::time::Instant::now();
+    let _ = give_back
+        .send(Decided {
+            batch,
+            completions: Vec::new(),
+            published_at: now,
+            confirmed_at: now,
+        })
+        .await;
 }
 
 /// Publishes each row (mandatory, persistent) and collects the pending confirms.
