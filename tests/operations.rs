@@ -6,7 +6,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::http::{free_port, http_get};
-use common::{postbox_command, wait_until, Rabbit, RunningRelay, Stage, TestDb};
+use common::{postbox_command, wait_until, Rabbit, RelayProcess, RunningRelay, Stage, TestDb};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -256,45 +256,16 @@ async fn the_running_relay_applies_retention() {
     relay.stop().await;
 }
 
-/// A `postbox run` child, killed if the test ends without stopping it.
-struct Daemon(std::process::Child);
-
-impl Daemon {
-    fn start(database_url: &str, amqp_url: &str, port: u16) -> Self {
-        let child = postbox_command()
-            .args(["run", "--metrics-addr", &port.to_string()])
-            .env("DATABASE_URL", database_url)
-            .env("AMQP_URL", amqp_url)
-            .env("POSTBOX_READINESS_MAX_LAG", "30s")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start postbox run");
-        Self(child)
-    }
-
-    /// SIGTERM, then the exit code.
-    async fn stop(mut self) -> Option<i32> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let child = &mut self.0;
-        wait_until("postbox to exit", DEADLINE, || {
-            let status = child.try_wait().expect("try_wait");
-            async move { status }
-        })
-        .await
-        .code()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `postbox run` serving metrics and health on `port`, with a 30 s readiness lag bound.
+fn daemon(database_url: &str, amqp_url: &str, port: u16) -> RelayProcess {
+    RelayProcess::spawn(
+        database_url,
+        &[
+            ("AMQP_URL", amqp_url),
+            ("POSTBOX_METRICS_ADDR", &port.to_string()),
+            ("POSTBOX_READINESS_MAX_LAG", "30s"),
+        ],
+    )
 }
 
 #[tokio::test]
@@ -306,7 +277,7 @@ async fn metrics_health_and_readiness_over_http() {
         mut inbox,
     } = Stage::start().await;
     let port = free_port();
-    let daemon = Daemon::start(&db.url, &common::amqp_url(), port);
+    let daemon = daemon(&db.url, &common::amqp_url(), port);
 
     let (_, body) = wait_until("/readyz to answer 200", DEADLINE, || async {
         http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)
@@ -347,7 +318,7 @@ async fn metrics_health_and_readiness_over_http() {
             "{expected} missing from:\n{metrics}"
         );
     }
-    assert_eq!(daemon.stop().await, Some(0));
+    assert_eq!(daemon.stop(DEADLINE).await, Some(0));
 }
 
 #[tokio::test]
@@ -361,7 +332,7 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
     .await;
     let port = free_port();
     // Nothing listens on port 1: the relay keeps retrying the broker, the row keeps ageing.
-    let daemon = Daemon::start(&db.url, "amqp://guest:guest@127.0.0.1:1/%2f", port);
+    let daemon = daemon(&db.url, "amqp://guest:guest@127.0.0.1:1/%2f", port);
     let (_, body) = wait_until("/readyz to answer 503", DEADLINE, || async {
         http_get(port, "/readyz").await.filter(|(s, _)| *s == 503)
     })
@@ -381,7 +352,7 @@ async fn readiness_fails_on_a_growing_backlog_and_a_missing_broker() {
         Some(200),
         "alive all the same"
     );
-    assert_eq!(daemon.stop().await, Some(0));
+    assert_eq!(daemon.stop(DEADLINE).await, Some(0));
 }
 
 /// A dead keyed row parks its stream (when keys park): counted apart, since consumers wait
@@ -431,7 +402,7 @@ async fn parked_streams_are_counted_and_the_lag_covers_every_pending_row() {
 async fn health_answers_while_postgres_is_unreachable_at_start() {
     let port = free_port();
     let nowhere = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
-    let daemon = Daemon::start(&nowhere, &common::amqp_url(), port);
+    let daemon = daemon(&nowhere, &common::amqp_url(), port);
     wait_until("/healthz to answer", DEADLINE, || async {
         http_get(port, "/healthz")
             .await
@@ -443,7 +414,7 @@ async fn health_answers_while_postgres_is_unreachable_at_start() {
     let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_ne!(ready["checks"]["database"], "ok", "{body}");
     assert_eq!(
-        daemon.stop().await,
+        daemon.stop(DEADLINE).await,
         Some(0),
         "stopped while waiting: nothing to lose"
     );
