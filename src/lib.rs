@@ -27,6 +27,21 @@
 
 #![cfg_attr(not(feature = "cli"), allow(dead_code))]
 
+/// Builder-style setters for an options struct's public fields: `options.field(value)` returns
+/// the options with `field` set, so non-exhaustive options build from `Default` in one
+/// expression.
+macro_rules! setters {
+    ($($field:ident: $type:ty),* $(,)?) => {
+        $(
+            #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+            pub fn $field(mut self, $field: $type) -> Self {
+                self.$field = $field;
+                self
+            }
+        )*
+    };
+}
+
 mod amqp;
 #[cfg(feature = "cli")]
 mod bench;
@@ -44,6 +59,7 @@ mod reconnect;
 mod redact;
 pub mod relay;
 mod retry;
+pub mod running;
 mod store;
 #[cfg(feature = "cli")]
 pub mod telemetry;

@@ -106,25 +106,7 @@ pub struct Consumer<H> {
 }
 
 /// A consumer running on its own task (from [`Consumer::spawn`]).
-pub struct ConsumerHandle {
-    shutdown: CancellationToken,
-    stats: Arc<ConsumerStats>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ConsumerHandle {
-    /// The running consumer's counters.
-    pub fn stats(&self) -> Arc<ConsumerStats> {
-        self.stats.clone()
-    }
-
-    /// Graceful stop: no new deliveries are started, running handlers finish (up to
-    /// `shutdown_timeout`). An error means the consumer's task panicked.
-    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
-        self.shutdown.cancel();
-        self.task.await
-    }
-}
+pub type ConsumerHandle = crate::running::Running<ConsumerStats>;
 
 impl Consumer<()> {
     /// Starts describing a consumer that writes through `pool` (whose database must have the
@@ -225,19 +207,11 @@ impl<H: Handler> Consumer<H> {
 
     /// Runs the consumer on its own task.
     pub fn spawn(self) -> ConsumerHandle {
-        let stats = self.stats();
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(error) = self.run(token).await {
+        ConsumerHandle::spawn(self.stats(), |shutdown| async move {
+            if let Err(error) = self.run(shutdown).await {
                 tracing::error!(%error, "consumer stopped");
             }
-        });
-        ConsumerHandle {
-            shutdown,
-            stats,
-            task,
-        }
+        })
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting (with backoff) whenever the broker

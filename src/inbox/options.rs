@@ -136,88 +136,21 @@ impl Default for ConsumerOptions {
 }
 
 impl ConsumerOptions {
-    /// Sets [`prefetch`](Self::prefetch).
-    pub fn prefetch(mut self, prefetch: u16) -> Self {
-        self.prefetch = prefetch;
-        self
-    }
-
-    /// Sets [`concurrency`](Self::concurrency).
-    pub fn concurrency(mut self, concurrency: usize) -> Self {
-        self.concurrency = concurrency;
-        self
-    }
-
-    /// Sets [`batch_size`](Self::batch_size).
-    pub fn batch_size(mut self, batch_size: usize) -> Self {
-        self.batch_size = batch_size;
-        self
-    }
-
-    /// Sets [`max_attempts`](Self::max_attempts).
-    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.max_attempts = max_attempts;
-        self
-    }
-
-    /// Sets [`retry_initial_delay`](Self::retry_initial_delay).
-    pub fn retry_initial_delay(mut self, retry_initial_delay: Duration) -> Self {
-        self.retry_initial_delay = retry_initial_delay;
-        self
-    }
-
-    /// Sets [`retry_max_delay`](Self::retry_max_delay).
-    pub fn retry_max_delay(mut self, retry_max_delay: Duration) -> Self {
-        self.retry_max_delay = retry_max_delay;
-        self
-    }
-
-    /// Sets [`dead_letter`](Self::dead_letter).
-    pub fn dead_letter(mut self, dead_letter: DeadLetter) -> Self {
-        self.dead_letter = dead_letter;
-        self
-    }
-
-    /// Sets [`on_malformed`](Self::on_malformed).
-    pub fn on_malformed(mut self, on_malformed: MalformedPolicy) -> Self {
-        self.on_malformed = on_malformed;
-        self
-    }
-
-    /// Sets [`versioning`](Self::versioning).
-    pub fn versioning(mut self, versioning: Versioning) -> Self {
-        self.versioning = versioning;
-        self
-    }
-
-    /// Sets [`stream_start_wait`](Self::stream_start_wait).
-    pub fn stream_start_wait(mut self, stream_start_wait: Duration) -> Self {
-        self.stream_start_wait = stream_start_wait;
-        self
-    }
-
-    /// Sets [`dedup_window`](Self::dedup_window).
-    pub fn dedup_window(mut self, dedup_window: Option<Duration>) -> Self {
-        self.dedup_window = dedup_window;
-        self
-    }
-
-    /// Sets [`cleanup_interval`](Self::cleanup_interval).
-    pub fn cleanup_interval(mut self, cleanup_interval: Duration) -> Self {
-        self.cleanup_interval = cleanup_interval;
-        self
-    }
-
-    /// Sets [`vacuum`](Self::vacuum).
-    pub fn vacuum(mut self, vacuum: Vacuum) -> Self {
-        self.vacuum = vacuum;
-        self
-    }
-
-    /// Sets [`shutdown_timeout`](Self::shutdown_timeout).
-    pub fn shutdown_timeout(mut self, shutdown_timeout: Duration) -> Self {
-        self.shutdown_timeout = shutdown_timeout;
-        self
+    setters! {
+        prefetch: u16,
+        concurrency: usize,
+        batch_size: usize,
+        max_attempts: u32,
+        retry_initial_delay: Duration,
+        retry_max_delay: Duration,
+        dead_letter: DeadLetter,
+        on_malformed: MalformedPolicy,
+        versioning: Versioning,
+        stream_start_wait: Duration,
+        dedup_window: Option<Duration>,
+        cleanup_interval: Duration,
+        vacuum: Vacuum,
+        shutdown_timeout: Duration,
     }
 
     /// Checks the options for a consumer of `queue` named `name`, naming the setting at fault.

@@ -149,25 +149,7 @@ impl Stats {
 }
 
 /// A relay running on its own task (from [`Relay::spawn`]).
-pub struct RelayHandle {
-    shutdown: CancellationToken,
-    stats: Arc<Stats>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RelayHandle {
-    /// The running relay's counters.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
-    /// Graceful stop (as on SIGTERM); returns once every stage has ended. An error means the
-    /// relay's task panicked.
-    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
-        self.shutdown.cancel();
-        self.task.await
-    }
-}
+pub type RelayHandle = crate::running::Running<Stats>;
 
 /// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] or [`Relay::spawn`] it.
 ///
@@ -216,14 +198,7 @@ impl Relay {
 
     /// Runs the relay on its own task; stop it with [`RelayHandle::stop`].
     pub fn spawn(self) -> RelayHandle {
-        let stats = self.stats();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(self.run(shutdown.clone()));
-        RelayHandle {
-            shutdown,
-            stats,
-            task,
-        }
+        RelayHandle::spawn(self.stats(), |shutdown| self.run(shutdown))
     }
 
     /// Counters that stay readable while the relay runs.

@@ -107,100 +107,23 @@ impl Default for RelayOptions {
 }
 
 impl RelayOptions {
-    /// Sets [`batch_size`](Self::batch_size).
-    pub fn batch_size(mut self, batch_size: u32) -> Self {
-        self.batch_size = batch_size;
-        self
-    }
-
-    /// Sets [`max_in_flight_batches`](Self::max_in_flight_batches).
-    pub fn max_in_flight_batches(mut self, max_in_flight_batches: u32) -> Self {
-        self.max_in_flight_batches = max_in_flight_batches;
-        self
-    }
-
-    /// Sets [`poll_interval`](Self::poll_interval).
-    pub fn poll_interval(mut self, poll_interval: Duration) -> Self {
-        self.poll_interval = poll_interval;
-        self
-    }
-
-    /// Sets [`confirm_timeout`](Self::confirm_timeout).
-    pub fn confirm_timeout(mut self, confirm_timeout: Duration) -> Self {
-        self.confirm_timeout = confirm_timeout;
-        self
-    }
-
-    /// Sets [`max_message_bytes`](Self::max_message_bytes).
-    pub fn max_message_bytes(mut self, max_message_bytes: usize) -> Self {
-        self.max_message_bytes = max_message_bytes;
-        self
-    }
-
-    /// Sets [`takeover_timeout`](Self::takeover_timeout).
-    pub fn takeover_timeout(mut self, takeover_timeout: Duration) -> Self {
-        self.takeover_timeout = takeover_timeout;
-        self
-    }
-
-    /// Sets [`max_attempts`](Self::max_attempts).
-    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.max_attempts = max_attempts;
-        self
-    }
-
-    /// Sets [`dead_rows_park_keys`](Self::dead_rows_park_keys).
-    pub fn dead_rows_park_keys(mut self, dead_rows_park_keys: bool) -> Self {
-        self.dead_rows_park_keys = dead_rows_park_keys;
-        self
-    }
-
-    /// Sets [`retry_initial_delay`](Self::retry_initial_delay).
-    pub fn retry_initial_delay(mut self, retry_initial_delay: Duration) -> Self {
-        self.retry_initial_delay = retry_initial_delay;
-        self
-    }
-
-    /// Sets [`retry_max_delay`](Self::retry_max_delay).
-    pub fn retry_max_delay(mut self, retry_max_delay: Duration) -> Self {
-        self.retry_max_delay = retry_max_delay;
-        self
-    }
-
-    /// Sets [`shutdown_timeout`](Self::shutdown_timeout).
-    pub fn shutdown_timeout(mut self, shutdown_timeout: Duration) -> Self {
-        self.shutdown_timeout = shutdown_timeout;
-        self
-    }
-
-    /// Sets [`keep_published`](Self::keep_published).
-    pub fn keep_published(mut self, keep_published: bool) -> Self {
-        self.keep_published = keep_published;
-        self
-    }
-
-    /// Sets [`retention`](Self::retention).
-    pub fn retention(mut self, retention: Duration) -> Self {
-        self.retention = retention;
-        self
-    }
-
-    /// Sets [`cleanup_interval`](Self::cleanup_interval).
-    pub fn cleanup_interval(mut self, cleanup_interval: Duration) -> Self {
-        self.cleanup_interval = cleanup_interval;
-        self
-    }
-
-    /// Sets [`vacuum`](Self::vacuum).
-    pub fn vacuum(mut self, vacuum: Vacuum) -> Self {
-        self.vacuum = vacuum;
-        self
-    }
-
-    /// Sets [`heartbeat_interval`](Self::heartbeat_interval).
-    pub fn heartbeat_interval(mut self, heartbeat_interval: Duration) -> Self {
-        self.heartbeat_interval = heartbeat_interval;
-        self
+    setters! {
+        batch_size: u32,
+        max_in_flight_batches: u32,
+        poll_interval: Duration,
+        confirm_timeout: Duration,
+        max_message_bytes: usize,
+        takeover_timeout: Duration,
+        max_attempts: u32,
+        dead_rows_park_keys: bool,
+        retry_initial_delay: Duration,
+        retry_max_delay: Duration,
+        shutdown_timeout: Duration,
+        keep_published: bool,
+        retention: Duration,
+        cleanup_interval: Duration,
+        vacuum: Vacuum,
+        heartbeat_interval: Duration,
     }
 
     /// Checks every value and names the first bad one: the setting (as the configuration file
