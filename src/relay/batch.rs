@@ -6,6 +6,7 @@ use lapin::PublisherConfirm;
 use sqlx::{Postgres, Transaction};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::channels::ChannelLease;
 use crate::store::outbox::{ClaimedRow, Completion};
 
 /// Rows claimed in one transaction. The transaction holds their row locks until the completer
@@ -55,41 +56,6 @@ pub(crate) struct WindowSlot {
     // next batch in.
     pub channel: ChannelLease,
     pub _permit: OwnedSemaphorePermit,
-}
-
-/// A confirm-mode channel lent to one batch. Dropped, it goes back to the publisher if it was
-/// declared `reusable` (every publish on it written and confirmed); otherwise it is retired:
-/// confirms still owed on it (a publish abandoned mid-way, a confirm that timed out) could
-/// arrive with a later batch's and carry its returns off to confirms nobody awaits.
-pub(crate) struct ChannelLease {
-    /// Which connection the channel belongs to (a reconnect makes the old ones useless).
-    pub generation: u64,
-    pub channel: Option<lapin::Channel>,
-    pub back: tokio::sync::mpsc::UnboundedSender<(u64, lapin::Channel)>,
-    pub reusable: bool,
-}
-
-impl Drop for ChannelLease {
-    fn drop(&mut self) {
-        let Some(channel) = self.channel.take() else {
-            return;
-        };
-        if self.reusable {
-            // The publisher has stopped when this fails: nothing to give back to.
-            let _ = self.back.send((self.generation, channel));
-            return;
-        }
-        // Closed once what it owes is settled: a close sent at once would overtake publishes
-        // lapin still holds, which the broker would then see on a closed channel.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let settle = std::time::Duration::from_secs(30);
-                let _ = tokio::time::timeout(settle, channel.wait_for_confirms()).await;
-                let close = channel.close(200, "postbox: retired".into());
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
-            });
-        }
-    }
 }
 
 /// A batch whose fate is decided; the completer writes it.

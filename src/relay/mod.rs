@@ -14,6 +14,7 @@
 
 mod batch;
 mod broker_state;
+mod channels;
 mod claimer;
 mod completer;
 mod confirmer;

@@ -1,21 +1,18 @@
 //! Stage 2: publish every row of a batch, without waiting for confirms in between.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use futures_util::StreamExt;
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ErrorKind};
+use lapin::{Channel, ErrorKind};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::batch::{Batch, ChannelLease, Decided, Published, Sent, WindowSlot};
+use super::batch::{Batch, Decided, Published, Sent, WindowSlot};
+use super::channels::Channels;
 use crate::amqp::Outgoing;
 use crate::amqp::{self, Broker};
-use crate::reconnect::until_ok;
 use crate::relay::encode::outgoing;
 use crate::store::outbox::ClaimedRow;
 
@@ -27,7 +24,6 @@ const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// order claimed (each stream's in number order); a stream may be in several batches at once,
 /// and consumers restore its order from the numbers should the broker receive them out of it.
 pub(crate) struct Publisher {
-    pub broker: Broker,
     /// Batches published whose confirms are not all in yet: the broker-side window.
     pub window: Arc<Semaphore>,
     stats: Arc<super::Stats>,
@@ -36,20 +32,8 @@ pub(crate) struct Publisher {
     /// How long a batch may wait on a broker that blocks publishing before it is given back,
     /// and the longest a channel may take to open (`relay.confirm_timeout`).
     block_timeout: std::time::Duration,
-    connection: Option<Connection>,
-    /// Counts connections, so channels of an earlier one are told apart.
-    generation: u64,
-    /// Open channels of the current connection, not lent to a batch.
-    idle: Vec<Channel>,
-    /// Where lent channels come back, with their connection's generation.
-    returns_tx: mpsc::UnboundedSender<(u64, Channel)>,
-    returns_rx: mpsc::UnboundedReceiver<(u64, Channel)>,
-    /// A channel of its own for passive exchange declares (a failed one closes its channel).
-    probe: Option<Channel>,
-    /// Exchanges seen to exist on the current connection.
-    known_exchanges: HashSet<String>,
-    /// Stops the current connection's event watcher when the connection is replaced.
-    watcher: Option<DropGuard>,
+    /// The broker connection and the channels lent to batches.
+    channels: Channels,
 }
 
 impl Publisher {
@@ -59,21 +43,12 @@ impl Publisher {
         stats: Arc<super::Stats>,
         settings: &crate::relay::RelayOptions,
     ) -> Self {
-        let (returns_tx, returns_rx) = mpsc::unbounded_channel();
         Self {
-            broker,
+            channels: Channels::new(broker, stats.clone(), settings.confirm_timeout),
             window,
             stats,
             max_message_bytes: settings.max_message_bytes,
             block_timeout: settings.confirm_timeout,
-            connection: None,
-            generation: 0,
-            idle: Vec::new(),
-            returns_tx,
-            returns_rx,
-            probe: None,
-            known_exchanges: HashSet::new(),
-            watcher: None,
         }
     }
 
@@ -93,7 +68,7 @@ impl Publisher {
         loop {
             // Connect at once (readiness reflects the broker before there is anything to
             // publish), and after a loss reconnect before taking the next batch.
-            if !self.connected()
+            if !self.channels.connected()
                 && !self
                     .reconnect(&mut input, &give_back, &shutdown, &hard_stop)
                     .await
@@ -110,7 +85,7 @@ impl Publisher {
                 // Idle: look at the connection again, so a lost one is reported (readiness,
                 // `postbox_broker_up`) and restored without waiting for work.
                 _ = tokio::time::sleep(BROKER_CHECK) => {
-                    self.stats.broker.set_connected(self.connected());
+                    self.stats.broker.set_connected(self.channels.connected());
                     continue;
                 }
             };
@@ -122,7 +97,7 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
-            if !self.stats.broker.usable() || !self.connected() {
+            if !self.stats.broker.usable() || !self.channels.connected() {
                 // Lost or blocked while the batch waited: hand it back rather than hold its
                 // rows through the reconnect or the alarm.
                 hand_back(&give_back, batch).await;
@@ -134,8 +109,8 @@ impl Publisher {
             let attempt = async {
                 // Without reconnecting: a connection lost since the check above is the next
                 // round's to restore, after this batch's rows are given back.
-                let (lease, frame_max) = self.channel(&shutdown, false).await?;
-                let missing_exchanges = self.missing_exchanges(&batch).await;
+                let (lease, frame_max) = self.channels.channel(&shutdown, false).await?;
+                let missing_exchanges = self.channels.missing_exchanges(&batch.rows).await;
                 let limits = Limits {
                     max_message_bytes: self.max_message_bytes,
                     frame_max,
@@ -198,7 +173,7 @@ impl Publisher {
             // exchanges) or `channel()` reopens the channel; readiness shows a lost connection
             // now rather than then.
             if !channel_connected {
-                self.stats.broker.set_connected(self.connected());
+                self.stats.broker.set_connected(self.channels.connected());
             }
             if out.send(published).await.is_err() {
                 break;
@@ -217,11 +192,7 @@ impl Publisher {
         drop(out);
         drop(give_back);
         hard_stop.cancelled().await;
-        self.stats.broker.set_connected(false);
-        self.watcher = None;
-        if let Some(connection) = self.connection.take() {
-            amqp::close(&connection, "postbox relay stopping").await;
-        }
+        self.channels.close().await;
     }
 
     /// Connects, or reconnects after a loss, handing back every batch that arrives meanwhile
@@ -235,7 +206,7 @@ impl Publisher {
         hard_stop: &CancellationToken,
     ) -> bool {
         self.stats.broker.set_connected(false);
-        let connect = self.channel(shutdown, true);
+        let connect = self.channels.channel(shutdown, true);
         tokio::pin!(connect);
         loop {
             tokio::select! {
@@ -258,202 +229,6 @@ impl Publisher {
             }
         }
     }
-
-    /// Whether the current connection is open.
-    fn connected(&self) -> bool {
-        self.connection
-            .as_ref()
-            .is_some_and(|connection| connection.status().connected())
-    }
-
-    /// A channel for one batch, with the connection's negotiated frame size: an idle one, or
-    /// a new one. When the connection is gone: `None` at once unless `reconnect`, else
-    /// reconnecting (with backoff, across nodes) until `stop` is cancelled (then `None`).
-    async fn channel(
-        &mut self,
-        stop: &CancellationToken,
-        reconnect: bool,
-    ) -> Option<(ChannelLease, usize)> {
-        let lease = |publisher: &Self, channel: Channel| ChannelLease {
-            generation: publisher.generation,
-            channel: Some(channel),
-            back: publisher.returns_tx.clone(),
-            reusable: false,
-        };
-        if let Some(connection) = &self.connection {
-            if connection.status().connected() {
-                let frame_max = frame_max(connection);
-                while let Ok((generation, channel)) = self.returns_rx.try_recv() {
-                    if generation == self.generation {
-                        self.idle.push(channel);
-                    }
-                }
-                let mut closed = false;
-                while let Some(channel) = self.idle.pop() {
-                    if channel.status().connected() {
-                        return Some((lease(self, channel), frame_max));
-                    }
-                    closed = true;
-                }
-                if closed {
-                    // Whatever closed the channel (a broker-side channel error), exchanges may
-                    // have changed meanwhile: probe them again.
-                    tracing::warn!("rabbitmq: channel closed by the broker; opening a new one");
-                    self.known_exchanges.clear();
-                    self.probe = None;
-                }
-                // Bounded: a half-dead connection may never answer the open. A connection that
-                // cannot open a channel is replaced (with the reconnect's backoff), rather than
-                // claiming and giving back batch after batch.
-                let open = amqp::confirm_channel(connection);
-                match tokio::time::timeout(self.block_timeout, open).await {
-                    Ok(Ok(channel)) => return Some((lease(self, channel), frame_max)),
-                    Ok(Err(error)) => tracing::warn!(%error, "rabbitmq: could not open a channel"),
-                    Err(_) => {
-                        tracing::warn!(timeout = ?self.block_timeout, "rabbitmq: opening a channel timed out")
-                    }
-                }
-            }
-            if connection.status().connected() {
-                tracing::warn!("rabbitmq: replacing a connection that opens no channel");
-            } else {
-                tracing::warn!("rabbitmq: connection lost; reconnecting");
-            }
-            self.watcher = None; // its events no longer say anything about the broker
-            self.idle.clear();
-            self.known_exchanges.clear();
-            self.probe = None;
-            if let Some(connection) = self.connection.take() {
-                amqp::close(&connection, "postbox relay reconnecting").await;
-            }
-            self.stats.broker.set_connected(false);
-        }
-        if !reconnect {
-            return None;
-        }
-        let broker = &self.broker;
-        let (connection, channel) = until_ok("rabbitmq", stop, || async {
-            let connection = broker.connect("postbox relay").await?;
-            let channel = amqp::confirm_channel(&connection).await?;
-            Ok((connection, channel))
-        })
-        .await?;
-        let frame_max = frame_max(&connection);
-        let watcher = CancellationToken::new();
-        tokio::spawn(watch_connection(
-            connection.events_listener(),
-            connection.status().clone(),
-            self.stats.clone(),
-            watcher.clone(),
-        ));
-        self.watcher = Some(watcher.drop_guard());
-        self.connection = Some(connection);
-        self.generation += 1;
-        self.stats.broker.set_connected(true);
-        Some((lease(self, channel), frame_max))
-    }
-}
-
-impl Publisher {
-    /// The exchanges `batch` names that the broker says do not exist, with its reason. A
-    /// publish to a missing exchange makes the broker close the channel, failing every confirm
-    /// in flight on it, batch after batch; probed first (a passive declare on a channel of its
-    /// own, once per exchange and connection), it fails only the rows that name it, as a
-    /// counted attempt. If the probe cannot run (the connection is gone), nothing is reported
-    /// and the publish itself meets the outage.
-    async fn missing_exchanges(&mut self, batch: &Batch) -> HashMap<String, String> {
-        let mut missing = HashMap::new();
-        let Some(connection) = &self.connection else {
-            return missing;
-        };
-        for row in &batch.rows {
-            let name = row.exchange.as_str();
-            if name.is_empty() || self.known_exchanges.contains(name) || missing.contains_key(name)
-            {
-                continue;
-            }
-            let probe = match &self.probe {
-                Some(probe) if probe.status().connected() => probe.clone(),
-                _ => match connection.create_channel().await {
-                    Ok(probe) => {
-                        self.probe = Some(probe.clone());
-                        probe
-                    }
-                    Err(_) => return missing,
-                },
-            };
-            let Ok(exchange) = ShortString::try_new(name) else {
-                continue; // refused later as not valid AMQP
-            };
-            let declared = probe
-                .exchange_declare(
-                    exchange,
-                    lapin::ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(()) => {
-                    self.known_exchanges.insert(name.to_string());
-                }
-                Err(error) if matches!(error.kind(), ErrorKind::ProtocolError(..)) => {
-                    missing.insert(name.to_string(), error.to_string());
-                }
-                Err(_) => return missing,
-            }
-        }
-        missing
-    }
-}
-
-/// Follows the current connection's events until it fails or is replaced (`stop`): a failed
-/// connection stops the claimer at once (the publisher reconnects when it next looks, within
-/// `BROKER_CHECK`), and a broker that blocks publishers (a memory or disk alarm) stops it too,
-/// until the broker lifts the block.
-async fn watch_connection(
-    events: impl futures_util::Stream<Item = lapin::Event>,
-    status: lapin::ConnectionStatus,
-    stats: Arc<super::Stats>,
-    stop: CancellationToken,
-) {
-    futures_util::pin_mut!(events);
-    loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
-            event = events.next() => event,
-        };
-        let Some(event) = event else {
-            return;
-        };
-        if stop.is_cancelled() {
-            return; // a newer connection speaks for the broker now
-        }
-        match event {
-            // Channel errors come this way too (a passive declare of a missing exchange
-            // closes its channel): only a failed connection matters here.
-            lapin::Event::Error(error) if status.connected() => {
-                tracing::debug!(%error, "rabbitmq: channel error");
-            }
-            lapin::Event::Error(error) => {
-                tracing::warn!(%error, "rabbitmq: connection failed");
-                stats.broker.set_connected(false);
-                return;
-            }
-            lapin::Event::ConnectionBlocked(reason) => {
-                tracing::warn!(%reason, "rabbitmq: the broker blocks publishing (resource alarm); the relay claims nothing until it lifts");
-                stats.broker.set_blocked(true);
-            }
-            lapin::Event::ConnectionUnblocked => {
-                tracing::info!("rabbitmq: the broker unblocked publishing");
-                stats.broker.set_blocked(false);
-            }
-            _ => {}
-        }
-    }
 }
 
 /// Returns once the broker has blocked publishing for `timeout` (checked every `timeout`)
@@ -465,10 +240,6 @@ async fn blocked_for(stats: &super::Stats, timeout: std::time::Duration, block_c
             return;
         }
     }
-}
-
-fn frame_max(connection: &Connection) -> usize {
-    usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX)
 }
 
 /// What the broker accepts. A message beyond either limit makes the broker close the channel
