@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::batch::Batch;
+use super::events;
 use crate::error::{Context, Result};
 use crate::reconnect::connection_backoff;
 use crate::store::outbox;
@@ -227,17 +228,14 @@ impl Claimer {
         let mut tx = self.pool.begin().await.context("starting a claim")?;
         let from = self.scan.start();
         let rows = outbox::claim(&mut tx, self.batch_size, from).await?;
-        self.stats.record_claim();
-        metrics::counter!("postbox_claims_total").increment(1);
-        metrics::histogram!("postbox_claim_seconds").record(started.elapsed().as_secs_f64());
-        let last = rows.iter().map(|row| row.id).max();
-        tracing::trace!(
-            rows = rows.len(),
+        events::Claimed {
+            rows: rows.len(),
             numbered,
             from,
-            claim_ms = started.elapsed().as_secs_f64() * 1e3,
-            "relay: claimed"
-        );
+            took: started.elapsed(),
+        }
+        .emit(&self.stats);
+        let last = rows.iter().map(|row| row.id).max();
         let again = self.scan.claimed(from, rows.len(), last, self.batch_size) || more_to_number;
         if rows.is_empty() {
             tx.rollback().await.context("ending an empty claim")?;

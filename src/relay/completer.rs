@@ -6,11 +6,12 @@ use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
 
 use super::batch::{Batch, Decided};
+use super::events::{BatchMarked, BatchReleased, Release};
 use super::Stats;
 
 use crate::error::{Context, Result};
 use crate::store::operations::wake_relays;
-use crate::store::outbox::{self, Completion};
+use crate::store::outbox;
 
 /// Persists decisions on the transaction that claimed the batch: if that transaction is gone
 /// (connection lost, session killed), nothing is written and the rows are claimed again later.
@@ -50,17 +51,14 @@ impl Completer {
     }
 
     async fn complete_logged(&self, decided: Decided) {
-        let rows = decided.batch.rows.len();
+        let rows = decided.batch.rows.len() as u64;
         if let Err(error) = self.complete(decided).await {
-            tracing::warn!(
-                %error,
-                rows,
-                "relay: could not mark a batch; its rows stay pending and will be published again"
-            );
             // Rolled back: every row goes back as it was, to be published again.
-            self.stats.record(0, 0, 0, rows as u64);
-            metrics::counter!("postbox_released_total").increment(rows as u64);
-            metrics::counter!("postbox_mark_failures_total").increment(1);
+            BatchReleased {
+                rows,
+                why: Release::MarkFailed(&error),
+            }
+            .emit(&self.stats);
         }
         // A finished batch frees a slot: the claimer claims again at once.
         self.wake.notify_one();
@@ -80,14 +78,6 @@ impl Completer {
             return Ok(());
         }
         let mut tx = batch.tx;
-        let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
-        for (_, completion) in &completions {
-            match completion {
-                Completion::Published => published += 1,
-                Completion::Retry { .. } => retried += 1,
-                Completion::Dead { .. } => dead += 1,
-            }
-        }
         let released = (batch.rows.len() - completions.len()) as u64;
         outbox::complete(&mut tx, &completions, self.keep_published, self.park_keys)
             .instrument(tracing::debug_span!(
@@ -103,39 +93,14 @@ impl Completer {
                 tracing::debug!(%error, "relay: could not announce released rows");
             }
         }
-        self.stats.record(published, retried, dead, released);
-        metrics::counter!("postbox_published_total").increment(published);
-        metrics::counter!("postbox_retried_total").increment(retried);
-        metrics::counter!("postbox_dead_total").increment(dead);
-        metrics::counter!("postbox_released_total").increment(released);
-        metrics::histogram!("postbox_batch_rows").record(batch.rows.len() as f64);
-        metrics::histogram!("postbox_publish_seconds")
-            .record((published_at - batch.claimed_at).as_secs_f64());
-        metrics::histogram!("postbox_confirm_seconds")
-            .record((confirmed_at - published_at).as_secs_f64());
-        metrics::histogram!("postbox_mark_seconds").record(confirmed_at.elapsed().as_secs_f64());
-        tracing::debug!(
-            rows = batch.rows.len(),
-            published,
-            retried,
-            dead,
+        BatchMarked {
+            completions: &completions,
             released,
-            publish_ms = (published_at - batch.claimed_at).as_secs_f64() * 1e3,
-            confirm_ms = (confirmed_at - published_at).as_secs_f64() * 1e3,
-            mark_ms = confirmed_at.elapsed().as_secs_f64() * 1e3,
-            "relay: batch done"
-        );
-        for (id, completion) in &completions {
-            match completion {
-                Completion::Published => {}
-                Completion::Retry { error, retry_after } => {
-                    tracing::warn!(id, %error, retry_in = ?retry_after, "relay: publish failed; will retry")
-                }
-                Completion::Dead { error } => {
-                    tracing::error!(id, %error, "relay: publish failed for the last time; row marked dead")
-                }
-            }
+            claimed_at: batch.claimed_at,
+            published_at,
+            confirmed_at,
         }
+        .emit(&self.stats);
         drop(batch.permit);
         Ok(())
     }
@@ -166,6 +131,9 @@ async fn release(batch: Batch, stats: &Stats) {
             "relay: giving back a batch timed out; its rows stay locked until Postgres ends the session"
         ),
     }
-    stats.record(0, 0, 0, rows);
-    metrics::counter!("postbox_released_total").increment(rows);
+    BatchReleased {
+        rows,
+        why: Release::Undecided,
+    }
+    .emit(stats);
 }

@@ -19,6 +19,7 @@ mod claimer;
 mod completer;
 mod confirmer;
 pub(crate) mod encode;
+mod events;
 mod heartbeat;
 mod listener;
 pub(crate) mod options;
