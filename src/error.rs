@@ -86,10 +86,11 @@ pub enum Error {
     #[error("rabbitmq did not accept a message: {0}")]
     Unconfirmed(String),
 
-    /// `postbox reconcile` found published messages a consumer never processed.
+    /// `postbox bench` could not measure as designed (a producer task failed, a case
+    /// committed nothing, the broker lost messages).
     #[cfg(feature = "cli")]
-    #[error("reconcile: {0}")]
-    Discrepancy(String),
+    #[error("bench: {0}")]
+    Bench(String),
 
     /// Concurrent transactions kept changing what this one reads (the inbox's versions of a
     /// key): roll back and run it again.
@@ -141,7 +142,7 @@ impl Error {
             Error::ConfigLoad(_)
             | Error::ConfigFile { .. }
             | Error::UnknownSetting { .. }
-            | Error::Discrepancy(_)
+            | Error::Bench(_)
             | Error::Metrics(_) => false,
         }
     }

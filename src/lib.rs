@@ -58,6 +58,7 @@ pub mod outbox;
 mod reconnect;
 mod redact;
 pub mod relay;
+mod retention;
 mod retry;
 pub mod running;
 mod store;

@@ -221,7 +221,7 @@ async fn run_side(env: &Env, clients: u32, work: Work, window: Duration) -> Resu
             Ok(Ok(n)) => committed += n,
             Ok(Err(error)) => failure = failure.or(Some(error)),
             Err(error) => {
-                failure = failure.or(Some(Error::Discrepancy(format!(
+                failure = failure.or(Some(Error::Bench(format!(
                     "a bench producer task failed: {error}"
                 ))))
             }
@@ -231,7 +231,7 @@ async fn run_side(env: &Env, clients: u32, work: Work, window: Duration) -> Resu
     match failure {
         Some(error) => Err(error),
         // Even a smoke run's window commits many: none means the producers never got going.
-        None if committed == 0 => Err(Error::Discrepancy(format!(
+        None if committed == 0 => Err(Error::Bench(format!(
             "bench producers ({work:?}, {clients} clients) committed nothing in {:.1} s",
             window.as_secs_f64()
         ))),

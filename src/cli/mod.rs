@@ -125,18 +125,25 @@ impl Cli {
             }
         };
         let result = match self.command {
-            Command::Run(args) => run::run(settings, args).await,
-            Command::Migrate(args) => migrate::run(settings, args).await,
-            Command::Bench(args) => bench::run(settings, args).await,
-            Command::Status(args) => status::run(settings, args).await,
-            Command::Dead(args) => dead::run(settings, args).await,
-            Command::Cleanup(args) => cleanup::run(settings, args).await,
-            Command::Replay(args) => replay::run(settings, args).await,
-            Command::Inbox(args) => inbox::run(settings, args).await,
-            Command::Reconcile(args) => reconcile::run(settings, args).await,
+            Command::Run(args) => run::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Migrate(args) => migrate::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Bench(args) => bench::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Status(args) => status::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Dead(args) => dead::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Cleanup(args) => cleanup::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Replay(args) => replay::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Inbox(args) => inbox::run(settings, args).await.map(|()| EXIT_OK),
+            Command::Reconcile(args) => {
+                reconcile::run(settings, args)
+                    .await
+                    .map(|found| match found {
+                        reconcile::Reconciled::Clean => EXIT_OK,
+                        reconcile::Reconciled::Unprocessed => EXIT_DISCREPANCY,
+                    })
+            }
         };
         match result {
-            Ok(()) => ExitCode::from(EXIT_OK),
+            Ok(code) => ExitCode::from(code),
             Err(error) => {
                 report(&error);
                 ExitCode::from(match error {
@@ -144,7 +151,6 @@ impl Cli {
                     | Error::ConfigLoad(_)
                     | Error::ConfigFile { .. }
                     | Error::UnknownSetting { .. } => EXIT_USAGE,
-                    Error::Discrepancy(_) => EXIT_DISCREPANCY,
                     _ => EXIT_FAILURE,
                 })
             }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::inbox::{self, Unsettled};
 use crate::store::{self, operations};
 
@@ -90,7 +90,15 @@ impl Report {
 /// Outbox ids compared per round trip to the inbox database.
 const PAGE: i64 = 10_000;
 
-pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
+/// What `postbox reconcile` found.
+pub(super) enum Reconciled {
+    /// Every published message was processed.
+    Clean,
+    /// Some were not (the report says which): exit 3.
+    Unprocessed,
+}
+
+pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<Reconciled> {
     if !settings.relay.keep_published {
         let _ = writeln!(std::io::stderr(), "{}", super::replay::NO_HISTORY);
     }
@@ -140,13 +148,18 @@ pub(super) async fn run(settings: Settings, args: ReconcileArgs) -> Result<()> {
     let _ = writeln!(std::io::stdout(), "{text}");
     let unprocessed = report.missing_count + report.failing_count + report.waiting_count;
     if unprocessed > 0 {
-        return Err(Error::Discrepancy(format!(
-            "{unprocessed} published message(s) were never processed by consumer {:?} ({} never \
-             received, {} failing, {} held for their turn)",
-            report.consumer, report.missing_count, report.failing_count, report.waiting_count
-        )));
+        let _ = writeln!(
+            std::io::stderr(),
+            "postbox: reconcile: {unprocessed} published message(s) were never processed by \
+             consumer {:?} ({} never received, {} failing, {} held for their turn)",
+            report.consumer,
+            report.missing_count,
+            report.failing_count,
+            report.waiting_count
+        );
+        return Ok(Reconciled::Unprocessed);
     }
-    Ok(())
+    Ok(Reconciled::Clean)
 }
 
 fn render(report: &Report) -> String {

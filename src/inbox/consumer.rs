@@ -23,6 +23,8 @@ use crate::amqp::Broker;
 use crate::contract::HEADER_PARTITION_KEY;
 use crate::error::{Context, Result};
 use crate::reconnect::until_ok;
+use crate::retention::VacuumAfter;
+use crate::store::operations::HotTable;
 
 /// Running totals of what a consumer did, readable while it runs.
 #[derive(Debug, Default)]
@@ -236,11 +238,21 @@ impl<H: Handler> Consumer<H> {
             stats,
         });
         let connection_name = format!("postbox consumer {}", shared.name);
-        let cleaner = tokio::spawn(super::retention::run(
+        // Deletes the consumer's decided rows older than the dedup window (none: kept).
+        let (retention_pool, consumer) = (shared.pool.clone(), shared.name.clone());
+        let cleaner = tokio::spawn(crate::retention::run(
             shared.pool.clone(),
-            shared.name.clone(),
-            shared.options.clone(),
+            HotTable::Inbox,
+            shared.options.vacuum,
+            VacuumAfter::Deletes,
+            shared.options.cleanup_interval,
             shutdown.clone(),
+            shared.options.dedup_window.map(|window| {
+                move || {
+                    let (pool, consumer) = (retention_pool.clone(), consumer.clone());
+                    async move { super::retention::cleanup(&pool, Some(&consumer), window).await }
+                }
+            }),
         ));
         let result = Self::consume(&shared, &broker, &connection_name, &shutdown).await;
         let _ = cleaner.await;

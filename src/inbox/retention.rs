@@ -3,11 +3,9 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
-use super::ConsumerOptions;
 use crate::error::Result;
-use crate::store::{self, inbox, operations};
+use crate::store::{self, inbox};
 
 /// Deletes decided inbox rows older than `older_than` (of `consumer`, or of every consumer when
 /// `None`), 1,000 rows per statement, until none is left. Rows of messages still
@@ -23,37 +21,4 @@ pub async fn cleanup(pool: &PgPool, consumer: Option<&str>, older_than: Duration
         inbox::cleanup_batch(pool, consumer, older_than_ms, store::CLEANUP_BATCH)
     })
     .await
-}
-
-/// Runs [`cleanup`] for `consumer` every `options.cleanup_interval` until `shutdown`.
-pub(crate) async fn run(
-    pool: PgPool,
-    consumer: String,
-    options: ConsumerOptions,
-    shutdown: CancellationToken,
-) {
-    let Some(window) = options.dedup_window else {
-        return;
-    };
-    let vacuum =
-        operations::vacuums_itself(&pool, operations::HotTable::Inbox, options.vacuum).await;
-    loop {
-        match cleanup(&pool, Some(&consumer), window).await {
-            Ok(0) => {}
-            Ok(deleted) => {
-                tracing::info!(consumer, deleted, "consumer: old inbox rows deleted");
-                if vacuum {
-                    if let Err(error) = operations::vacuum(&pool, operations::HotTable::Inbox).await
-                    {
-                        tracing::warn!(%error, "consumer: vacuum failed");
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "consumer: inbox cleanup failed"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(options.cleanup_interval) => {}
-        }
-    }
 }

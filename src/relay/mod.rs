@@ -40,6 +40,8 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::retention::VacuumAfter;
+use crate::store::operations::HotTable;
 use broker_state::BrokerState;
 use claimer::Claimer;
 use completer::Completer;
@@ -226,12 +228,21 @@ impl Relay {
             self.stats.clone(),
             shutdown.clone(),
         ));
-        let cleaner = tokio::spawn(retention::run(
+        // Deletes old published rows (a zero retention keeps them), and vacuums after every
+        // round where it vacuums: marking leaves a dead row version behind each row too.
+        let retention_pool = self.pool.clone();
+        let older_than = settings.retention;
+        let cleaner = tokio::spawn(crate::retention::run(
             self.pool.clone(),
-            settings.retention,
-            settings.cleanup_interval,
+            HotTable::Outbox,
             settings.vacuum,
+            VacuumAfter::EveryRound,
+            settings.cleanup_interval,
             shutdown.clone(),
+            (!older_than.is_zero()).then_some(move || {
+                let pool = retention_pool.clone();
+                async move { retention::cleanup(&pool, older_than).await }
+            }),
         ));
         // Claimed batches waiting for the broker window are locked already, so the next
         // publish never waits for a claim; marked batches free their slot.

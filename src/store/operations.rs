@@ -444,7 +444,7 @@ pub enum HotTable {
 }
 
 impl HotTable {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             HotTable::Outbox => "postbox.outbox",
             HotTable::Inbox => "postbox.inbox",
