@@ -14,6 +14,7 @@
 //!   of your own or to run as `postbox run`.
 //! - [`inbox`]: the consumer library: [`inbox::Consumer`] runs a [`inbox::Handler`] once per
 //!   message, in stream order, over an inbox table.
+//! - [`running`]: the handle of a relay or a consumer running on its own task.
 //! - [`migrate`] and [`migrate_parts`]: the schema, outbox and inbox parts.
 //! - [`contract`]: the names producers, the relay and consumers share: headers, the NOTIFY
 //!   channel, the wake-up keys, the id namespace.

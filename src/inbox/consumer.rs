@@ -523,3 +523,48 @@ fn partition_key(delivery: &lapin::message::Delivery) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbox::HandlerError;
+
+    struct Noop;
+
+    impl Handler for Noop {
+        async fn handle(
+            &self,
+            _: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+            _: &Incoming,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    /// The setting a builder's failure names.
+    fn refused(builder: ConsumerBuilder) -> &'static str {
+        match builder.handler(Noop) {
+            Err(crate::Error::Config { setting, .. }) => setting,
+            Err(other) => panic!("expected a setting error, got {other}"),
+            Ok(_) => panic!("expected the builder to refuse"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_builder_names_what_is_missing_or_invalid() {
+        // Lazy: nothing connects until the consumer runs.
+        let pool = || PgPool::connect_lazy("postgres://postgres@127.0.0.1:1/none").expect("URL");
+        let broker = || Broker::new(["amqp://guest:guest@127.0.0.1:1/%2f"]);
+        let builder = || Consumer::builder(pool(), broker());
+        assert_eq!(refused(builder().name("billing")), "consumer.queue");
+        assert_eq!(refused(builder().queue("orders")), "consumer.name");
+        let invalid = ConsumerOptions::default().concurrency(0);
+        let builder_with = builder().queue("orders").name("billing").options(invalid);
+        assert_eq!(refused(builder_with), "consumer.concurrency");
+        assert!(builder()
+            .queue("orders")
+            .name("billing")
+            .handler(Noop)
+            .is_ok());
+    }
+}

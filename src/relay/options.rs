@@ -238,3 +238,40 @@ pub(crate) fn invalid(setting: &'static str, value: impl ToString, allowed: &str
         reason: format!("expected {allowed}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_setters_set() {
+        let options = RelayOptions::default()
+            .batch_size(200)
+            .retention(Duration::from_secs(60));
+        options.validate().expect("valid");
+        assert_eq!((options.batch_size, options.max_attempts), (200, 10));
+        assert_eq!(options.retention, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn invalid_options_name_the_setting() {
+        let setting = |options: RelayOptions| match options.validate() {
+            Err(Error::Config { setting, .. }) => setting,
+            other => panic!("expected a setting error, got {other:?}"),
+        };
+        let defaults = RelayOptions::default;
+        assert_eq!(setting(defaults().batch_size(0)), "relay.batch_size");
+        assert_eq!(
+            setting(defaults().max_in_flight_batches(65)),
+            "relay.max_in_flight_batches"
+        );
+        assert_eq!(
+            setting(defaults().poll_interval(Duration::ZERO)),
+            "relay.poll_interval"
+        );
+        assert_eq!(
+            setting(defaults().retry_initial_delay(Duration::from_secs(600))),
+            "relay.retry_max_delay"
+        );
+    }
+}
