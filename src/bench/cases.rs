@@ -344,7 +344,7 @@ async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Re
         for _ in 0..n {
             row.id += 1;
             row.message_id = uuid::Uuid::now_v7();
-            let message = outgoing(&row).map_err(Error::Unconfirmed)?;
+            let message = outgoing(&row).map_err(|e| Error::Bench(e.to_string()))?;
             messages.push((message, payload.as_slice()));
         }
         let batch = crate::amqp::publish_in_order(&env.channel, messages)

@@ -282,7 +282,7 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<u6
             row.partition_key = Some(format!("key-{key}"));
             row.seq = Some(seq);
             batch.push((
-                outgoing(&row).map_err(Error::Unconfirmed)?,
+                outgoing(&row).map_err(|e| Error::Bench(e.to_string()))?,
                 payload.as_slice(),
             ));
         }

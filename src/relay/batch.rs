@@ -25,12 +25,39 @@ pub(crate) enum Sent {
     /// Handed to the broker; the confirm is still to come.
     Confirm(PublisherConfirm),
     /// The broker refused the publish: counts as a failed attempt.
-    Failed(String),
+    Failed(PublishFailure),
     /// The row can never be sent as it is (not valid AMQP, beyond the broker's limits): dead
     /// at once, since retrying cannot help until someone changes the row or the limits.
-    Refused(String),
+    Refused(super::encode::Unsendable),
     /// Not published because of the connection or shutdown: goes back without using an attempt.
     Released,
+}
+
+/// Why the broker did not take a row: a failed attempt, retried with backoff.
+#[derive(Debug)]
+pub(crate) enum PublishFailure {
+    /// The row's exchange does not exist (a passive declare said so).
+    MissingExchange {
+        /// The exchange the row names.
+        exchange: String,
+        /// The broker's answer.
+        reason: String,
+    },
+    /// The publish itself failed.
+    Publish(lapin::Error),
+}
+
+impl std::fmt::Display for PublishFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishFailure::MissingExchange { exchange, reason } => write!(
+                f,
+                "exchange {exchange:?} does not exist ({reason}); declare it, or fix the row's \
+                 exchange"
+            ),
+            PublishFailure::Publish(error) => write!(f, "publish failed: {error}"),
+        }
+    }
 }
 
 /// A batch whose rows have all been handed to the broker (or not).

@@ -8,7 +8,7 @@ use lapin::Confirmation;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{Decided, Published, Sent};
+use super::batch::{Decided, PublishFailure, Published, Sent};
 use super::Stats;
 use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
@@ -33,9 +33,9 @@ enum Heard {
     /// Not published: the connection or shutdown (released untouched).
     Released,
     /// The broker refused the publish (a failed attempt).
-    Failed(String),
+    Failed(PublishFailure),
     /// Never sendable as it is (dead at once).
-    Refused(String),
+    Refused(super::encode::Unsendable),
 }
 
 impl Confirmer {
@@ -154,11 +154,12 @@ impl Confirmer {
             }
             let failure = match heard {
                 Heard::Released => continue,
-                Heard::Refused(error) => {
+                Heard::Refused(unsendable) => {
+                    let error = unsendable.to_string();
                     completions.push((row.id, Completion::Dead { error }));
                     continue;
                 }
-                Heard::Failed(error) => error,
+                Heard::Failed(failure) => failure.to_string(),
                 Heard::Ack => {
                     completions.push((row.id, Completion::Published));
                     continue;

@@ -18,18 +18,78 @@ const PERSISTENT: u8 = 2;
 /// delivery mode, timestamp, property flags and the content header's own fields.
 const FIXED_PROPERTIES_BYTES: usize = 512;
 
+/// Why a row can never be sent as it is (until someone changes the row or a limit): it is
+/// marked dead at once, with this as its `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsendable {
+    /// It breaks a rule of the SQL contract (see the claim's `invalid`).
+    Contract(String),
+    /// A column or header name longer than an AMQP short string (255 bytes).
+    TooLong {
+        /// `exchange`, `routing_key`, `content_type` or `header name`.
+        what: &'static str,
+        /// The client's reason.
+        error: String,
+    },
+    /// `headers` is JSON but not an object.
+    HeadersNotObject(String),
+    /// `headers` cannot be read (nested deeper than the relay parses).
+    HeadersUnreadable(String),
+    /// A header number AMQP has no type for.
+    HeaderNumber(String),
+    /// The payload is larger than `relay.max_message_bytes`.
+    PayloadTooLarge {
+        /// The payload's size.
+        bytes: usize,
+        /// `relay.max_message_bytes`.
+        max: usize,
+    },
+    /// Headers and properties exceed the one frame the broker allows them.
+    PropertiesTooLarge {
+        /// Their size (an upper bound).
+        bytes: usize,
+        /// The broker's `frame_max`.
+        frame_max: usize,
+    },
+}
+
+impl std::fmt::Display for Unsendable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot be sent as AMQP: ")?;
+        match self {
+            Unsendable::Contract(rule) => f.write_str(rule),
+            Unsendable::TooLong { what, error } => write!(f, "{what}: {error}"),
+            Unsendable::HeadersNotObject(found) => {
+                write!(f, "headers must be a JSON object, found {found}")
+            }
+            Unsendable::HeadersUnreadable(error) => f.write_str(error),
+            Unsendable::HeaderNumber(n) => write!(f, "header number {n} does not fit AMQP"),
+            Unsendable::PayloadTooLarge { bytes, max } => write!(
+                f,
+                "payload of {bytes} bytes exceeds relay.max_message_bytes ({max}); raise it only \
+                 as far as the broker's max_message_size allows"
+            ),
+            Unsendable::PropertiesTooLarge { bytes, frame_max } => write!(
+                f,
+                "headers and properties take up to {bytes} bytes, more than the broker's \
+                 frame_max ({frame_max} bytes) allows for them: move the data into the payload"
+            ),
+        }
+    }
+}
+
 /// Builds the AMQP message for `row`, or says why the row cannot be sent as it is.
-pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, String> {
+pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, Unsendable> {
     if let Some(invalid) = &row.invalid {
-        return Err(invalid.clone());
+        return Err(Unsendable::Contract(invalid.clone()));
     }
     let exchange = short(&row.exchange, "exchange")?;
     let routing_key = short(&row.routing_key, "routing_key")?;
     let content_type = short(&row.content_type, "content_type")?;
     let (mut headers, mut header_bytes) = match &row.headers {
         Ok(Value::Object(map)) => table(map)?,
-        Ok(other) => return Err(format!("headers must be a JSON object, found {other}")),
-        Err(error) => return Err(error.clone()),
+        Ok(other) => return Err(Unsendable::HeadersNotObject(other.to_string())),
+        Err(error) => return Err(Unsendable::HeadersUnreadable(error.clone())),
     };
     // the relay's own headers, generously: name, type tag, value
     header_bytes += 4 * 64 + row.partition_key.as_ref().map_or(0, String::len);
@@ -73,17 +133,20 @@ pub fn outgoing(row: &ClaimedRow) -> Result<Outgoing, String> {
     })
 }
 
-fn short(value: &str, column: &str) -> Result<ShortString, String> {
-    ShortString::try_new(value).map_err(|e| format!("{column}: {e}"))
+fn short(value: &str, what: &'static str) -> Result<ShortString, Unsendable> {
+    ShortString::try_new(value).map_err(|e| Unsendable::TooLong {
+        what,
+        error: e.to_string(),
+    })
 }
 
 /// The AMQP table for a JSON object, and the bytes it takes encoded (AMQP 0-9-1 field table:
 /// a length, then per entry a short-string name and a type-tagged value).
-fn table(map: &serde_json::Map<String, Value>) -> Result<(FieldTable, usize), String> {
+fn table(map: &serde_json::Map<String, Value>) -> Result<(FieldTable, usize), Unsendable> {
     let mut table = FieldTable::default();
     let mut bytes = 4;
     for (name, value) in map {
-        let name = ShortString::try_new(name.as_str()).map_err(|e| format!("header name: {e}"))?;
+        let name = short(name, "header name")?;
         let (value, value_bytes) = amqp_value(value)?;
         bytes += 1 + name.as_str().len() + value_bytes;
         table.insert(name, value);
@@ -92,14 +155,14 @@ fn table(map: &serde_json::Map<String, Value>) -> Result<(FieldTable, usize), St
 }
 
 /// The AMQP value for a JSON value, and its encoded size including the type tag.
-fn amqp_value(value: &Value) -> Result<(AMQPValue, usize), String> {
+fn amqp_value(value: &Value) -> Result<(AMQPValue, usize), Unsendable> {
     Ok(match value {
         Value::Null => (AMQPValue::Void, 1),
         Value::Bool(b) => (AMQPValue::Boolean(*b), 2),
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => (AMQPValue::LongLongInt(i), 9),
             (None, Some(f)) => (AMQPValue::Double(f), 9),
-            (None, None) => return Err(format!("header number {n} does not fit AMQP")),
+            (None, None) => return Err(Unsendable::HeaderNumber(n.to_string())),
         },
         Value::String(s) => (
             AMQPValue::LongString(LongString::from(s.as_str())),
@@ -210,7 +273,7 @@ mod tests {
                 }
                 Err(reason) => {
                     prop_assert!(expect_refusal, "refused without cause: {}", reason);
-                    prop_assert!(!reason.is_empty());
+                    prop_assert!(!reason.to_string().is_empty());
                 }
             }
         }

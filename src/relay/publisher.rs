@@ -9,11 +9,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::batch::{Batch, Decided, Published, Sent, WindowSlot};
+use super::batch::{Batch, Decided, PublishFailure, Published, Sent, WindowSlot};
 use super::channels::Channels;
 use crate::amqp::Outgoing;
 use crate::amqp::{self, Broker};
-use crate::relay::encode::outgoing;
+use crate::relay::encode::{outgoing, Unsendable};
 use crate::store::outbox::ClaimedRow;
 
 /// How often an idle publisher looks at its connection, for readiness.
@@ -256,21 +256,18 @@ struct Limits<'a> {
 }
 
 impl Limits<'_> {
-    fn check(&self, row: &ClaimedRow, message: &Outgoing) -> Result<(), String> {
+    fn check(&self, row: &ClaimedRow, message: &Outgoing) -> Result<(), Unsendable> {
         if row.payload.len() > self.max_message_bytes {
-            return Err(format!(
-                "payload of {} bytes exceeds relay.max_message_bytes ({}); raise it only as far \
-                 as the broker's max_message_size allows",
-                row.payload.len(),
-                self.max_message_bytes
-            ));
+            return Err(Unsendable::PayloadTooLarge {
+                bytes: row.payload.len(),
+                max: self.max_message_bytes,
+            });
         }
         if message.properties_bytes > self.frame_max {
-            return Err(format!(
-                "headers and properties take up to {} bytes, more than the broker's frame_max \
-                 ({} bytes) allows for them: move the data into the payload",
-                message.properties_bytes, self.frame_max
-            ));
+            return Err(Unsendable::PropertiesTooLarge {
+                bytes: message.properties_bytes,
+                frame_max: self.frame_max,
+            });
         }
         Ok(())
     }
@@ -298,10 +295,10 @@ async fn publish_rows(channel: &Channel, batch: &Batch, limits: Limits<'_>) -> V
     let mut messages = Vec::with_capacity(batch.rows.len());
     for row in &batch.rows {
         if let Some(reason) = limits.missing_exchanges.get(&row.exchange) {
-            decided.push(Some(Sent::Failed(format!(
-                "exchange {:?} does not exist ({reason}); declare it, or fix the row's exchange",
-                row.exchange
-            ))));
+            decided.push(Some(Sent::Failed(PublishFailure::MissingExchange {
+                exchange: row.exchange.clone(),
+                reason: reason.clone(),
+            })));
             continue;
         }
         match outgoing(row).and_then(|message| {
@@ -312,9 +309,7 @@ async fn publish_rows(channel: &Channel, batch: &Batch, limits: Limits<'_>) -> V
                 decided.push(None);
                 messages.push((message, row.payload.as_slice()));
             }
-            Err(reason) => decided.push(Some(Sent::Refused(format!(
-                "cannot be sent as AMQP: {reason}"
-            )))),
+            Err(reason) => decided.push(Some(Sent::Refused(reason))),
         }
     }
     let mut results = amqp::publish_in_order(channel, messages).await.into_iter();
@@ -337,7 +332,7 @@ async fn publish_rows(channel: &Channel, batch: &Batch, limits: Limits<'_>) -> V
                     ErrorKind::InvalidChannelState(..)
                     | ErrorKind::InvalidConnectionState(..)
                     | ErrorKind::IOError(..) => Sent::Released,
-                    _ => Sent::Failed(format!("publish failed: {error}")),
+                    _ => Sent::Failed(PublishFailure::Publish(error)),
                 }
             }
             // not queued: an earlier publish failed at once
