@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::relay::Stats;
+use crate::relay::Health;
 use crate::store::operations;
 
 /// Histogram buckets for latencies, in seconds.
@@ -45,8 +45,8 @@ pub fn install() -> Result<PrometheusHandle> {
 pub struct Probe {
     /// The outbox database.
     pub pool: PgPool,
-    /// The relay's counters and broker state.
-    pub stats: Arc<Stats>,
+    /// The relay's links to the broker and to Postgres notifications.
+    pub health: Arc<Health>,
     /// Readiness fails while the oldest due pending row is older than this (`None`: no check).
     pub max_lag: Option<Duration>,
     /// Whether dead rows park their streams (`relay.dead_rows_park_keys`): such rows are
@@ -93,10 +93,10 @@ async fn metrics(State(probe): State<Probe>) -> Response {
         }
         _ => metrics::gauge!("postbox_database_up").set(0.0),
     }
-    metrics::gauge!("postbox_broker_up").set(f64::from(u8::from(probe.stats.broker_connected())));
+    metrics::gauge!("postbox_broker_up").set(f64::from(u8::from(probe.health.broker_connected())));
     metrics::gauge!("postbox_broker_blocked")
-        .set(f64::from(u8::from(probe.stats.broker_blocked())));
-    metrics::gauge!("postbox_listener_up").set(f64::from(u8::from(probe.stats.listening())));
+        .set(f64::from(u8::from(probe.health.broker_blocked())));
+    metrics::gauge!("postbox_listener_up").set(f64::from(u8::from(probe.health.listening())));
     probe.handle.render().into_response()
 }
 
@@ -114,14 +114,14 @@ async fn ready(State(probe): State<Probe>) -> Response {
         Ok(Err(error)) => (Err(error.to_string()), None),
         Err(_) => (Err("no answer within 2s".to_string()), None),
     };
-    let broker = if !probe.stats.broker_connected() {
+    let broker = if !probe.health.broker_connected() {
         Err("not connected".to_string())
-    } else if probe.stats.broker_blocked() {
+    } else if probe.health.broker_blocked() {
         Err("the broker blocks publishing (resource alarm)".to_string())
     } else {
         Ok(())
     };
-    let listener = if probe.stats.listening() {
+    let listener = if probe.health.listening() {
         Ok(())
     } else {
         Err("not listening for commits; new rows wait for the poll".to_string())

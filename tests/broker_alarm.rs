@@ -64,7 +64,7 @@ async fn serve_endpoints(db: &common::TestDb, relay: &RunningRelay) -> (u16, Can
     let port = listener.local_addr().expect("local address").port();
     let probe = postbox::metrics::Probe {
         pool: db.pool.clone(),
-        stats: relay.stats.clone(),
+        health: relay.health.clone(),
         max_lag: None,
         park_keys: true,
         handle: postbox::metrics::install().expect("the only recorder in this binary"),
@@ -91,9 +91,10 @@ async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     settings.relay.confirm_timeout = Duration::from_secs(1);
     settings.relay.max_attempts = 1;
     let relay = RunningRelay::start(settings.clone()).await;
+    let health = relay.health.clone();
     let stats = relay.stats.clone();
     wait_until("the relay connected", Duration::from_secs(20), || async {
-        stats.broker_connected().then_some(())
+        health.broker_connected().then_some(())
     })
     .await;
     let (port, endpoints) = serve_endpoints(&db, &relay).await;
@@ -113,7 +114,7 @@ async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
     wait_until(
         "the relay sees the broker block it",
         Duration::from_secs(20),
-        || async { stats.broker_blocked().then_some(()) },
+        || async { health.broker_blocked().then_some(()) },
     )
     .await;
     wait_until(
@@ -156,7 +157,7 @@ async fn a_broker_alarm_blocks_the_relay_without_costing_rows_an_attempt() {
         .await;
     assert_eq!(assert_settled(&db, Duration::from_secs(60)).await, 0);
     assert_eq!(db.count("attempts > 0").await, 0, "no attempt was counted");
-    assert!(!relay.stats.broker_blocked());
+    assert!(!relay.health.broker_blocked());
     relay.stop().await;
     // The blocked publishes reach the queue once the alarm clears, besides their republished
     // copies: duplicates, at most one per row here.

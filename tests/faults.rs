@@ -464,7 +464,7 @@ async fn the_relay_fails_over_to_the_next_broker_node() {
     let received = receive_all(&mut inbox, &committed, Vec::new()).await;
     assert_eq!(assert_settled(&db, LONG).await, 0, "no row died");
     assert!(
-        relay.stats.broker_connected(),
+        relay.health.broker_connected(),
         "connected through the second node"
     );
     relay.stop().await;
@@ -579,9 +579,9 @@ async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
     let mut settings = db.settings();
     settings.amqp_url = broker.redirect(&amqp_url());
     let relay = RunningRelay::start(settings).await;
-    let stats = relay.stats.clone();
+    let health = relay.health.clone();
     wait_until("the relay connected", Duration::from_secs(20), || async {
-        stats.broker_connected().then_some(())
+        health.broker_connected().then_some(())
     })
     .await;
 
@@ -589,7 +589,7 @@ async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
     wait_until(
         "the idle relay reports the broker down",
         Duration::from_secs(20),
-        || async { (!stats.broker_connected()).then_some(()) },
+        || async { (!health.broker_connected()).then_some(()) },
     )
     .await;
 
@@ -597,7 +597,7 @@ async fn an_idle_relay_reports_a_lost_broker_and_reconnects_for_work() {
     let message = postbox::Message::json(queue.as_str(), &serde_json::json!({})).expect("json");
     postbox::enqueue(&db.pool, &message).await.expect("enqueue");
     inbox.take(1, Duration::from_secs(30)).await;
-    assert!(stats.broker_connected(), "connected again for the work");
+    assert!(health.broker_connected(), "connected again for the work");
     relay.stop().await;
 }
 
@@ -617,12 +617,12 @@ async fn the_listener_comes_back_after_postgres_does_and_commits_wake_the_relay_
     settings.database_url = postgres.url_for(&db.url);
     settings.relay.poll_interval = Duration::from_secs(600);
     let relay = RunningRelay::start(settings).await;
-    let stats = relay.stats.clone();
+    let health = relay.health.clone();
     let listening = |expected: bool| {
-        let stats = stats.clone();
+        let health = health.clone();
         move || {
-            let stats = stats.clone();
-            async move { (stats.listening() == expected).then_some(()) }
+            let health = health.clone();
+            async move { (health.listening() == expected).then_some(()) }
         }
     };
     wait_until(
@@ -678,10 +678,11 @@ async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
     proxied.amqp_url = broker.redirect(&amqp_url());
     let first = RunningRelay::start(proxied).await;
     let stats = first.stats.clone();
+    let health = first.health.clone();
     wait_until(
         "the first relay connected",
         Duration::from_secs(20),
-        || async { stats.broker_connected().then_some(()) },
+        || async { health.broker_connected().then_some(()) },
     )
     .await;
 
@@ -695,11 +696,13 @@ async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
     .await;
     let second = RunningRelay::start(settings).await;
     let other = second.stats.clone();
+    let other_health = second.health.clone();
     wait_until(
         "the second relay is ready and found nothing to claim",
         Duration::from_secs(20),
         || async {
-            (other.broker_connected() && other.listening() && other.claims() > 0).then_some(())
+            (other_health.broker_connected() && other_health.listening() && other.claims() > 0)
+                .then_some(())
         },
     )
     .await;
@@ -717,7 +720,7 @@ async fn a_relay_that_loses_its_broker_hands_its_rows_to_another_at_once() {
     // Its claims locked every row but kept one row per key (the rest only waited locked).
     assert!(stats.released() > 0, "the first relay released its batches");
     assert_eq!(stats.published(), 0, "the first relay marked nothing");
-    assert!(!stats.broker_connected());
+    assert!(!health.broker_connected());
     assert_eq!(other.published(), ROWS as u64);
     second.stop().await;
     first.stop().await;
@@ -737,9 +740,9 @@ async fn a_relay_stops_while_postgres_is_stalled() {
     settings.database_url = postgres.url_for(&db.url);
     settings.relay.shutdown_timeout = Duration::from_secs(1);
     let relay = RunningRelay::start(settings).await;
-    let stats = relay.stats.clone();
+    let health = relay.health.clone();
     wait_until("the relay listens", LONG, || async {
-        stats.listening().then_some(())
+        health.listening().then_some(())
     })
     .await;
     postgres.stall();

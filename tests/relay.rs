@@ -614,7 +614,7 @@ async fn two_relays_share_one_outbox_without_duplicates_or_gaps_in_numbers() {
     let second = RunningRelay::start(settings).await;
     // Both ready before the work arrives, so that both can claim from the first commit on.
     wait_until("both relays connected to the broker", DEADLINE, || async {
-        (first.stats.broker_connected() && second.stats.broker_connected()).then_some(())
+        (first.health.broker_connected() && second.health.broker_connected()).then_some(())
     })
     .await;
     let messages: Vec<Message> = (0..2000)

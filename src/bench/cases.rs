@@ -430,10 +430,11 @@ pub(super) async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
 /// running a while is: the latency cases measure a running relay, not its start-up.
 pub(super) async fn start_ready_relay(settings: &Settings) -> Result<RelayHandle> {
     const LIMIT: Duration = Duration::from_secs(30);
-    let relay = start_relay(settings).await?;
-    let stats = relay.stats();
+    let relay = settings.relay().await?;
+    let health = relay.health();
+    let relay = relay.spawn();
     let ready = async {
-        while !(stats.broker_connected() && stats.listening()) {
+        while !(health.broker_connected() && health.listening()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };

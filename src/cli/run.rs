@@ -53,7 +53,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
                 addr,
                 &settings,
                 probe_pool.clone(),
-                relay.stats(),
+                relay.health(),
                 &shutdown,
             )
             .await?,
@@ -94,7 +94,7 @@ async fn serve_metrics(
     addr: &str,
     settings: &Settings,
     pool: sqlx::PgPool,
-    stats: std::sync::Arc<crate::relay::Stats>,
+    health: std::sync::Arc<crate::relay::Health>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let addr = crate::config::parse_addr(addr)?;
@@ -108,7 +108,7 @@ async fn serve_metrics(
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     let probe = metrics::Probe {
         pool,
-        stats,
+        health,
         max_lag: (!settings.readiness_max_lag.is_zero()).then_some(settings.readiness_max_lag),
         park_keys: settings.relay.dead_rows_park_keys,
         handle,

@@ -12,16 +12,16 @@ use lapin::{Channel, Connection, ErrorKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Stats;
+use super::Health;
 use crate::amqp::{self, Broker};
 use crate::reconnect::until_ok;
 use crate::store::outbox::ClaimedRow;
 
-/// The current connection and its channels. Connection state is reported to `stats.broker`
+/// The current connection and its channels. Connection state is reported to `health.broker`
 /// (readiness, `postbox_broker_up`, the claimer's pause during an alarm).
 pub(crate) struct Channels {
     broker: Broker,
-    stats: Arc<Stats>,
+    health: Arc<Health>,
     /// The longest a channel may take to open (`relay.confirm_timeout`).
     open_timeout: std::time::Duration,
     connection: Option<Connection>,
@@ -41,11 +41,11 @@ pub(crate) struct Channels {
 }
 
 impl Channels {
-    pub fn new(broker: Broker, stats: Arc<Stats>, open_timeout: std::time::Duration) -> Self {
+    pub fn new(broker: Broker, health: Arc<Health>, open_timeout: std::time::Duration) -> Self {
         let (returns_tx, returns_rx) = mpsc::unbounded_channel();
         Self {
             broker,
-            stats,
+            health,
             open_timeout,
             connection: None,
             generation: 0,
@@ -60,7 +60,7 @@ impl Channels {
 
     /// Closes the connection (on stop), after which nothing reports on it.
     pub async fn close(&mut self) {
-        self.stats.broker.set_connected(false);
+        self.health.broker.set_connected(false);
         self.watcher = None;
         if let Some(connection) = self.connection.take() {
             amqp::close(&connection, "postbox relay stopping").await;
@@ -134,7 +134,7 @@ impl Channels {
             if let Some(connection) = self.connection.take() {
                 amqp::close(&connection, "postbox relay reconnecting").await;
             }
-            self.stats.broker.set_connected(false);
+            self.health.broker.set_connected(false);
         }
         if !reconnect {
             return None;
@@ -151,13 +151,13 @@ impl Channels {
         tokio::spawn(watch_connection(
             connection.events_listener(),
             connection.status().clone(),
-            self.stats.clone(),
+            self.health.clone(),
             watcher.clone(),
         ));
         self.watcher = Some(watcher.drop_guard());
         self.connection = Some(connection);
         self.generation += 1;
-        self.stats.broker.set_connected(true);
+        self.health.broker.set_connected(true);
         Some((lease(self, channel), frame_max))
     }
 
@@ -223,7 +223,7 @@ impl Channels {
 async fn watch_connection(
     events: impl futures_util::Stream<Item = lapin::Event>,
     status: lapin::ConnectionStatus,
-    stats: Arc<Stats>,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     futures_util::pin_mut!(events);
@@ -246,16 +246,16 @@ async fn watch_connection(
             }
             lapin::Event::Error(error) => {
                 tracing::warn!(%error, "rabbitmq: connection failed");
-                stats.broker.set_connected(false);
+                health.broker.set_connected(false);
                 return;
             }
             lapin::Event::ConnectionBlocked(reason) => {
                 tracing::warn!(%reason, "rabbitmq: the broker blocks publishing (resource alarm); the relay claims nothing until it lifts");
-                stats.broker.set_blocked(true);
+                health.broker.set_blocked(true);
             }
             lapin::Event::ConnectionUnblocked => {
                 tracing::info!("rabbitmq: the broker unblocked publishing");
-                stats.broker.set_blocked(false);
+                health.broker.set_blocked(false);
             }
             _ => {}
         }

@@ -28,6 +28,8 @@ pub(crate) struct Claimer {
     /// Fired by NOTIFY, by the listener reconnecting, and by each finished batch.
     pub wake: Arc<Notify>,
     pub stats: Arc<super::Stats>,
+    /// The broker's state: nothing is claimed while it is away or blocks publishing.
+    pub health: Arc<super::Health>,
     pub scan: Scan,
     /// The relay's wake-up keys: taken when a claim finds nothing and no batch is open, given
     /// back when a claim finds work (see [`super::sleeper`]).
@@ -144,11 +146,11 @@ impl Claimer {
             // Rows claimed now would stay locked until publishing works again, out of reach
             // of any relay that could publish them: claim only with a broker connection that
             // is not blocked.
-            if !self.stats.broker.usable() {
+            if !self.health.broker.usable() {
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => return,
-                    _ = self.stats.broker.until_usable() => {}
+                    _ = self.health.broker.until_usable() => {}
                 }
             }
             let permit = tokio::select! {
@@ -160,7 +162,7 @@ impl Claimer {
                 },
             };
             // The slot may have been freed by the very batch the loss released.
-            if !self.stats.broker.usable() {
+            if !self.health.broker.usable() {
                 idle = false; // claim as soon as it is back
                 continue;
             }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Decided, PublishFailure, Published, Sent};
-use super::Stats;
+use super::Health;
 use crate::retry::RetryPolicy;
 use crate::store::outbox::Completion;
 
@@ -19,7 +19,7 @@ use crate::store::outbox::Completion;
 pub(crate) struct Confirmer {
     pub confirm_timeout: Duration,
     pub policy: RetryPolicy,
-    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
 }
 
 /// What became of one row's publish.
@@ -181,7 +181,7 @@ impl Confirmer {
                         continue;
                     }
                 },
-                Heard::TimedOut if self.stats.broker.blocked_since(block_changes) => {
+                Heard::TimedOut if self.health.broker.blocked_since(block_changes) => {
                     // The broker withheld the confirm (a resource alarm): not the row's fault,
                     // so no attempt is counted; it goes back untouched.
                     withheld += 1;

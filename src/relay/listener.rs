@@ -7,21 +7,21 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::Stats;
+use super::Health;
 use crate::contract::NOTIFY_CHANNEL;
 use crate::error::Context;
 use crate::reconnect::until_ok;
 
 /// Listens until `stop`; reconnects on its own. After every (re)connect it wakes the claimer
-/// once, since notifications sent while it was away are lost. `stats` shows whether it listens.
+/// once, since notifications sent while it was away are lost. `health` shows whether it listens.
 pub(crate) async fn listen(
     pool: PgPool,
     wake: Arc<Notify>,
-    stats: Arc<Stats>,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     loop {
-        stats.set_listening(false);
+        health.set_listening(false);
         let connect = || async {
             let mut listener = PgListener::connect_with(&pool)
                 .await
@@ -38,12 +38,12 @@ pub(crate) async fn listen(
         let Some(mut listener) = until_ok("postgres listener", &stop, connect).await else {
             return;
         };
-        stats.set_listening(true);
+        health.set_listening(true);
         wake.notify_one();
         loop {
             let received = tokio::select! {
                 _ = stop.cancelled() => {
-                    stats.set_listening(false);
+                    health.set_listening(false);
                     return;
                 }
                 received = listener.try_recv() => received,

@@ -51,7 +51,7 @@ use publisher::Publisher;
 /// Claims in progress at once.
 const CLAIMERS: usize = 2;
 
-/// Running totals of what the relay did, readable while it runs.
+/// Running totals of what the relay did, readable while it runs (its state is [`Health`]).
 #[derive(Debug, Default)]
 pub struct Stats {
     claims: AtomicU64,
@@ -62,23 +62,17 @@ pub struct Stats {
     released: AtomicU64,
     sleeps: AtomicU64,
     wakes: AtomicU64,
+}
+
+/// The relay's links to the outside, as they are now: what readiness reports, and what the
+/// claimer waits on (it claims nothing while the broker is away or blocks publishing).
+#[derive(Debug, Default)]
+pub struct Health {
     broker: BrokerState,
     listening: AtomicBool,
 }
 
-impl Stats {
-    fn record(&self, published: u64, retried: u64, dead: u64, released: u64) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.published.fetch_add(published, Ordering::Relaxed);
-        self.retried.fetch_add(retried, Ordering::Relaxed);
-        self.dead.fetch_add(dead, Ordering::Relaxed);
-        self.released.fetch_add(released, Ordering::Relaxed);
-    }
-
-    fn record_claim(&self) {
-        self.claims.fetch_add(1, Ordering::Relaxed);
-    }
-
+impl Health {
     /// Whether the publisher holds an open broker connection (it connects at start). While
     /// it does not, the relay claims nothing, so its rows stay free for other relays.
     pub fn broker_connected(&self) -> bool {
@@ -100,6 +94,20 @@ impl Stats {
     /// found by the poll only, up to `relay.poll_interval` late.
     pub fn listening(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
+    }
+}
+
+impl Stats {
+    fn record(&self, published: u64, retried: u64, dead: u64, released: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.published.fetch_add(published, Ordering::Relaxed);
+        self.retried.fetch_add(retried, Ordering::Relaxed);
+        self.dead.fetch_add(dead, Ordering::Relaxed);
+        self.released.fetch_add(released, Ordering::Relaxed);
+    }
+
+    fn record_claim(&self) {
+        self.claims.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Claim statements run, including those that found nothing to claim.
@@ -174,6 +182,7 @@ pub struct Relay {
     broker: Broker,
     settings: RelayOptions,
     stats: Arc<Stats>,
+    health: Arc<Health>,
 }
 
 impl Relay {
@@ -187,6 +196,7 @@ impl Relay {
             broker,
             settings: options,
             stats: Arc::default(),
+            health: Arc::default(),
         })
     }
 
@@ -210,6 +220,12 @@ impl Relay {
         self.stats.clone()
     }
 
+    /// The relay's links to the broker and to Postgres notifications, readable while it runs
+    /// (take it before [`Relay::spawn`]).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// Runs until `shutdown` is cancelled, then stops claiming and lets in-flight batches
     /// finish for up to `shutdown_timeout`; batches still unfinished are rolled back, so their
     /// rows go back to pending without using an attempt. Returns once every stage has stopped.
@@ -225,7 +241,7 @@ impl Relay {
         let listener = tokio::spawn(listener::listen(
             self.pool.clone(),
             wake.clone(),
-            self.stats.clone(),
+            self.health.clone(),
             shutdown.clone(),
         ));
         // Deletes old published rows (a zero retention keeps them), and vacuums after every
@@ -263,6 +279,7 @@ impl Relay {
             total_slots: 3 * in_flight,
             wake: wake.clone(),
             stats: self.stats.clone(),
+            health: self.health.clone(),
             scan: claimer::Scan::default(),
             sleeper: tokio::sync::Mutex::default(),
         };
@@ -281,7 +298,7 @@ impl Relay {
             .collect();
         drop(claimed_tx);
         let window = Arc::new(Semaphore::new(in_flight));
-        let publisher = Publisher::new(self.broker, window, self.stats.clone(), &settings);
+        let publisher = Publisher::new(self.broker, window, self.health.clone(), &settings);
         let publisher = tokio::spawn(publisher.run(
             claimed_rx,
             published_tx,
@@ -292,7 +309,7 @@ impl Relay {
         let confirmer = Confirmer {
             confirm_timeout: settings.confirm_timeout,
             policy: RetryPolicy::from_settings(&settings),
-            stats: self.stats.clone(),
+            health: self.health.clone(),
         };
         let confirmer = tokio::spawn(confirmer.run(published_rx, decided_tx, hard_stop.clone()));
         let mut completer = tokio::spawn(

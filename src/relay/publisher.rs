@@ -26,7 +26,7 @@ const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 pub(crate) struct Publisher {
     /// Batches published whose confirms are not all in yet: the broker-side window.
     pub window: Arc<Semaphore>,
-    stats: Arc<super::Stats>,
+    health: Arc<super::Health>,
     /// Payloads above this are refused without trying (`relay.max_message_bytes`).
     max_message_bytes: usize,
     /// How long a batch may wait on a broker that blocks publishing before it is given back,
@@ -40,13 +40,13 @@ impl Publisher {
     pub fn new(
         broker: Broker,
         window: Arc<Semaphore>,
-        stats: Arc<super::Stats>,
+        health: Arc<super::Health>,
         settings: &crate::relay::RelayOptions,
     ) -> Self {
         Self {
-            channels: Channels::new(broker, stats.clone(), settings.confirm_timeout),
+            channels: Channels::new(broker, health.clone(), settings.confirm_timeout),
             window,
-            stats,
+            health,
             max_message_bytes: settings.max_message_bytes,
             block_timeout: settings.confirm_timeout,
         }
@@ -85,7 +85,7 @@ impl Publisher {
                 // Idle: look at the connection again, so a lost one is reported (readiness,
                 // `postbox_broker_up`) and restored without waiting for work.
                 _ = tokio::time::sleep(BROKER_CHECK) => {
-                    self.stats.broker.set_connected(self.channels.connected());
+                    self.health.broker.set_connected(self.channels.connected());
                     continue;
                 }
             };
@@ -97,14 +97,14 @@ impl Publisher {
                     Err(_) => break,
                 },
             };
-            if !self.stats.broker.usable() || !self.channels.connected() {
+            if !self.health.broker.usable() || !self.channels.connected() {
                 // Lost or blocked while the batch waited: hand it back rather than hold its
                 // rows through the reconnect or the alarm.
                 hand_back(&give_back, batch).await;
                 continue;
             }
-            let block_changes = self.stats.broker.block_changes();
-            let stats = self.stats.clone();
+            let block_changes = self.health.broker.block_changes();
+            let health = self.health.clone();
             let block_timeout = self.block_timeout;
             let attempt = async {
                 // Without reconnecting: a connection lost since the check above is the next
@@ -134,7 +134,7 @@ impl Publisher {
             let written = tokio::select! {
                 _ = hard_stop.cancelled() => break,
                 written = attempt => written,
-                _ = blocked_for(&stats, block_timeout, block_changes) => {
+                _ = blocked_for(&health, block_timeout, block_changes) => {
                     tracing::warn!(
                         rows = batch.rows.len(),
                         "relay: the broker blocks publishing; the batch goes back to pending without using an attempt"
@@ -173,7 +173,7 @@ impl Publisher {
             // exchanges) or `channel()` reopens the channel; readiness shows a lost connection
             // now rather than then.
             if !channel_connected {
-                self.stats.broker.set_connected(self.channels.connected());
+                self.health.broker.set_connected(self.channels.connected());
             }
             if out.send(published).await.is_err() {
                 break;
@@ -205,7 +205,7 @@ impl Publisher {
         shutdown: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> bool {
-        self.stats.broker.set_connected(false);
+        self.health.broker.set_connected(false);
         let connect = self.channels.channel(shutdown, true);
         tokio::pin!(connect);
         loop {
@@ -233,10 +233,10 @@ impl Publisher {
 
 /// Returns once the broker has blocked publishing for `timeout` (checked every `timeout`)
 /// since it had `block_changes` changes; never while it does not block.
-async fn blocked_for(stats: &super::Stats, timeout: std::time::Duration, block_changes: u64) {
+async fn blocked_for(health: &super::Health, timeout: std::time::Duration, block_changes: u64) {
     loop {
         tokio::time::sleep(timeout).await;
-        if stats.broker.blocked_since(block_changes) {
+        if health.broker.blocked_since(block_changes) {
             return;
         }
     }

@@ -13,6 +13,7 @@ use super::*;
 pub struct RunningRelay {
     handle: postbox::relay::RelayHandle,
     pub stats: std::sync::Arc<postbox::relay::Stats>,
+    pub health: std::sync::Arc<postbox::relay::Health>,
 }
 
 impl RunningRelay {
@@ -20,13 +21,15 @@ impl RunningRelay {
     pub async fn start(settings: Settings) -> Self {
         // The relay's warnings show up in a failing test's output.
         postbox::telemetry::init();
-        let handle = settings
-            .relay()
-            .await
-            .expect("relay connects to Postgres")
-            .spawn();
+        let relay = settings.relay().await.expect("relay connects to Postgres");
+        let health = relay.health();
+        let handle = relay.spawn();
         let stats = handle.stats();
-        Self { handle, stats }
+        Self {
+            handle,
+            stats,
+            health,
+        }
     }
 
     /// Graceful stop; waits until every stage has ended.
