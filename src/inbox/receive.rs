@@ -7,6 +7,7 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::store::inbox::{self, Claim, Outcome, Receipt};
 use crate::store::inbox_streams::{self, StreamKey};
+use crate::store::inbox_versions;
 
 /// What the inbox says about a message, inside the caller's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +112,7 @@ pub(crate) async fn receive_turn(
     }
     if let (Some(key), Some(version)) = (receipt.partition_key, receipt.version) {
         let source = receipt.source.unwrap_or_default();
-        let newer = inbox::advance_version(
+        let newer = inbox_versions::advance_version(
             conn,
             receipt.consumer,
             source,
@@ -203,7 +204,7 @@ pub async fn receive_batch(
         .filter(|&i| statuses[i].is_none())
         .collect();
     let new: Vec<Receipt<'_>> = versioned.iter().map(|&i| receipts[i].clone()).collect();
-    let fresh = inbox::advance_versions(conn, &new).await?;
+    let fresh = inbox_versions::advance_versions(conn, &new).await?;
     let stale: Vec<(&str, Uuid)> = new
         .iter()
         .zip(&fresh)

@@ -6,7 +6,8 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
-use super::inbox::{text, version_key};
+use super::inbox::text;
+use super::inbox_versions::version_key;
 use crate::error::{Context, Result};
 
 /// One consumer's view of one stream: a partition key's messages to one exchange and routing

@@ -3,6 +3,7 @@
 
 pub mod inbox;
 pub mod inbox_streams;
+pub mod inbox_versions;
 pub mod operations;
 pub mod outbox;
 pub mod relays;
