@@ -8,6 +8,7 @@ mod migrate;
 mod reconcile;
 mod replay;
 mod run;
+mod settings;
 mod status;
 
 use std::path::PathBuf;
@@ -15,7 +16,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Settings;
 use crate::error::Error;
 
 /// Exit code for success.
@@ -117,7 +117,7 @@ fn report(error: &Error) {
 impl Cli {
     /// Runs the parsed command and returns the process exit code.
     pub async fn execute(self) -> ExitCode {
-        let settings = match Settings::load(self.config.as_deref()) {
+        let settings = match settings::load(self.config.as_deref()) {
             Ok(settings) => settings,
             Err(error) => {
                 report(&error);

@@ -143,8 +143,7 @@ pub fn database_url_for(name: &str) -> String {
 
 /// Settings for a relay on `database_url` with quick test timings.
 pub fn settings_for(database_url: &str) -> Settings {
-    let defaults = Settings::load(None).expect("default settings load");
-    let mut settings = defaults;
+    let mut settings = Settings::default();
     settings.database_url = database_url.to_string();
     settings.amqp_url = amqp_url();
     settings.relay.poll_interval = Duration::from_millis(200);
