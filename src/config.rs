@@ -84,7 +84,7 @@ impl Settings {
 
     /// A relay with these settings: connects to the database (Postgres must be reachable; the
     /// broker is connected when the relay starts).
-    pub async fn relay(&self) -> Result<crate::Relay> {
+    pub async fn connect_relay(&self) -> Result<crate::Relay> {
         let pool = crate::store::connect(
             self.database(),
             crate::Relay::connections_needed(&self.relay),

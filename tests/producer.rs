@@ -172,6 +172,8 @@ async fn nonsense_rows_are_refused_by_the_relay_naming_the_rule() {
          "content_type must not be empty"),
         (format!("insert into postbox.outbox (routing_key, payload, created_at) values ('{q}', 'x', 'infinity')"),
          "created_at must be a finite time"),
+        (format!("insert into postbox.outbox (routing_key, payload, available_at) values ('{q}', 'x', '-infinity')"),
+         "available_at must be a finite time"),
     ];
     let mut expected = Vec::new();
     for (sql, reason) in &cases {
@@ -230,6 +232,11 @@ async fn the_producer_api_refuses_messages_the_relay_would_refuse() {
         (
             Message::text("q", "x").header("h".repeat(256), 1),
             "header name of 256 bytes",
+        ),
+        // names inside a header's value travel as AMQP short strings too
+        (
+            Message::text("q", "x").header("nested", serde_json::json!([{ "n".repeat(300): 1 }])),
+            "header name of 300 bytes",
         ),
     ];
     for (message, reason) in cases {

@@ -423,14 +423,14 @@ pub(super) fn relay_settings(settings: &Settings, env: &Env, options: &BenchOpti
 }
 
 pub(super) async fn start_relay(settings: &Settings) -> Result<RelayHandle> {
-    Ok(settings.relay().await?.spawn())
+    Ok(settings.connect_relay().await?.spawn())
 }
 
 /// A relay that is connected to the broker and listening for commits, as one that has been
 /// running a while is: the latency cases measure a running relay, not its start-up.
 pub(super) async fn start_ready_relay(settings: &Settings) -> Result<RelayHandle> {
     const LIMIT: Duration = Duration::from_secs(30);
-    let relay = settings.relay().await?;
+    let relay = settings.connect_relay().await?;
     let health = relay.health();
     let relay = relay.spawn();
     let ready = async {

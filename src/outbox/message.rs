@@ -45,6 +45,23 @@ pub struct Message {
     pub(crate) delay: Option<Duration>,
 }
 
+/// The longest field name in `headers`, nested objects included: AMQP carries each as a short
+/// string.
+fn longest_name(headers: &Map<String, Value>) -> Option<&str> {
+    fn nested(value: &Value) -> Option<&str> {
+        match value {
+            Value::Object(map) => longest_name(map),
+            Value::Array(items) => items.iter().filter_map(nested).max_by_key(|n| n.len()),
+            _ => None,
+        }
+    }
+    headers
+        .iter()
+        .flat_map(|(name, value)| [Some(name.as_str()), nested(value)])
+        .flatten()
+        .max_by_key(|name| name.len())
+}
+
 impl Message {
     /// Checks the rules of the SQL contract that Postgres does not enforce on insert (the
     /// relay would refuse such a row, marking it dead): AMQP short strings of at most 255
@@ -63,7 +80,7 @@ impl Message {
                 ));
             }
         }
-        if let Some(name) = self.headers.keys().find(|name| name.len() > 255) {
+        if let Some(name) = longest_name(&self.headers).filter(|name| name.len() > 255) {
             return refuse(format!(
                 "header name of {} bytes is longer than AMQP allows (255 bytes)",
                 name.len()

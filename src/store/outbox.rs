@@ -155,7 +155,8 @@ pub struct ClaimedRow {
     /// The body, from `payload` or `payload_bytes`.
     pub payload: Vec<u8>,
     /// Which rule of the SQL contract the row breaks, if any (no payload or two, no routing
-    /// key for the default exchange, an empty content type, an infinite `created_at`): the
+    /// key for the default exchange, an empty content type, an infinite `created_at` or
+    /// `available_at`): the
     /// relay refuses such a row with this reason instead of sending it.
     pub invalid: Option<String>,
     /// AMQP content type.
@@ -218,6 +219,9 @@ select id, message_id, exchange, routing_key, partition_key, seq, payload, paylo
                  then 'content_type must not be empty'
             when not isfinite(created_at)
                  then 'created_at must be a finite time'
+            -- '-infinity' is due at once, but the operator views cannot subtract it from now()
+            when not isfinite(available_at)
+                 then 'available_at must be a finite time (''infinity'' stays scheduled for good)'
        end as invalid
 from postbox.outbox
 where published_at is null and dead_at is null and available_at <= now()

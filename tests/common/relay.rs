@@ -21,7 +21,10 @@ impl RunningRelay {
     pub async fn start(settings: Settings) -> Self {
         // The relay's warnings show up in a failing test's output.
         postbox::telemetry::init();
-        let relay = settings.relay().await.expect("relay connects to Postgres");
+        let relay = settings
+            .connect_relay()
+            .await
+            .expect("relay connects to Postgres");
         let health = relay.health();
         let handle = relay.spawn();
         let stats = handle.stats();
