@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::InvalidSetting;
 use crate::redact::{redact_url, without_password};
 use crate::relay::options::{invalid, LONGEST};
 use crate::relay::RelayOptions;
 
 /// All of postbox's settings. See README "Configuration" for each one's meaning and default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Settings {
     /// Postgres connection URL of the database holding `postbox.outbox`.
@@ -47,7 +47,7 @@ impl Default for Settings {
 
 impl Settings {
     /// Checks every value and names the first bad one: the setting, the value and what is allowed.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         check_database_url("database_url", &self.database_url)?;
         for url in self.amqp_urls() {
             check_url("amqp_url", url, &["amqp", "amqps"])?;
@@ -84,7 +84,7 @@ impl Settings {
 
     /// A relay with these settings: connects to the database (Postgres must be reachable; the
     /// broker is connected when the relay starts).
-    pub async fn connect_relay(&self) -> Result<crate::Relay> {
+    pub async fn connect_relay(&self) -> Result<crate::Relay, crate::relay::RelayError> {
         let pool = crate::store::connect(
             self.database(),
             crate::Relay::connections_needed(&self.relay),
@@ -114,7 +114,7 @@ impl Settings {
     }
 }
 
-fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()> {
+fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<(), InvalidSetting> {
     let expected = format!(
         "a URL starting with {}",
         schemes
@@ -131,7 +131,7 @@ fn check_url(setting: &'static str, value: &str, schemes: &[&str]) -> Result<()>
 }
 
 /// Checks `url`, the value of `setting`, as sqlx parses a Postgres URL.
-pub fn check_database_url(setting: &'static str, url: &str) -> Result<()> {
+pub fn check_database_url(setting: &'static str, url: &str) -> Result<(), InvalidSetting> {
     check_url(setting, url, &["postgres", "postgresql"])?;
     match <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url) {
         Ok(_) => Ok(()),
@@ -147,7 +147,7 @@ pub fn check_database_url(setting: &'static str, url: &str) -> Result<()> {
 }
 
 /// Parses `metrics_addr`: `host:port`, or a bare `port` / `:port` meaning loopback.
-pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr> {
+pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr, InvalidSetting> {
     let value = value.trim();
     let port_only = value.strip_prefix(':').unwrap_or(value);
     let parsed = match port_only.parse::<u16>() {
@@ -158,9 +158,11 @@ pub fn parse_addr(value: &str) -> Result<std::net::SocketAddr> {
             .map_err(|e| e.to_string())
             .and_then(|addr| addr.ok_or_else(|| "the name has no address".to_string())),
     };
-    parsed.map_err(|e| Error::Config {
-        setting: "metrics_addr",
-        value: value.into(),
-        reason: format!("expected host:port or a port (loopback), such as 127.0.0.1:9187: {e}"),
+    parsed.map_err(|e| {
+        InvalidSetting::new(
+            "metrics_addr",
+            value,
+            format!("expected host:port or a port (loopback), such as 127.0.0.1:9187: {e}"),
+        )
     })
 }

@@ -1,149 +1,129 @@
-//! The crate's error type. Every I/O error carries what postbox was doing when it failed.
+//! The failures every area of postbox shares: a Postgres operation, a RabbitMQ operation, an
+//! option with a value postbox cannot use. Each area has its own error enum built from these
+//! (`outbox::EnqueueError`, `relay::RelayError`, `inbox::ConsumerError`,
+//! `migrate::MigrateError`); every I/O error carries what postbox was doing when it failed.
 
-use std::time::Duration;
-
-/// Everything that can go wrong in postbox. New variants may come in any release; match with a
-/// wildcard arm, and use [`Error::is_transient`] to decide whether to try again.
+/// A Postgres operation failed: what postbox was doing, and the driver's error.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A setting has a value postbox cannot use.
-    #[error("invalid setting `{setting}` = {value:?}: {reason}")]
-    Config {
-        /// The setting's name as written in the config file (`relay.batch_size`).
-        setting: &'static str,
-        /// The offending value, with any password removed.
-        value: String,
-        /// What is allowed instead.
-        reason: String,
-    },
-
-    /// The configuration could not be read or parsed (file missing, wrong type...).
-    #[cfg(feature = "cli")]
-    #[error("could not load configuration: {0}")]
-    ConfigLoad(#[from] config::ConfigError),
-
-    /// The configuration file does not parse.
-    #[cfg(feature = "cli")]
-    #[error("could not read configuration file {path}: {reason}")]
-    ConfigFile {
-        /// The file.
-        path: String,
-        /// What is wrong, and where (without the file's text, which may hold passwords).
-        reason: String,
-    },
-
-    /// The configuration names something that is not a setting (a misspelling, most likely).
-    #[cfg(feature = "cli")]
-    #[error("unknown setting `{name}` in {origin}; see README \"Configuration\" for the settings")]
-    UnknownSetting {
-        /// The key as written (`relay.batch_sise`).
-        name: String,
-        /// Where it was found.
-        origin: String,
-    },
-
-    /// A Postgres operation failed.
-    #[error("postgres: {context}: {}", describe(source))]
-    Database {
-        /// What postbox was doing, e.g. "claiming a batch" or "connecting to 127.0.0.1:5432/app".
-        context: String,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
-    },
-
-    /// Applying the schema migrations failed.
-    #[error("postgres: applying postbox migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-
-    /// A RabbitMQ operation failed.
-    #[error("rabbitmq: {context}: {source}")]
-    Amqp {
-        /// What postbox was doing, e.g. "publishing" or "connecting to 127.0.0.1:5672/%2f".
-        context: String,
-        /// The client's error.
-        #[source]
-        source: lapin::Error,
-    },
-
-    /// A message could not be built (a payload that does not serialize, say).
-    #[error("invalid message: {0}")]
-    InvalidMessage(String),
-
-    /// Reading or writing a local file failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What postbox was doing, with the file's path.
-        context: String,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The broker did not accept a message postbox published itself (a dead letter, a benchmark
-    /// message): nacked, returned as unroutable, or not confirmed.
-    #[error("rabbitmq did not accept a message: {0}")]
-    Unconfirmed(String),
-
-    /// `postbox bench` could not measure as designed (a producer task failed, a case
-    /// committed nothing, the broker lost messages).
-    #[cfg(feature = "cli")]
-    #[error("bench: {0}")]
-    Bench(String),
-
-    /// Concurrent transactions kept changing what this one reads (the inbox's versions of a
-    /// key): roll back and run it again.
-    #[error("postgres: {0}; retry the transaction")]
-    Conflict(String),
-
-    /// The Prometheus recorder could not be installed.
-    #[cfg(feature = "cli")]
-    #[error("metrics: {0}")]
-    Metrics(String),
-
-    /// The operation did not finish in time.
-    #[error("{what} did not finish within {after:?}")]
-    Timeout {
-        /// What was being waited for.
-        what: &'static str,
-        /// How long postbox waited.
-        after: Duration,
-    },
+#[error("postgres: {context}: {}", describe(source))]
+pub struct DatabaseError {
+    context: String,
+    #[source]
+    source: sqlx::Error,
 }
 
-impl Error {
-    /// Whether trying again later may succeed without anything about the request changing:
-    /// Postgres or RabbitMQ unreachable or restarting, a pool timing out, a serialization
-    /// conflict, and Postgres errors about the database rather than the values sent (a missing
-    /// table or permission: an operator can fix those while the caller waits). False for
-    /// Postgres refusing the values themselves (SQLSTATE classes 22 data exception, 23
-    /// integrity constraint violation, 54 program limit exceeded), for invalid messages and for
-    /// configuration errors: repeating those fails the same way.
+impl DatabaseError {
+    pub(crate) fn new(context: impl Into<String>, source: sqlx::Error) -> Self {
+        Self {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// What postbox was doing, e.g. "claiming a batch" or "connecting to 127.0.0.1:5432/app".
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// The server's SQLSTATE, when Postgres answered with an error.
+    pub fn sqlstate(&self) -> Option<String> {
+        Some(self.source.as_database_error()?.code()?.into_owned())
+    }
+
+    /// Whether the same operation may succeed later with nothing about it changed: Postgres
+    /// unreachable, restarting or out of connections (SQLSTATE classes 08, 53, 57, 58), a
+    /// serialization failure or deadlock (class 40), a lock not available (55P03), or a pool
+    /// timing out. False for errors about the statement or its values (a missing table, a
+    /// permission, a constraint): they fail again until someone changes something.
     pub fn is_transient(&self) -> bool {
-        match self {
-            Error::Database {
-                source: sqlx::Error::Database(database),
-                ..
-            } => {
-                let code = database.code().unwrap_or_default();
-                !["22", "23", "54"]
-                    .iter()
-                    .any(|class| code.starts_with(class))
-            }
-            Error::Database { .. }
-            | Error::Amqp { .. }
-            | Error::Io { .. }
-            | Error::Unconfirmed(_)
-            | Error::Conflict(_)
-            | Error::Timeout { .. } => true,
-            Error::Config { .. } | Error::Migrate(_) | Error::InvalidMessage(_) => false,
-            #[cfg(feature = "cli")]
-            Error::ConfigLoad(_)
-            | Error::ConfigFile { .. }
-            | Error::UnknownSetting { .. }
-            | Error::Bench(_)
-            | Error::Metrics(_) => false,
+        transient(&self.source)
+    }
+
+    /// Whether Postgres refused the values sent (SQLSTATE classes 22 data exception, 23
+    /// integrity constraint violation, 54 program limit exceeded): sending the same values again
+    /// fails alike, whatever an operator does to the database.
+    pub(crate) fn refuses_values(&self) -> bool {
+        let Some(database) = self.source.as_database_error() else {
+            return false;
+        };
+        let code = database.code().unwrap_or_default();
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class))
+    }
+
+    /// The driver's error.
+    pub fn driver(&self) -> &sqlx::Error {
+        &self.source
+    }
+}
+
+/// See [`DatabaseError::is_transient`].
+pub(crate) fn transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => {
+            let code = database.code().unwrap_or_default();
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "55P03"
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// A RabbitMQ operation failed: what postbox was doing, and the client's error. The broker
+/// failing is always worth trying again: connections drop, nodes restart, alarms clear.
+#[derive(Debug, thiserror::Error)]
+#[error("rabbitmq: {context}: {source}")]
+pub struct BrokerError {
+    context: String,
+    #[source]
+    source: lapin::Error,
+}
+
+impl BrokerError {
+    pub(crate) fn new(context: impl Into<String>, source: lapin::Error) -> Self {
+        Self {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// What postbox was doing, e.g. "publishing" or "connecting to 127.0.0.1:5672/%2f".
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+}
+
+/// A setting or option has a value postbox cannot use: which one, the value, what is allowed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid setting `{setting}` = {value:?}: {reason}")]
+pub struct InvalidSetting {
+    /// The setting's name as written in the configuration file (`relay.batch_size`).
+    pub setting: &'static str,
+    /// The offending value, with any password removed.
+    pub value: String,
+    /// What is allowed instead.
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub(crate) fn new(
+        setting: &'static str,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            setting,
+            value: value.to_string(),
+            reason: reason.into(),
         }
     }
 }
@@ -173,29 +153,42 @@ fn describe(error: &sqlx::Error) -> String {
     text
 }
 
-/// Shorthand for results with postbox's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Attaches what postbox was doing to a driver error.
+/// Attaches what postbox was doing to a driver's or client's error.
 pub(crate) trait Context<T> {
+    /// The error with its context: [`DatabaseError`] or [`BrokerError`].
+    type Error;
     /// Wraps the error with a description of the operation that failed.
-    fn context(self, context: impl Into<String>) -> Result<T>;
+    fn context(self, context: impl Into<String>) -> Result<T, Self::Error>;
 }
 
-impl<T> Context<T> for std::result::Result<T, sqlx::Error> {
-    fn context(self, context: impl Into<String>) -> Result<T> {
-        self.map_err(|source| Error::Database {
-            context: context.into(),
-            source,
-        })
+impl<T> Context<T> for Result<T, sqlx::Error> {
+    type Error = DatabaseError;
+    fn context(self, context: impl Into<String>) -> Result<T, DatabaseError> {
+        self.map_err(|source| DatabaseError::new(context, source))
     }
 }
 
-impl<T> Context<T> for std::result::Result<T, lapin::Error> {
-    fn context(self, context: impl Into<String>) -> Result<T> {
-        self.map_err(|source| Error::Amqp {
-            context: context.into(),
-            source,
-        })
+impl<T> Context<T> for Result<T, lapin::Error> {
+    type Error = BrokerError;
+    fn context(self, context: impl Into<String>) -> Result<T, BrokerError> {
+        self.map_err(|source| BrokerError::new(context, source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_transient_and_bad_statements_are_not() {
+        let io = DatabaseError::new(
+            "claiming",
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+        );
+        assert!(io.is_transient());
+        assert!(!io.refuses_values());
+        assert!(DatabaseError::new("claiming", sqlx::Error::PoolTimedOut).is_transient());
+        let decode = DatabaseError::new("reading", sqlx::Error::RowNotFound);
+        assert!(!decode.is_transient());
     }
 }

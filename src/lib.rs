@@ -21,12 +21,15 @@
 //! - [`config`]: the relay's settings and their checks.
 //! - [`trace`]: W3C `traceparent`, carried from the enqueue to the consumer's handler.
 //!
+//! Errors: each area has its own enum, [`EnqueueError`], [`RelayError`],
+//! [`inbox::ConsumerError`] and [`MigrateError`], built from the failures they share
+//! ([`DatabaseError`], [`BrokerError`], [`InvalidSetting`]); each says with `is_transient()`
+//! whether the same call may succeed later.
+//!
 //! With the default feature `cli` (the `postbox` command): `metrics` (the HTTP listener for
 //! Prometheus metrics, liveness and readiness), `telemetry` (log output) and loading settings
 //! from files and the environment. Without it, the library leaves out clap, axum, the
 //! Prometheus exporter, the configuration loader and tracing-subscriber.
-
-#![cfg_attr(not(feature = "cli"), allow(dead_code))]
 
 /// Builder-style setters for an options struct's public fields: `options.field(value)` returns
 /// the options with `field` set, so non-exhaustive options build from `Default` in one
@@ -55,6 +58,7 @@ mod error;
 pub mod inbox;
 #[cfg(feature = "cli")]
 pub mod metrics;
+mod migrations;
 pub mod outbox;
 mod reconnect;
 mod redact;
@@ -71,8 +75,11 @@ pub mod trace;
 mod vacuum;
 
 pub use config::Settings;
-pub use error::{Error, Result};
-pub use outbox::{deterministic_id, enqueue, enqueue_many, Enqueued, Message, Payload};
-pub use relay::{Relay, RelayOptions};
-pub use store::{migrate, migrate_parts, Part};
+pub use error::{BrokerError, DatabaseError, InvalidSetting};
+pub use migrations::{migrate, migrate_parts, MigrateError, Part};
+pub use outbox::{
+    deterministic_id, enqueue, enqueue_many, EnqueueError, Enqueued, InvalidMessage, Message,
+    Payload,
+};
+pub use relay::{Relay, RelayError, RelayOptions};
 pub use vacuum::Vacuum;

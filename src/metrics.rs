@@ -18,7 +18,6 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
 use crate::relay::Health;
 use crate::store::operations;
 
@@ -31,13 +30,25 @@ const ROWS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
+/// The metrics listener failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// The Prometheus recorder could not be installed (another one is installed already).
+    #[error("metrics: installing the Prometheus recorder: {0}")]
+    Recorder(String),
+    /// Serving the endpoints failed.
+    #[error("metrics: serving the endpoints: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// Installs the process-wide Prometheus recorder; call once, before the relay starts.
-pub fn install() -> Result<PrometheusHandle> {
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS))
         .and_then(|b| b.install_recorder())
-        .map_err(|e| Error::Metrics(e.to_string()))
+        .map_err(|e| MetricsError::Recorder(e.to_string()))
 }
 
 /// What the endpoints look at.
@@ -61,7 +72,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     probe: Probe,
     shutdown: CancellationToken,
-) -> Result<()> {
+) -> Result<(), MetricsError> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -70,10 +81,7 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(|source| Error::Io {
-            context: "serving metrics".into(),
-            source,
-        })
+        .map_err(MetricsError::Serve)
 }
 
 /// The backlog gauges, read when scraped.

@@ -6,8 +6,6 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
-
 /// Backoff between connection attempts: 100 ms doubling to 10 s, with jitter so that many relays
 /// restarting together do not reconnect in lockstep.
 pub fn connection_backoff() -> impl Iterator<Item = Duration> {
@@ -22,10 +20,15 @@ pub fn connection_backoff() -> impl Iterator<Item = Duration> {
 /// Calls `attempt` until it succeeds, logging each failure with the delay before the next try.
 /// Returns `None` if `shutdown` is cancelled first, abandoning an attempt under way (a connect
 /// that hangs).
-pub async fn until_ok<T, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> Option<T>
+pub async fn until_ok<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Option<T>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     retry(what, shutdown, attempt, true).await
 }
@@ -34,27 +37,29 @@ where
 /// `shutdown` is already cancelled: for work that must not be cut off half-done (a dead letter
 /// published but not yet confirmed, an outcome being written). Only the waits between attempts
 /// end at `shutdown`.
-pub async fn until_ok_finishing<T, F, Fut>(
+pub async fn until_ok_finishing<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     attempt: F,
 ) -> Option<T>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     retry(what, shutdown, attempt, false).await
 }
 
-async fn retry<T, F, Fut>(
+async fn retry<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut attempt: F,
     abandon_attempts: bool,
 ) -> Option<T>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut delays = connection_backoff();
     let mut failures = 0u32;
@@ -98,7 +103,7 @@ mod tests {
         let mut calls = 0;
         let ok = until_ok_finishing("test", &stopped, || {
             calls += 1;
-            async { Ok(7) }
+            async { Ok::<_, &str>(7) }
         })
         .await;
         assert_eq!((ok, calls), (Some(7), 1));
@@ -106,14 +111,14 @@ mod tests {
         let mut calls = 0;
         let failed: Option<()> = until_ok_finishing("test", &stopped, || {
             calls += 1;
-            async { Err(crate::Error::Unconfirmed("nack".into())) }
+            async { Err("nack") }
         })
         .await;
         assert_eq!((failed, calls), (None, 1));
 
         // the plain form gives up without finishing (or starting) an attempt
         let abandoned = until_ok("test", &stopped, || async {
-            std::future::pending::<Result<()>>().await
+            std::future::pending::<Result<(), &str>>().await
         })
         .await;
         assert_eq!(abandoned, None);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
 use crate::store::operations::{self, HotTable};
+use crate::store::Result;
 
 /// When a cleanup loop vacuums its table (where it vacuums at all, see
 /// [`operations::vacuums_itself`]).

@@ -7,7 +7,7 @@ pub mod store {
     pub async fn connect(
         settings: &crate::Settings,
         max_connections: u32,
-    ) -> crate::Result<sqlx::PgPool> {
+    ) -> Result<sqlx::PgPool, crate::error::DatabaseError> {
         crate::store::connect(settings.database(), max_connections).await
     }
 

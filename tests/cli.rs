@@ -190,7 +190,7 @@ fn bad_configuration_names_the_setting_and_exits_2() {
     for (contents, expected) in [
         (
             "[relay]\nbatch_sise = 5\n",
-            "unknown setting `relay.batch_sise`",
+            "unknown field `batch_sise`, expected one of `batch_size`",
         ),
         (
             "database_url = postgres://app:hunter2@db/app\n",

@@ -6,7 +6,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::error::{Context, Result};
+use crate::error::{BrokerError, Context};
 use crate::redact::redact_url;
 
 /// One message ready to publish, its pieces checked so publishing it cannot fail on our side.
@@ -49,7 +49,7 @@ impl Broker {
     }
 
     /// Connects to the first node that answers, starting after the last one that failed.
-    pub async fn connect(&self, name: &str) -> Result<Connection> {
+    pub async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
         let mut last_error = None;
         for _ in 0..self.urls.len().max(1) {
             let index = self.next.load(Ordering::Relaxed) % self.urls.len().max(1);
@@ -71,10 +71,12 @@ impl Broker {
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| crate::Error::Config {
-            setting: "amqp_url",
-            value: String::new(),
-            reason: "expected at least one amqp:// URL".into(),
+        Err(last_error.unwrap_or_else(|| {
+            let none = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no amqp:// URL given (amqp_url)",
+            );
+            BrokerError::new("connecting", none.into())
         }))
     }
 }
@@ -88,7 +90,7 @@ pub async fn close(connection: &Connection, reason: &str) {
 }
 
 /// Opens a channel with publisher confirms enabled.
-pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection
         .create_channel()
         .await

@@ -8,10 +8,11 @@ use futures_util::StreamExt;
 
 use tokio_util::sync::CancellationToken;
 
+use super::error::{BenchError, Result};
 use super::resources::{self, Usage};
 use super::{quantile, BenchOptions, CaseResult, Env, Report};
 use crate::config::Settings;
-use crate::error::{Context, Error, Result};
+use crate::error::Context;
 use crate::relay::encode::outgoing;
 use crate::relay::RelayHandle;
 
@@ -344,7 +345,7 @@ async fn ceiling_once(env: &Env, queue_type: &str, options: &BenchOptions) -> Re
         for _ in 0..n {
             row.id += 1;
             row.message_id = uuid::Uuid::now_v7();
-            let message = outgoing(&row).map_err(|e| Error::Bench(e.to_string()))?;
+            let message = outgoing(&row).map_err(|e| BenchError::Failed(e.to_string()))?;
             messages.push((message, payload.as_slice()));
         }
         let batch = crate::amqp::publish_in_order(&env.channel, messages)
@@ -377,7 +378,7 @@ async fn await_confirms(batch: Option<Vec<lapin::PublisherConfirm>>) -> Result<u
     for confirm in batch {
         let confirmation = confirm.await.context("bench confirm")?;
         if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
-            return Err(Error::Unconfirmed(format!("{confirmation:?}")));
+            return Err(BenchError::Unconfirmed(format!("{confirmation:?}")));
         }
     }
     Ok(n)
@@ -440,7 +441,7 @@ pub(super) async fn start_ready_relay(settings: &Settings) -> Result<RelayHandle
     };
     if tokio::time::timeout(LIMIT, ready).await.is_err() {
         let _ = relay.stop().await;
-        return Err(Error::Timeout {
+        return Err(BenchError::Timeout {
             what: "the relay to connect to the broker and listen for commits",
             after: LIMIT,
         });
@@ -508,7 +509,7 @@ pub(super) async fn drain_once(
             for relay in relays {
                 let _ = relay.stop().await;
             }
-            return Err(Error::Timeout {
+            return Err(BenchError::Timeout {
                 what: "backlog drain",
                 after: Duration::from_secs(600),
             });
@@ -549,7 +550,7 @@ async fn idle_latency(
             Ok(Some(Ok(_))) => samples.push(start.elapsed()),
             _ => {
                 let _ = relay.stop().await;
-                return Err(Error::Timeout {
+                return Err(BenchError::Timeout {
                     what: "a latency probe to arrive",
                     after: Duration::from_secs(10),
                 });

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 
 use super::cases::{progress, progress_figures};
+use super::error::Result;
 use super::{quantile, BenchOptions, CaseResult, Env};
-use crate::error::{Context, Result};
+use crate::error::Context;
 use crate::store::outbox;
 
 /// Rows numbered and claimed per round, as a relay at the default batch size does.

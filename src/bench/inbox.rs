@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use super::cases::progress_figures;
+use super::error::{BenchError, Result};
 use super::{BenchOptions, CaseResult, Env};
-use crate::error::{Context, Error, Result};
+use crate::error::Context;
 use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming, Versioning};
 use crate::relay::encode::outgoing;
 
@@ -196,7 +197,7 @@ async fn consume_once(
         }
         if Instant::now() > deadline {
             let _ = consumer.stop().await;
-            return Err(Error::Timeout {
+            return Err(BenchError::Timeout {
                 what: "the consumer to process its queue",
                 after: Duration::from_secs(600),
             });
@@ -282,7 +283,7 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<u6
             row.partition_key = Some(format!("key-{key}"));
             row.seq = Some(seq);
             batch.push((
-                outgoing(&row).map_err(|e| Error::Bench(e.to_string()))?,
+                outgoing(&row).map_err(|e| BenchError::Failed(e.to_string()))?,
                 payload.as_slice(),
             ));
         }
@@ -292,7 +293,7 @@ async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<u6
                 .await
                 .context("bench confirm")?;
             if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
-                return Err(Error::Unconfirmed(format!("{confirmation:?}")));
+                return Err(BenchError::Unconfirmed(format!("{confirmation:?}")));
             }
         }
     }

@@ -3,9 +3,10 @@
 //! drain of the same backlog.
 
 use super::cases::{drain_once, progress_figures, Shape};
+use super::error::Result;
 use super::resources::Usage;
 use super::{summarize, BenchOptions, CaseResult, Env};
-use crate::error::{Context, Result};
+use crate::error::Context;
 
 /// Writers committing a backlog at once, each on its own connection.
 const WRITERS: u32 = 4;

@@ -13,11 +13,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::cases::{progress_figures, relay_settings, start_ready_relay, start_relay};
+use super::error::{BenchError, Result};
 use super::keys::ROWS_PER_TRANSACTION;
 use super::{quantile, resources, BenchOptions, CaseResult, Env};
 use crate::config::Settings;
 use crate::contract::{HEADER_PARTITION_KEY, HEADER_SEQ};
-use crate::error::{Context, Error, Result};
+use crate::error::Context;
 
 /// Commits per producer tick.
 const TICK: Duration = Duration::from_millis(10);
@@ -81,7 +82,7 @@ pub(super) async fn latency_at_rate(
     let _ = relay.stop().await;
     env.clear(&queue).await?;
     if latencies.len() < committed {
-        return Err(Error::Timeout {
+        return Err(BenchError::Timeout {
             what: "every live event to arrive",
             after: Duration::from_secs(30),
         });
@@ -320,7 +321,7 @@ async fn writers_once(
     env.clear(&queue).await?;
     let committed = committed?;
     if (arrivals.latencies.len() as u64) < committed {
-        return Err(Error::Timeout {
+        return Err(BenchError::Timeout {
             what: "every live writer's event to arrive",
             after: ARRIVAL_TIMEOUT,
         });

@@ -6,6 +6,7 @@
 
 mod cases;
 mod claim;
+mod error;
 mod inbox;
 mod keys;
 mod live;
@@ -24,7 +25,9 @@ use uuid::Uuid;
 
 use crate::amqp::Broker;
 use crate::config::Settings;
-use crate::error::{Context, Result};
+use crate::error::{Context, InvalidSetting};
+pub(crate) use error::BenchError;
+use error::Result;
 pub use report::{CaseResult, Report};
 
 /// What to measure and how big.
@@ -142,10 +145,12 @@ impl Env {
     /// the broker.
     async fn open(settings: &Settings, admin_url: &str, db_name: String) -> Result<Self> {
         let admin_url = admin_url.to_string();
-        let mut url = url::Url::parse(&admin_url).map_err(|e| crate::Error::Config {
-            setting: "database_url",
-            value: crate::redact::redact_url(&admin_url),
-            reason: e.to_string(),
+        let mut url = url::Url::parse(&admin_url).map_err(|e| {
+            InvalidSetting::new(
+                "database_url",
+                crate::redact::redact_url(&admin_url),
+                e.to_string(),
+            )
         })?;
         url.set_path(&db_name);
         let db_url = url.to_string();
@@ -184,6 +189,7 @@ impl Env {
             .connect_with(self.connect.clone())
             .await
             .context("connecting bench writers to the bench database")
+            .map_err(Into::into)
     }
 
     /// Declares a fresh durable queue of `queue_type` and returns its name.
@@ -232,6 +238,7 @@ impl Env {
             )
             .await
             .context(format!("consuming {queue}"))
+            .map_err(Into::into)
     }
 
     /// Deletes the rows published to `queue` (the history case's retained rows stay) and the

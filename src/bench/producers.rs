@@ -9,8 +9,9 @@ use sqlx::{Acquire, PgPool};
 use tokio::sync::Barrier;
 
 use super::cases::progress_figures;
+use super::error::{BenchError, Result};
 use super::{summarize, BenchOptions, CaseResult, Env};
-use crate::error::{Context, Error, Result};
+use crate::error::Context;
 use crate::outbox::Message;
 
 /// Producer connections of the single-event case, one row each.
@@ -150,15 +151,15 @@ async fn check_max_connections(env: &Env, clients: u32) -> Result<()> {
     let allowed: u32 = setting.trim().parse().unwrap_or(0);
     let needed = clients + SPARE_CONNECTIONS;
     if allowed < needed {
-        return Err(Error::Config {
-            setting: "max_connections (Postgres server)",
-            value: setting,
-            reason: format!(
+        return Err(BenchError::Setting(crate::error::InvalidSetting::new(
+            "max_connections (Postgres server)",
+            setting,
+            format!(
                 "the producers case opens {clients} connections at once and needs \
                  max_connections ≥ {needed}; raise it in postgresql.conf (restart needed) or \
                  leave out the producers case"
             ),
-        });
+        )));
     }
     Ok(())
 }
@@ -221,7 +222,7 @@ async fn run_side(env: &Env, clients: u32, work: Work, window: Duration) -> Resu
             Ok(Ok(n)) => committed += n,
             Ok(Err(error)) => failure = failure.or(Some(error)),
             Err(error) => {
-                failure = failure.or(Some(Error::Bench(format!(
+                failure = failure.or(Some(BenchError::Failed(format!(
                     "a bench producer task failed: {error}"
                 ))))
             }
@@ -231,7 +232,7 @@ async fn run_side(env: &Env, clients: u32, work: Work, window: Duration) -> Resu
     match failure {
         Some(error) => Err(error),
         // Even a smoke run's window commits many: none means the producers never got going.
-        None if committed == 0 => Err(Error::Bench(format!(
+        None if committed == 0 => Err(BenchError::Failed(format!(
             "bench producers ({work:?}, {clients} clients) committed nothing in {:.1} s",
             window.as_secs_f64()
         ))),

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::error::{Error, Result};
 use crate::bench::{self, BenchOptions};
 use crate::config::Settings;
-use crate::error::{Error, Result};
 
 /// Options of `postbox bench`.
 #[derive(Debug, Args)]
@@ -107,14 +107,14 @@ pub(super) async fn run(settings: Settings, args: BenchArgs) -> Result<()> {
     check.validate()?;
     // Rows the relay refuses would only be retried until the case times out.
     if options.payload_size > settings.relay.max_message_bytes {
-        return Err(Error::Config {
-            setting: "--payload-size",
-            value: options.payload_size.to_string(),
-            reason: format!(
+        return Err(Error::Setting(crate::error::InvalidSetting::new(
+            "--payload-size",
+            options.payload_size.to_string(),
+            format!(
                 "at most relay.max_message_bytes ({}) for the relay to publish it",
                 settings.relay.max_message_bytes
             ),
-        });
+        )));
     }
     let report = bench::run(&settings, &options).await?;
     {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::error::Result;
 use crate::config::Settings;
-use crate::error::Result;
 use crate::store;
 
 /// Options of `postbox cleanup`.

@@ -4,8 +4,9 @@ use std::io::Write;
 
 use clap::{Args, Subcommand};
 
+use super::error::{Error, Result};
 use crate::config::Settings;
-use crate::error::{Context, Error, Result};
+use crate::error::Context;
 use crate::store::{self, operations};
 
 /// Options of `postbox dead`.
@@ -153,9 +154,9 @@ pub(super) fn every_named_row<T: PartialEq + std::fmt::Display>(
     if missing.is_empty() {
         return Ok(());
     }
-    Err(Error::Config {
-        setting: "--id",
-        value: missing.join(", "),
-        reason: format!("{why}; nothing was changed"),
-    })
+    Err(Error::Setting(crate::error::InvalidSetting::new(
+        "--id",
+        missing.join(", "),
+        format!("{why}; nothing was changed"),
+    )))
 }

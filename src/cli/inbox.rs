@@ -5,8 +5,9 @@ use std::io::Write;
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
+use super::error::Result;
 use crate::config::Settings;
-use crate::error::{Context, Result};
+use crate::error::Context;
 use crate::store;
 
 /// Options of `postbox inbox`.

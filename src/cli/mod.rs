@@ -3,9 +3,12 @@
 mod bench;
 mod cleanup;
 mod dead;
+mod error;
 mod inbox;
 mod migrate;
 mod reconcile;
+#[cfg(test)]
+mod reference;
 mod replay;
 mod run;
 mod settings;
@@ -16,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::Error;
+pub use error::Error;
 
 /// Exit code for success.
 pub const EXIT_OK: u8 = 0;
@@ -146,13 +149,7 @@ impl Cli {
             Ok(code) => ExitCode::from(code),
             Err(error) => {
                 report(&error);
-                ExitCode::from(match error {
-                    Error::Config { .. }
-                    | Error::ConfigLoad(_)
-                    | Error::ConfigFile { .. }
-                    | Error::UnknownSetting { .. } => EXIT_USAGE,
-                    _ => EXIT_FAILURE,
-                })
+                ExitCode::from(error.exit_code())
             }
         }
     }

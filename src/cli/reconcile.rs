@@ -8,8 +8,8 @@ use clap::Args;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::error::Result;
 use crate::config::Settings;
-use crate::error::Result;
 use crate::store::inbox::{self, Unsettled};
 use crate::store::{self, operations};
 

@@ -5,8 +5,8 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 use clap::{ArgGroup, Args};
 
+use super::error::{Error, Result};
 use crate::config::Settings;
-use crate::error::{Error, Result};
 use crate::store::{self, operations};
 
 /// Options of `postbox replay`.
@@ -45,20 +45,20 @@ pub(super) const NO_HISTORY: &str = "note: relay.keep_published is false in this
 pub(super) async fn run(settings: Settings, args: ReplayArgs) -> Result<()> {
     if let (Some(from), Some(to)) = (args.from_id, args.to_id) {
         if to < from {
-            return Err(Error::Config {
-                setting: "--to-id",
-                value: to.to_string(),
-                reason: format!("expected an id at least --from-id ({from})"),
-            });
+            return Err(Error::Setting(crate::error::InvalidSetting::new(
+                "--to-id",
+                to.to_string(),
+                format!("expected an id at least --from-id ({from})"),
+            )));
         }
     }
     if let (Some(since), Some(until)) = (args.since, args.until) {
         if until <= since {
-            return Err(Error::Config {
-                setting: "--until",
-                value: until.to_rfc3339(),
-                reason: format!("expected a time after --since ({})", since.to_rfc3339()),
-            });
+            return Err(Error::Setting(crate::error::InvalidSetting::new(
+                "--until",
+                until.to_rfc3339(),
+                format!("expected a time after --since ({})", since.to_rfc3339()),
+            )));
         }
     }
     let selection = operations::Selection {

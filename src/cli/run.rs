@@ -2,9 +2,9 @@
 
 use tokio_util::sync::CancellationToken;
 
+use super::error::{Error, Result};
 use crate::amqp::Broker;
 use crate::config::Settings;
-use crate::error::{Error, Result};
 use crate::metrics;
 use crate::reconnect::until_ok;
 use crate::redact::redact_url;
@@ -72,7 +72,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
         return Ok(());
     }
     let migrated = if settings.migrate_on_start {
-        store::migrate(&pool).await
+        crate::migrate(&pool).await
     } else {
         Ok(())
     };
@@ -86,7 +86,7 @@ pub(super) async fn run(mut settings: Settings, args: RunArgs) -> Result<()> {
     // Closed, not dropped: each session ends with a Terminate, not a reset socket in the log.
     probe_pool.close().await;
     pool.close().await;
-    migrated
+    Ok(migrated?)
 }
 
 /// Binds the operator's listener and serves it until `shutdown`.

@@ -7,12 +7,15 @@
 
 use std::path::Path;
 
+use super::error::{Error, Result};
 use crate::config::Settings;
-use crate::error::{Error, Result};
 
 /// Loads defaults, then `file` if given, then the environment, and validates the result.
-/// A key in `file` that is not a setting is an error (a misspelt setting would otherwise be
-/// ignored without a word); a `POSTBOX_…` variable that is not one is logged as a warning.
+/// A key in `file` that is not a setting is an error (serde's `deny_unknown_fields` on the
+/// settings types: a misspelt setting would otherwise be ignored without a word); a
+/// `POSTBOX_…` variable that is not one is logged as a warning and ignored, because the
+/// environment is shared (Kubernetes, for one, sets `POSTBOX_SERVICE_HOST` and the like for a
+/// service named `postbox`).
 pub(crate) fn load(file: Option<&Path>) -> Result<Settings> {
     let mut builder = config::Config::builder().add_source(defaults()?);
     if let Some(file) = file {
@@ -20,23 +23,15 @@ pub(crate) fn load(file: Option<&Path>) -> Result<Settings> {
             .add_source(config::File::from(file).format(config::FileFormat::Toml))
             .build()
             .map_err(|error| file_error(file, error))?;
-        let keys = keys(&contents);
-        for key in keys.iter().filter(|key| OBSOLETE.contains(&key.as_str())) {
-            tracing::warn!(
-                setting = %key,
-                file = %file.display(),
-                "obsolete setting, ignored (see the upgrade notes)"
-            );
-        }
-        if let Some(key) = keys
-            .into_iter()
-            .find(|key| !known_keys().contains(key) && !OBSOLETE.contains(&key.as_str()))
-        {
-            return Err(Error::UnknownSetting {
-                name: key,
-                origin: file.display().to_string(),
-            });
-        }
+        let contents = without_obsolete(&contents, file)?;
+        // The file on the defaults alone first, so that a key or value it gets wrong is
+        // reported as the file's (serde refuses unknown keys).
+        config::Config::builder()
+            .add_source(defaults()?)
+            .add_source(contents.clone())
+            .build()
+            .and_then(|config| config.try_deserialize::<Settings>())
+            .map_err(|error| file_error(file, error))?;
         builder = builder.add_source(contents);
     }
     // The usual variables, below their `POSTBOX_` names.
@@ -44,20 +39,14 @@ pub(crate) fn load(file: Option<&Path>) -> Result<Settings> {
         .into_iter()
         .filter_map(|var| Some((var.to_owned(), std::env::var(var).ok()?)))
         .collect();
-    for var in unknown_environment() {
-        tracing::warn!(
-            variable = %var,
-            "not a postbox setting, ignored (settings are POSTBOX_<NAME> or \
-             POSTBOX_<SECTION>__<NAME>, such as POSTBOX_RELAY__BATCH_SIZE)"
-        );
-    }
     let settings: Settings = builder
         .add_source(config::Environment::default().source(Some(plain)))
         .add_source(
             config::Environment::with_prefix("POSTBOX")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(postbox_environment())),
         )
         .build()?
         .try_deserialize()?;
@@ -65,24 +54,9 @@ pub(crate) fn load(file: Option<&Path>) -> Result<Settings> {
     Ok(settings)
 }
 
-/// The dotted names of every setting (`relay.batch_size`), from the defaults.
-fn known_keys() -> Vec<String> {
-    defaults()
-        .map(|defaults| keys(&defaults))
-        .unwrap_or_default()
-}
-
-/// The defaults (`Settings::default()`, defined in code once) as the loader's first source.
-fn defaults() -> Result<config::Config> {
-    Ok(config::Config::try_from(&Settings::default())?)
-}
-
-/// Settings earlier versions had: accepted in a file with a warning, and ignored.
-/// `relay.max_rows_per_key` capped a key's rows per batch; stream numbers made it unnecessary.
-const OBSOLETE: &[&str] = &["relay.max_rows_per_key"];
-
-/// The dotted names of the leaf values in `config`.
-fn keys(config: &config::Config) -> Vec<String> {
+/// Every setting: its dotted name (`relay.batch_size`) and its environment variable
+/// (`POSTBOX_RELAY__BATCH_SIZE`), from the defaults.
+pub(crate) fn names() -> Vec<(String, String)> {
     fn walk(prefix: &str, table: config::Map<String, config::Value>, out: &mut Vec<String>) {
         for (name, value) in table {
             let key = if prefix.is_empty() {
@@ -96,26 +70,90 @@ fn keys(config: &config::Config) -> Vec<String> {
             }
         }
     }
-    let mut out = Vec::new();
-    if let Ok(table) = config::Source::collect(config) {
-        walk("", table, &mut out);
+    let mut keys = Vec::new();
+    if let Ok(table) = defaults().and_then(|defaults| Ok(config::Source::collect(&defaults)?)) {
+        walk("", table, &mut keys);
     }
-    out
+    keys.sort();
+    keys.into_iter()
+        .map(|key| {
+            let var = format!("POSTBOX_{}", key.replace('.', "__").to_uppercase());
+            (key, var)
+        })
+        .collect()
 }
 
-/// `POSTBOX_…` variables that name no setting (nor one of the CLI's own options).
-fn unknown_environment() -> Vec<String> {
-    let mut known: Vec<String> = known_keys()
-        .iter()
-        .map(|key| format!("POSTBOX_{}", key.replace('.', "__").to_uppercase()))
-        .collect();
-    known.extend(["POSTBOX_CONFIG".into(), "POSTBOX_INBOX_DATABASE_URL".into()]);
-    let mut unknown: Vec<String> = std::env::vars_os()
-        .filter_map(|(name, _)| name.into_string().ok())
-        .filter(|name| name.starts_with("POSTBOX_") && !known.contains(name))
-        .collect();
+/// The defaults (`Settings::default()`, defined in code once) as the loader's first source.
+fn defaults() -> Result<config::Config> {
+    Ok(config::Config::try_from(&Settings::default())?)
+}
+
+/// Settings earlier versions had: accepted in a file with a warning, and ignored.
+/// `relay.max_rows_per_key` capped a key's rows per batch; stream numbers made it unnecessary.
+const OBSOLETE: &[(&str, &str)] = &[("relay", "max_rows_per_key")];
+
+/// The file's settings without the obsolete ones, each of which is logged.
+fn without_obsolete(contents: &config::Config, file: &Path) -> Result<Table> {
+    let mut table = config::Source::collect(contents)?;
+    for (section, name) in OBSOLETE {
+        let kind = table.get_mut(*section).map(|value| &mut value.kind);
+        if let Some(config::ValueKind::Table(section_table)) = kind {
+            if section_table.remove(*name).is_some() {
+                tracing::warn!(
+                    setting = %format!("{section}.{name}"),
+                    file = %file.display(),
+                    "obsolete setting, ignored (see the upgrade notes)"
+                );
+            }
+        }
+    }
+    Ok(Table(table))
+}
+
+/// A configuration source that is a table already read.
+#[derive(Debug, Clone)]
+struct Table(config::Map<String, config::Value>);
+
+impl config::Source for Table {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(
+        &self,
+    ) -> std::result::Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// The `POSTBOX_…` variables that name a setting; the others (but the command's own
+/// `POSTBOX_CONFIG` and `POSTBOX_INBOX_DATABASE_URL`) are logged and left out.
+fn postbox_environment() -> config::Map<String, String> {
+    let known: Vec<String> = names().into_iter().map(|(_, var)| var).collect();
+    let mut found = config::Map::new();
+    let mut unknown = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let (Ok(name), Ok(value)) = (name.into_string(), value.into_string()) else {
+            continue;
+        };
+        if !name.starts_with("POSTBOX_") {
+            continue;
+        }
+        if known.contains(&name) {
+            found.insert(name, value);
+        } else if !["POSTBOX_CONFIG", "POSTBOX_INBOX_DATABASE_URL"].contains(&name.as_str()) {
+            unknown.push(name);
+        }
+    }
     unknown.sort();
-    unknown
+    for var in unknown {
+        tracing::warn!(
+            variable = %var,
+            "not a postbox setting, ignored (settings are POSTBOX_<NAME> or \
+             POSTBOX_<SECTION>__<NAME>, such as POSTBOX_RELAY__BATCH_SIZE)"
+        );
+    }
+    found
 }
 
 /// A configuration file that does not parse, said without quoting the file: its lines may hold
@@ -197,7 +235,7 @@ mod tests {
 
     #[test]
     fn the_known_settings_are_those_with_defaults() {
-        let known = known_keys();
+        let known: Vec<String> = names().into_iter().map(|(key, _)| key).collect();
         assert!(known.contains(&"relay.batch_size".to_string()));
         assert!(known.contains(&"database_url".to_string()));
         assert_eq!(known.len(), 21, "{known:?}");

@@ -5,8 +5,8 @@ use std::io::Write;
 use clap::Args;
 use serde::Serialize;
 
+use super::error::Result;
 use crate::config::Settings;
-use crate::error::Result;
 use crate::store::{self, operations};
 
 /// Options of `postbox status`.

@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetters;
 use super::worker::{Counter, Job, Load, Malformed, Shared, Worker};
+use super::ConsumerError;
 use super::{ConsumerOptions, Handler, Incoming};
 use crate::amqp::Broker;
 use crate::contract::HEADER_PARTITION_KEY;
-use crate::error::{Context, Result};
+use crate::error::{Context, InvalidSetting};
 use crate::reconnect::until_ok;
 use crate::retention::VacuumAfter;
 use crate::store::operations::HotTable;
@@ -122,7 +123,7 @@ impl Consumer<()> {
     /// #     async fn handle(&self, _: &mut sqlx::Transaction<'_, sqlx::Postgres>, _: &Incoming)
     /// #         -> Result<(), HandlerError> { Ok(()) }
     /// # }
-    /// # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+    /// # async fn example(pool: sqlx::PgPool) -> Result<(), postbox::inbox::ConsumerError> {
     /// let broker = postbox::inbox::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
     /// let consumer = Consumer::builder(pool, broker)
     ///     .queue("orders")
@@ -176,11 +177,13 @@ impl ConsumerBuilder {
 
     /// The consumer, running `handler` for each message. Fails, naming the setting, when the
     /// queue or the name is missing or an option is invalid.
-    pub fn handler<H: Handler>(self, handler: H) -> Result<Consumer<H>> {
-        let missing = |setting: &'static str, what: &str| crate::Error::Config {
-            setting,
-            value: String::new(),
-            reason: format!("expected {what}; set it on the consumer builder"),
+    pub fn handler<H: Handler>(self, handler: H) -> Result<Consumer<H>, ConsumerError> {
+        let missing = |setting: &'static str, what: &str| {
+            InvalidSetting::new(
+                setting,
+                "",
+                format!("expected {what}; set it on the consumer builder"),
+            )
         };
         let queue = self
             .queue
@@ -210,15 +213,13 @@ impl<H: Handler> Consumer<H> {
     /// Runs the consumer on its own task.
     pub fn spawn(self) -> ConsumerHandle {
         ConsumerHandle::spawn(self.stats(), |shutdown| async move {
-            if let Err(error) = self.run(shutdown).await {
-                tracing::error!(%error, "consumer stopped");
-            }
+            self.run(shutdown).await;
         })
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting (with backoff) whenever the broker
     /// connection or the consumer's channel is lost.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) {
         let Consumer {
             pool,
             broker,
@@ -254,9 +255,8 @@ impl<H: Handler> Consumer<H> {
                 }
             }),
         ));
-        let result = Self::consume(&shared, &broker, &connection_name, &shutdown).await;
+        Self::consume(&shared, &broker, &connection_name, &shutdown).await;
         let _ = cleaner.await;
-        result
     }
 
     async fn consume(
@@ -264,18 +264,18 @@ impl<H: Handler> Consumer<H> {
         broker: &Broker,
         connection_name: &str,
         shutdown: &CancellationToken,
-    ) -> Result<()> {
+    ) {
         loop {
             let session = until_ok("consumer: rabbitmq", shutdown, || {
                 Session::open(broker, connection_name, shared)
             })
             .await;
             let Some(session) = session else {
-                return Ok(());
+                return;
             };
             tracing::info!(queue = %shared.queue, consumer = %shared.name, "consumer: consuming");
             if session.run(shared, shutdown).await {
-                return Ok(());
+                return;
             }
             tracing::warn!(queue = %shared.queue, "consumer: connection lost; reconnecting");
         }
@@ -291,7 +291,11 @@ struct Session {
 }
 
 impl Session {
-    async fn open<H>(broker: &Broker, connection_name: &str, shared: &Shared<H>) -> Result<Self> {
+    async fn open<H>(
+        broker: &Broker,
+        connection_name: &str,
+        shared: &Shared<H>,
+    ) -> Result<Self, ConsumerError> {
         let connection = Arc::new(broker.connect(connection_name).await?);
         let dead_letters =
             Arc::new(DeadLetters::open(connection.clone(), &shared.options, &shared.queue).await?);
@@ -544,7 +548,7 @@ mod tests {
     /// The setting a builder's failure names.
     fn refused(builder: ConsumerBuilder) -> &'static str {
         match builder.handler(Noop) {
-            Err(crate::Error::Config { setting, .. }) => setting,
+            Err(ConsumerError::Options(InvalidSetting { setting, .. })) => setting,
             Err(other) => panic!("expected a setting error, got {other}"),
             Ok(_) => panic!("expected the builder to refuse"),
         }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 
+use super::ConsumerError;
 use super::ConsumerOptions;
 use crate::amqp::confirm_channel;
 use crate::contract::{
     HEADER_ATTEMPTS, HEADER_CONSUMER, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE,
     HEADER_ORIGINAL_ROUTING_KEY, HEADER_QUEUE,
 };
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, InvalidSetting};
 
 /// Why a message is dead-lettered, carried in its headers.
 pub(crate) struct Cause<'a> {
@@ -42,15 +43,12 @@ impl DeadLetters {
         connection: Arc<Connection>,
         options: &ConsumerOptions,
         queue: &str,
-    ) -> Result<Self> {
+    ) -> Result<Self, ConsumerError> {
         let channel = confirm_channel(&connection).await?;
         let (exchange, routing_key) = options.dead_letter_target(queue);
         let short = |value: String, setting: &'static str| {
-            ShortString::try_new(value.as_str()).map_err(|e| Error::Config {
-                setting,
-                value: value.clone(),
-                reason: e.to_string(),
-            })
+            ShortString::try_new(value.as_str())
+                .map_err(|e| InvalidSetting::new(setting, &value, e.to_string()))
         };
         let exchange = short(exchange, "consumer.dead_letter.exchange")?;
         let routing_key = short(routing_key, "consumer.dead_letter.routing_key")?;
@@ -85,7 +83,7 @@ impl DeadLetters {
         payload: &[u8],
         properties: &BasicProperties,
         cause: &Cause<'_>,
-    ) -> Result<()> {
+    ) -> Result<(), ConsumerError> {
         let mut headers = properties.headers().clone().unwrap_or_default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s));
         headers.insert(HEADER_ERROR.into(), text(cause.error));
@@ -133,13 +131,16 @@ impl DeadLetters {
             .context(what())?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(Error::Unconfirmed(format!(
+            Confirmation::Ack(Some(returned)) => Err(ConsumerError::DeadLetterRefused(format!(
                 "{}: returned as unroutable ({} {})",
                 what(),
                 returned.reply_code,
                 returned.reply_text
             ))),
-            other => Err(Error::Unconfirmed(format!("{}: {other:?}", what()))),
+            other => Err(ConsumerError::DeadLetterRefused(format!(
+                "{}: {other:?}",
+                what()
+            ))),
         }
     }
 }

@@ -26,7 +26,7 @@
 //! #     async fn handle(&self, _: &mut sqlx::Transaction<'_, sqlx::Postgres>, _: &Incoming)
 //! #         -> Result<(), HandlerError> { Ok(()) }
 //! # }
-//! # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+//! # async fn example(pool: sqlx::PgPool) -> Result<(), postbox::inbox::ConsumerError> {
 //! let broker = postbox::inbox::Broker::new(["amqp://guest:guest@127.0.0.1:5672/%2f"]);
 //! let consumer = Consumer::builder(pool, broker)
 //!     .queue("orders")
@@ -40,6 +40,7 @@
 
 mod consumer;
 mod dead_letter;
+mod error;
 mod handler;
 mod incoming;
 mod options;
@@ -51,6 +52,7 @@ mod worker;
 pub use crate::amqp::Broker;
 pub use crate::store::inbox::{Outcome, Receipt};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
+pub use error::ConsumerError;
 pub use handler::{FailureKind, Handler, HandlerError};
 pub use incoming::Incoming;
 pub use options::{ConsumerOptions, DeadLetter, MalformedPolicy, Versioning};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lapin::types::ShortString;
 
-use crate::error::{Error, Result};
+use crate::error::InvalidSetting;
 use crate::Vacuum;
 
 /// Where messages go that cannot be processed.
@@ -154,11 +154,9 @@ impl ConsumerOptions {
     }
 
     /// Checks the options for a consumer of `queue` named `name`, naming the setting at fault.
-    pub(crate) fn validate(&self, queue: &str, name: &str) -> Result<()> {
-        let invalid = |setting: &'static str, value: String, reason: &str| Error::Config {
-            setting,
-            value,
-            reason: reason.into(),
+    pub(crate) fn validate(&self, queue: &str, name: &str) -> Result<(), InvalidSetting> {
+        let invalid = |setting: &'static str, value: String, reason: &str| {
+            InvalidSetting::new(setting, value, reason)
         };
         // Both are written to Postgres `text` with every message, which cannot hold NUL.
         if ShortString::try_new(queue).is_err() || queue.is_empty() || queue.contains('\0') {
@@ -214,16 +212,16 @@ impl ConsumerOptions {
         if let Some(window) = self.dedup_window {
             let horizon = self.retry_policy().horizon();
             if window <= horizon {
-                return Err(Error::Config {
-                    setting: "consumer.dedup_window",
-                    value: format!("{window:?}"),
-                    reason: format!(
+                return Err(InvalidSetting::new(
+                    "consumer.dedup_window",
+                    format!("{window:?}"),
+                    format!(
                         "expected more than the consumer's retry horizon ({horizon:?} with \
                          max_attempts {} and retry delays {:?} to {:?}): a message retried \
                          after its inbox row was deleted would be applied twice",
                         self.max_attempts, self.retry_initial_delay, self.retry_max_delay
                     ),
-                });
+                ));
             }
         }
         if self.cleanup_interval.is_zero() {
@@ -282,7 +280,7 @@ mod tests {
 
     fn setting_at_fault(options: &ConsumerOptions, queue: &str, name: &str) -> &'static str {
         match options.validate(queue, name) {
-            Err(Error::Config { setting, .. }) => setting,
+            Err(InvalidSetting { setting, .. }) => setting,
             other => panic!("expected a config error, got {other:?}"),
         }
     }

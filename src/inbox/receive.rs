@@ -4,10 +4,12 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::error::Result;
+use super::ConsumerError;
 use crate::store::inbox::{self, Claim, Outcome, Receipt};
 use crate::store::inbox_streams::{self, StreamKey};
 use crate::store::inbox_versions;
+
+type Result<T, E = ConsumerError> = std::result::Result<T, E>;
 
 /// What the inbox says about a message, inside the caller's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +42,11 @@ pub enum Status {
 /// commit.
 ///
 /// ```no_run
-/// # async fn example(pool: sqlx::PgPool, message_id: uuid::Uuid) -> postbox::Result<()> {
+/// # async fn example(pool: sqlx::PgPool, message_id: uuid::Uuid)
+/// #     -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// use postbox::inbox::{receive, Receipt, Status};
 ///
-/// let mut tx = pool.begin().await.map_err(|e| postbox::Error::Database {
-///     context: "begin".into(), source: e })?;
+/// let mut tx = pool.begin().await?;
 /// let receipt = Receipt {
 ///     consumer: "billing", message_id, queue: "orders", exchange: "", routing_key: "orders",
 ///     partition_key: Some("order-42"), version: None, seq: Some(17), skip: false,
@@ -55,7 +57,7 @@ pub enum Status {
 ///     Status::Ahead => { /* ... postbox::inbox::hold(&mut tx, ...) ... */ }
 ///     _ => {}
 /// }
-/// tx.commit().await.map_err(|e| postbox::Error::Database { context: "commit".into(), source: e })?;
+/// tx.commit().await?;
 /// // ... now ack the delivery ...
 /// # Ok(()) }
 /// ```
@@ -152,13 +154,13 @@ pub async fn hold(
     payload: &[u8],
 ) -> Result<()> {
     let (Some(stream), Some(seq)) = (stream_of(receipt), receipt.seq) else {
-        return Err(crate::Error::InvalidMessage(format!(
+        return Err(ConsumerError::InvalidMessage(format!(
             "message {} has no stream number to wait by",
             receipt.message_id
         )));
     };
     let properties = serde_json::to_string(properties).map_err(|error| {
-        crate::Error::InvalidMessage(format!("storing its properties: {error}"))
+        ConsumerError::InvalidMessage(format!("storing its properties: {error}"))
     })?;
     let held = inbox_streams::Held {
         seq,
@@ -167,7 +169,7 @@ pub async fn hold(
         properties,
         payload,
     };
-    inbox_streams::hold(conn, &stream, &held).await
+    Ok(inbox_streams::hold(conn, &stream, &held).await?)
 }
 
 /// [`receive`] for a batch applied in one transaction, with as few statements as the batch
@@ -382,5 +384,5 @@ pub async fn retry_dead_lettered<'e, E: sqlx::PgExecutor<'e>>(
     consumer: &str,
     ids: Option<&[Uuid]>,
 ) -> Result<Vec<Uuid>> {
-    inbox::retry_dead_lettered(executor, consumer, ids).await
+    Ok(inbox::retry_dead_lettered(executor, consumer, ids).await?)
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::id::deterministic_id;
-use crate::error::{Error, Result};
+use super::InvalidMessage;
 
 /// A message body: text is stored as written in `payload`, bytes in `payload_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum Payload {
 /// or [`Message::bytes`], then chain the optional parts.
 ///
 /// ```
-/// # fn main() -> Result<(), postbox::Error> {
+/// # fn main() -> Result<(), postbox::outbox::InvalidMessage> {
 /// use postbox::Message;
 /// let message = Message::json("orders", &serde_json::json!({"order_id": 42}))?
 ///     .exchange("events")
@@ -66,8 +66,8 @@ impl Message {
     /// Checks the rules of the SQL contract that Postgres does not enforce on insert (the
     /// relay would refuse such a row, marking it dead): AMQP short strings of at most 255
     /// bytes, a content type, and a routing key when the exchange is the default one.
-    pub(crate) fn check(&self) -> crate::Result<()> {
-        let refuse = |reason: String| Err(crate::Error::InvalidMessage(reason));
+    pub(crate) fn check(&self) -> Result<(), InvalidMessage> {
+        let refuse = |reason: String| Err(InvalidMessage::new(reason));
         for (what, value) in [
             ("exchange", &self.exchange),
             ("routing key", &self.routing_key),
@@ -114,10 +114,12 @@ impl Message {
     }
 
     /// A message whose body is `value` serialized as JSON (`application/json`).
-    pub fn json<T: Serialize + ?Sized>(routing_key: impl Into<String>, value: &T) -> Result<Self> {
-        let body = serde_json::to_string(value).map_err(|e| {
-            Error::InvalidMessage(format!("payload does not serialize to JSON: {e}"))
-        })?;
+    pub fn json<T: Serialize + ?Sized>(
+        routing_key: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, InvalidMessage> {
+        let body = serde_json::to_string(value)
+            .map_err(|e| InvalidMessage::new(format!("payload does not serialize to JSON: {e}")))?;
         Ok(Self::new(
             routing_key,
             Payload::Text(body),
@@ -168,9 +170,9 @@ impl Message {
     /// The W3C trace context of the code writing the event (`traceparent`, as your tracing
     /// system formats it). It travels as the `traceparent` header; the consumer library
     /// continues the trace in its handler span. A malformed value is refused, naming it.
-    pub fn traceparent(self, value: &str) -> crate::Result<Self> {
+    pub fn traceparent(self, value: &str) -> Result<Self, InvalidMessage> {
         if crate::trace::TraceParent::parse(value).is_none() {
-            return Err(crate::Error::InvalidMessage(format!(
+            return Err(InvalidMessage::new(format!(
                 "traceparent {value:?} is not a W3C version-00 trace context \
                  (00-<32 hex>-<16 hex>-<2 hex>)"
             )));

@@ -3,16 +3,17 @@
 //! Plain SQL works just as well (see README "The SQL contract"); this API adds typed payloads,
 //! deterministic ids and one round trip for many messages.
 
+mod error;
 mod id;
 mod message;
 
+pub use error::{EnqueueError, InvalidMessage};
 pub use id::{canonical_key, deterministic_id, NAMESPACE};
 pub use message::{Message, Payload};
 
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
 use crate::store;
 use crate::store::outbox::{Body, NewRow};
 
@@ -34,13 +35,16 @@ impl Enqueued {
 
 /// Enqueues one message. Pass the transaction that writes the business rows, so both commit or
 /// neither does.
-pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, message: &Message) -> Result<Enqueued> {
+pub async fn enqueue<'e, E: PgExecutor<'e>>(
+    executor: E,
+    message: &Message,
+) -> Result<Enqueued, EnqueueError> {
     let results = enqueue_many(executor, std::slice::from_ref(message)).await?;
     // enqueue_many returns exactly one result per message
     results
         .into_iter()
         .next()
-        .ok_or_else(|| Error::InvalidMessage("enqueue returned no result".into()))
+        .ok_or_else(|| InvalidMessage::new("enqueue returned no result").into())
 }
 
 /// Enqueues many messages in one statement, in order (their outbox ids ascend in slice order).
@@ -48,16 +52,21 @@ pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, message: &Message) -> R
 pub async fn enqueue_many<'e, E: PgExecutor<'e>>(
     executor: E,
     messages: &[Message],
-) -> Result<Vec<Enqueued>> {
+) -> Result<Vec<Enqueued>, EnqueueError> {
     if messages.is_empty() {
         return Ok(Vec::new());
     }
     for (place, message) in messages.iter().enumerate() {
-        message.check().map_err(|error| match error {
-            Error::InvalidMessage(reason) if messages.len() > 1 => {
-                Error::InvalidMessage(format!("message {place} of {}: {reason}", messages.len()))
+        message.check().map_err(|error| {
+            if messages.len() > 1 {
+                InvalidMessage::new(format!(
+                    "message {place} of {}: {}",
+                    messages.len(),
+                    error.reason()
+                ))
+            } else {
+                error
             }
-            other => other,
         })?;
     }
     // Ids are chosen here rather than by the column default so that every message, new or

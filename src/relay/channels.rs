@@ -143,7 +143,7 @@ impl Channels {
         let (connection, channel) = until_ok("rabbitmq", stop, || async {
             let connection = broker.connect("postbox relay").await?;
             let channel = amqp::confirm_channel(&connection).await?;
-            Ok((connection, channel))
+            Ok::<_, crate::error::BrokerError>((connection, channel))
         })
         .await?;
         let frame_max = frame_max(&connection);

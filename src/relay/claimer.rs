@@ -11,9 +11,10 @@ use tracing::Instrument;
 
 use super::batch::Batch;
 use super::events;
-use crate::error::{Context, Result};
+use crate::error::Context;
 use crate::reconnect::connection_backoff;
 use crate::store::outbox;
+use crate::store::Result;
 
 /// Numbers keyed rows, then claims due rows in id order and hands each batch, still locked,
 /// to the publisher.

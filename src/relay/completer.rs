@@ -9,9 +9,10 @@ use super::batch::{Batch, Decided};
 use super::events::{BatchMarked, BatchReleased, Release};
 use super::Stats;
 
-use crate::error::{Context, Result};
+use crate::error::Context;
 use crate::store::operations::wake_relays;
 use crate::store::outbox;
+use crate::store::Result;
 
 /// Persists decisions on the transaction that claimed the batch: if that transaction is gone
 /// (connection lost, session killed), nothing is written and the rows are claimed again later.

@@ -99,7 +99,7 @@ pub(crate) enum Release<'a> {
     /// Nothing was decided for it: the broker connection went away, a broker alarm, shutdown.
     Undecided,
     /// Writing its decisions failed; the transaction rolled back.
-    MarkFailed(&'a crate::Error),
+    MarkFailed(&'a crate::error::DatabaseError),
 }
 
 impl BatchReleased<'_> {

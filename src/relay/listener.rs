@@ -33,7 +33,7 @@ pub(crate) async fn listen(
                 .listen(NOTIFY_CHANNEL)
                 .await
                 .context("LISTEN postbox_outbox")?;
-            Ok(listener)
+            Ok::<_, crate::error::DatabaseError>(listener)
         };
         let Some(mut listener) = until_ok("postgres listener", &stop, connect).await else {
             return;

@@ -19,6 +19,7 @@ mod claimer;
 mod completer;
 mod confirmer;
 pub(crate) mod encode;
+mod error;
 mod events;
 mod heartbeat;
 mod listener;
@@ -30,6 +31,7 @@ mod sleeper;
 
 pub use crate::amqp::Broker;
 pub use crate::retry::RetryPolicy;
+pub use error::RelayError;
 pub use options::RelayOptions;
 pub use retention::cleanup;
 
@@ -166,7 +168,7 @@ pub type RelayHandle = crate::running::Running<Stats>;
 /// The outbox relay. Build it with [`Relay::new`], then [`Relay::run`] or [`Relay::spawn`] it.
 ///
 /// ```no_run
-/// # async fn example(pool: sqlx::PgPool) -> postbox::Result<()> {
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), postbox::relay::RelayError> {
 /// use postbox::relay::{Broker, Relay, RelayOptions};
 ///
 /// let options = RelayOptions::default().batch_size(200);
@@ -189,7 +191,7 @@ impl Relay {
     /// A relay over the outbox in `pool`'s database, publishing to `broker`. The pool needs
     /// [`Relay::connections_needed`] connections (each open batch holds one). Fails, naming
     /// the setting, when an option is invalid.
-    pub fn new(pool: PgPool, broker: Broker, options: RelayOptions) -> crate::Result<Self> {
+    pub fn new(pool: PgPool, broker: Broker, options: RelayOptions) -> Result<Self, RelayError> {
         options.validate()?;
         Ok(Self {
             pool,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::InvalidSetting;
 use crate::Vacuum;
 
 /// How the relay claims, publishes and retries. Start from `RelayOptions::default()` and change
@@ -23,41 +23,46 @@ use crate::Vacuum;
 ///
 /// In the configuration file these are the `[relay]` section; a missing key keeps its default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RelayOptions {
-    /// Rows claimed and published per batch.
+    /// Rows claimed and published per batch: 1 to 10,000.
     pub batch_size: u32,
     /// Batches published and still awaiting their confirms (the broker window). Up to three
     /// times as many are open in Postgres, so the next batches are claimed while earlier ones are
-    /// confirmed and marked.
+    /// confirmed and marked. 1 to 64.
     pub max_in_flight_batches: u32,
     /// Fallback poll when no notification arrives (LISTEN/NOTIFY wakes the relay normally).
+    /// Above zero.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// How long a batch may wait for its publisher confirms before its rows count as failed.
+    /// Above zero.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
     /// Payloads larger than this many bytes are marked dead without being sent (a broker
     /// refuses messages above its `max_message_size`, by closing the channel). The default,
-    /// 16 MiB, is RabbitMQ 4's `max_message_size`; 3.x allows 128 MiB.
+    /// 16 MiB, is RabbitMQ 4's `max_message_size`; 3.x allows 128 MiB. 1 to 536,870,912
+    /// (RabbitMQ's hard limit, 512 MiB).
     pub max_message_bytes: usize,
     /// How long rows claimed by a relay that stopped responding (paused, partitioned, hung with
     /// its connection open) stay locked: Postgres ends such a session after this long idle in
     /// its transaction, and other relays take its rows. At least 2 × `confirm_timeout` + 1s,
-    /// since a batch's transaction sits idle while it waits for a window slot and its confirms.
+    /// since a batch's transaction sits idle while it waits for a window slot and its confirms;
+    /// at most 24d 20h 31m 23s 647ms (Postgres's longest timeout).
     #[serde(with = "humantime_serde")]
     pub takeover_timeout: Duration,
-    /// Failed attempts after which a row is marked dead.
+    /// Failed attempts after which a row is marked dead: 1 to 2,147,483,647.
     pub max_attempts: u32,
     /// A dead keyed row parks its stream: consumers hold the stream's later messages until an
     /// operator releases the row (its number is then skipped) or retries it (`false`: released
     /// at once, so consumers move on past it).
     pub dead_rows_park_keys: bool,
     /// Backoff before the first retry of a failed row; doubles per attempt, with jitter.
+    /// Above zero.
     #[serde(with = "humantime_serde")]
     pub retry_initial_delay: Duration,
-    /// Upper bound of the retry backoff.
+    /// Upper bound of the retry backoff: at least `retry_initial_delay`.
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     /// On SIGTERM, how long in-flight batches may take to finish before they are released.
@@ -73,12 +78,13 @@ pub struct RelayOptions {
     /// them forever.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// How often the relay deletes published rows older than `retention`.
+    /// How often the relay deletes published rows older than `retention`. Above zero.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
-    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round.
+    /// Whether the relay runs `VACUUM` on the outbox after each cleanup round: `auto` (when
+    /// autovacuum is off for the table), `always` or `never`.
     pub vacuum: Vacuum,
-    /// How often the relay refreshes its row in `postbox.relays`.
+    /// How often the relay refreshes its row in `postbox.relays`. Above zero.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
 }
@@ -128,7 +134,7 @@ impl RelayOptions {
 
     /// Checks every value and names the first bad one: the setting (as the configuration file
     /// writes it), the value and what is allowed.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let relay = self;
         if !(1..=10_000).contains(&relay.batch_size) {
             return Err(invalid(
@@ -231,12 +237,12 @@ impl RelayOptions {
 pub(crate) const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A setting's value is not allowed: names the setting, the value and what is.
-pub(crate) fn invalid(setting: &'static str, value: impl ToString, allowed: &str) -> Error {
-    Error::Config {
-        setting,
-        value: value.to_string(),
-        reason: format!("expected {allowed}"),
-    }
+pub(crate) fn invalid(
+    setting: &'static str,
+    value: impl ToString,
+    allowed: &str,
+) -> InvalidSetting {
+    InvalidSetting::new(setting, value, format!("expected {allowed}"))
 }
 
 #[cfg(test)]
@@ -256,7 +262,7 @@ mod tests {
     #[test]
     fn invalid_options_name_the_setting() {
         let setting = |options: RelayOptions| match options.validate() {
-            Err(Error::Config { setting, .. }) => setting,
+            Err(InvalidSetting { setting, .. }) => setting,
             other => panic!("expected a setting error, got {other:?}"),
         };
         let defaults = RelayOptions::default;

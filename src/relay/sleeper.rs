@@ -17,7 +17,8 @@
 use sqlx::{PgConnection, PgPool};
 
 use crate::contract::{WAKEUP_KEYS, WAKEUP_NAMESPACE};
-use crate::error::{Context, Result};
+use crate::error::Context;
+use crate::store::Result;
 
 /// How long falling asleep may wait for one producer's transaction: a producer that stays in
 /// its transaction longer leaves the relay awake (it polls), rather than stuck falling asleep.

@@ -4,7 +4,8 @@
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 
 /// What the inbox records about one delivery (see `postbox::inbox::receive`).
 #[derive(Debug, Clone)]
@@ -489,6 +490,7 @@ pub(super) fn text(value: &str) -> String {
     value.replace('\0', "\u{FFFD}")
 }
 
+#[cfg(feature = "cli")]
 /// Whether `consumer` has any row in the inbox (a mistyped consumer name has none).
 pub async fn has_rows<'e, E: PgExecutor<'e>>(executor: E, consumer: &str) -> Result<bool> {
     sqlx::query_scalar("select exists (select 1 from postbox.inbox where consumer = $1)")
@@ -498,6 +500,7 @@ pub async fn has_rows<'e, E: PgExecutor<'e>>(executor: E, consumer: &str) -> Res
         .context("reading postbox.inbox")
 }
 
+#[cfg(feature = "cli")]
 /// What `consumer`'s inbox says about one message id, when it is not simply "processed once".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsettled {
@@ -511,6 +514,7 @@ pub enum Unsettled {
     Duplicated(i32),
 }
 
+#[cfg(feature = "cli")]
 /// Of `message_ids`, those `consumer` has not simply processed once, with what happened to
 /// each, in the order given.
 pub async fn unsettled(

@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::inbox::text;
 use super::inbox_versions::version_key;
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 
 /// One consumer's view of one stream: a partition key's messages to one exchange and routing
 /// key, from one outbox (`source`).

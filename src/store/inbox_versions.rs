@@ -6,7 +6,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::inbox::{text, Receipt};
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 
 const ADVANCE_VERSION: &str = r#"
 insert into postbox.inbox_versions as v (consumer, source, partition_key, version, message_id)
@@ -84,10 +85,21 @@ struct Newest {
 /// Records each key's newest version (inside the caller's transaction): one statement when every
 /// key was seen before, two otherwise. Returns one flag per receipt: false for a stale one.
 /// Receipts without a key or a version are fresh.
+/// Why a batch's versions could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdvanceError {
+    /// A statement failed.
+    #[error(transparent)]
+    Database(#[from] crate::error::DatabaseError),
+    /// Another transaction changed a key's version between this one's two reads.
+    #[error("the version of partition key {0:?} changed while it was being read")]
+    Conflict(String),
+}
+
 pub async fn advance_versions(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],
-) -> Result<Vec<bool>> {
+) -> Result<Vec<bool>, AdvanceError> {
     use std::collections::{BTreeMap, HashMap};
     type Key = (String, String, String);
     let key_of = |r: &Receipt<'_>| -> Option<(Key, i64)> {
@@ -151,10 +163,7 @@ pub async fn advance_versions(
                 return Ok(true);
             };
             let Some(&stored) = before.get(&key) else {
-                return Err(crate::Error::Conflict(format!(
-                    "the version of partition key {:?} changed while it was being read",
-                    key.2
-                )));
+                return Err(AdvanceError::Conflict(key.2));
             };
             let last = applied.entry(key).or_insert(stored);
             let fresh = last.is_none_or(|last| version > last);

@@ -8,10 +8,10 @@ pub mod operations;
 pub mod outbox;
 pub mod relays;
 
-use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
-use crate::error::Result;
+/// What the SQL layer returns: its failures are Postgres's.
+pub(crate) type Result<T, E = crate::error::DatabaseError> = std::result::Result<T, E>;
 
 /// Rows deleted per retention statement: small enough that each holds its locks briefly.
 pub const CLEANUP_BATCH: i64 = 1_000;
@@ -31,54 +31,6 @@ where
             return Ok(total);
         }
     }
-}
-
-/// The independently migrated parts of postbox's schema. Each has its own migrations folder
-/// and its own history table (`postbox._migrations_<part>`), so a subscriber's database can
-/// carry the inbox alone and a producer's the outbox alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-pub enum Part {
-    /// `postbox.outbox`: what producers and the relay need.
-    Outbox,
-    /// `postbox.inbox` and `postbox.inbox_versions`: what consumers need.
-    Inbox,
-}
-
-impl Part {
-    /// Every part, in the order `postbox migrate` applies them.
-    pub const ALL: [Part; 2] = [Part::Outbox, Part::Inbox];
-
-    fn migrator(self) -> Migrator {
-        let (mut migrator, table) = match self {
-            Part::Outbox => (
-                sqlx::migrate!("./migrations/outbox"),
-                "postbox._migrations_outbox",
-            ),
-            Part::Inbox => (
-                sqlx::migrate!("./migrations/inbox"),
-                "postbox._migrations_inbox",
-            ),
-        };
-        migrator.create_schema("postbox");
-        migrator.dangerous_set_table_name(table);
-        migrator
-    }
-}
-
-/// Applies every part's migrations that are not yet applied. Running it again is a no-op;
-/// concurrent runs are serialized by an advisory lock.
-pub async fn migrate(pool: &PgPool) -> Result<()> {
-    migrate_parts(pool, &Part::ALL).await
-}
-
-/// Applies the pending migrations of `parts` only (a subscriber's database needs just
-/// [`Part::Inbox`]).
-pub async fn migrate_parts(pool: &PgPool, parts: &[Part]) -> Result<()> {
-    for part in parts {
-        part.migrator().run(pool).await?;
-    }
-    Ok(())
 }
 
 /// Where postbox's own sessions connect, and what their session settings need.
@@ -102,6 +54,7 @@ pub async fn connect(target: Target<'_>, max_connections: u32) -> Result<PgPool>
     open(target, max_connections, "off").await
 }
 
+#[cfg(feature = "cli")]
 /// A one-connection pool for an operator command (`replay`, `dead retry`, `cleanup`…). Unlike
 /// the relay's marks, what these commit must survive a Postgres crash once the command has
 /// said it is done, so they commit synchronously.
@@ -119,6 +72,7 @@ async fn open(
     Ok(lazy(options, max_connections))
 }
 
+#[cfg(feature = "cli")]
 /// The relay's pool without connecting yet (only the URL is checked): what `postbox run` serves
 /// its health endpoints with while it waits for Postgres ([`ping`]).
 pub fn connect_lazy(target: Target<'_>, max_connections: u32) -> Result<PgPool> {

@@ -5,7 +5,8 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 use crate::Vacuum;
 
 /// `postbox.outbox_status`, one row.

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 
 /// The insert of `insert_many`, with `$conflict` between the rows and `returning`.
 macro_rules! insert_many_sql {

@@ -5,7 +5,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::{Context, Result};
+use super::Result;
+use crate::error::Context;
 
 // Registering also forgets relays that stopped heartbeating a day ago (killed, not stopped).
 const REGISTER: &str = r#"
@@ -60,6 +61,7 @@ pub async fn deregister(pool: &PgPool, id: Uuid) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cli")]
 /// Relays alive now.
 pub async fn alive(pool: &PgPool) -> Result<i64> {
     sqlx::query_scalar("select count(*) from postbox.relays_alive")

@@ -11,7 +11,7 @@ use super::disposition::panicked;
 use super::{Counter, Job, Worker};
 use crate::error::Context;
 use crate::inbox::receive::{hold, Status};
-use crate::inbox::{Handler, HandlerError, Incoming};
+use crate::inbox::{ConsumerError, Handler, HandlerError, Incoming};
 use crate::store::inbox::Receipt;
 
 /// What a batch transaction decided, message by message.
@@ -28,7 +28,7 @@ struct BatchCounts {
 /// the retries, counting and dead-lettering of its own.
 enum BatchFailed {
     /// An inbox statement, the begin or the commit failed.
-    Database(crate::Error),
+    Database(ConsumerError),
     /// A message of the batch has no attempts left: the single path dead-letters it.
     Exhausted {
         message_id: uuid::Uuid,
@@ -38,9 +38,15 @@ enum BatchFailed {
     Handler(HandlerError),
 }
 
-impl From<crate::Error> for BatchFailed {
-    fn from(error: crate::Error) -> Self {
+impl From<ConsumerError> for BatchFailed {
+    fn from(error: ConsumerError) -> Self {
         BatchFailed::Database(error)
+    }
+}
+
+impl From<crate::error::DatabaseError> for BatchFailed {
+    fn from(error: crate::error::DatabaseError) -> Self {
+        BatchFailed::Database(error.into())
     }
 }
 

@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
-use crate::inbox::{FailureKind, HandlerError};
+use crate::error::DatabaseError;
+
+use crate::inbox::{ConsumerError, FailureKind, HandlerError};
 use crate::retry::RetryPolicy;
 
 /// Why a run did not decide the message.
 pub(crate) enum Failed {
     /// An inbox statement failed for a reason that is not the message's: Postgres unreachable,
     /// or the inbox itself broken (a missing table, a permission), which an operator can fix.
-    Database(crate::Error),
+    Database(ConsumerError),
     /// The handler (or its commit) failed.
     Handler(HandlerError),
     /// Postgres refuses the message's own values in the inbox: no run can ever record it.
@@ -18,13 +20,15 @@ pub(crate) enum Failed {
 }
 
 impl Failed {
-    /// An inbox statement's error, sorted: waited out when it is transient, the message's
-    /// fault otherwise (a key Postgres cannot store or index would fail every run alike).
-    pub(crate) fn inbox(error: crate::Error) -> Self {
-        if error.is_transient() {
-            Failed::Database(error)
-        } else {
+    /// An inbox statement's error, sorted: the message's fault when Postgres refuses its
+    /// values (a key Postgres cannot store or index would fail every run alike), waited out
+    /// otherwise.
+    pub(crate) fn inbox(error: impl Into<ConsumerError>) -> Self {
+        let error = error.into();
+        if error.refuses_message() {
             Failed::Refused(format!("the inbox cannot record this message: {error}"))
+        } else {
+            Failed::Database(error)
         }
     }
 }
@@ -94,12 +98,17 @@ fn lost_connection(failure: &HandlerError) -> bool {
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(failure.error());
     while let Some(error) = source {
-        let sqlx_error = error.downcast_ref::<sqlx::Error>().or_else(|| {
-            match error.downcast_ref::<crate::Error>() {
-                Some(crate::Error::Database { source, .. }) => Some(source),
+        let sqlx_error = error
+            .downcast_ref::<sqlx::Error>()
+            .or_else(|| {
+                error
+                    .downcast_ref::<DatabaseError>()
+                    .map(DatabaseError::driver)
+            })
+            .or_else(|| match error.downcast_ref::<ConsumerError>() {
+                Some(ConsumerError::Database(database)) => Some(database.driver()),
                 _ => None,
-            }
-        });
+            });
         if let Some(sqlx_error) = sqlx_error {
             return matches!(
                 sqlx_error,
@@ -156,14 +165,11 @@ mod tests {
         }
     }
 
-    fn database(source: sqlx::Error) -> crate::Error {
-        crate::Error::Database {
-            context: "recording the outcome".into(),
-            source,
-        }
+    fn database(source: sqlx::Error) -> DatabaseError {
+        DatabaseError::new("recording the outcome", source)
     }
 
-    fn server(code: &'static str) -> crate::Error {
+    fn server(code: &'static str) -> DatabaseError {
         database(sqlx::Error::Database(Box::new(ServerError(code))))
     }
 

@@ -339,7 +339,7 @@ impl<H: Handler> Worker<H> {
                 inbox_streams::settle(&self.shared.pool, stream, *seq).await?;
                 self.next_held.store(true, Ordering::Relaxed);
             }
-            Ok(())
+            Ok::<_, crate::error::DatabaseError>(())
         })
         .await
         .is_some()

@@ -51,7 +51,7 @@ impl<H: Handler> Worker<H> {
                         counted_ahead = counted.is_some();
                         break;
                     }
-                    Err(error) if !error.is_transient() => {
+                    Err(error) if error.refuses_values() => {
                         let error = error.to_string();
                         return self
                             .dead_letter(&incoming, None, &error, incoming.attempt)
@@ -140,7 +140,7 @@ impl<H: Handler> Worker<H> {
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
                 // Postgres refuses this message's receipt: no run can ever be counted.
-                Err(db_error) if !db_error.is_transient() => {
+                Err(db_error) if db_error.refuses_values() => {
                     let error =
                         format!("{error}; and its failure could not be recorded: {db_error}");
                     return self
@@ -198,7 +198,7 @@ impl<H: Handler> Worker<H> {
             .begin()
             .await
             .context("beginning the inbox transaction")
-            .map_err(Failed::Database)?;
+            .map_err(|error| Failed::Database(error.into()))?;
         let (status, next_held) = receive_turn(&mut tx, receipt, incoming.its_turn)
             .await
             .map_err(Failed::inbox)?;
@@ -228,7 +228,7 @@ impl<H: Handler> Worker<H> {
                         tx.rollback()
                             .await
                             .context("rolling back the inbox transaction")
-                            .map_err(Failed::Database)?;
+                            .map_err(|error| Failed::Database(error.into()))?;
                         inbox::uncount_run(&shared.pool, receipt)
                             .await
                             .map_err(Failed::inbox)?;
