@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 
-use super::cases::{progress, progress_figures};
 use super::error::Result;
+use super::report::{progress, progress_figures};
 use super::{quantile, BenchOptions, CaseResult, Env};
 use crate::error::Context;
 use crate::store::outbox;

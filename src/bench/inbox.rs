@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::cases::progress_figures;
 use super::error::{BenchError, Result};
+use super::report::progress_figures;
 use super::{BenchOptions, CaseResult, Env};
 use crate::error::Context;
 use crate::inbox::{Consumer, ConsumerOptions, Handler, HandlerError, Incoming, Versioning};
@@ -244,7 +244,7 @@ const EARLY_EVERY: u32 = 100;
 /// predecessor is applied. Returns the number of distinct messages (copies not counted).
 async fn fill_queue(env: &Env, queue: &str, options: &BenchOptions) -> Result<u64> {
     let payload = vec![b'x'; options.payload_size];
-    let mut row = super::cases::bench_row(queue);
+    let mut row = super::ceiling::bench_row(queue);
     let total = options.messages;
     // (outbox id, message id, key, stream number) of every message, in the order sent
     let mut messages: Vec<(i64, uuid::Uuid, u32, i64)> = Vec::with_capacity(total as usize);

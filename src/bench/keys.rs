@@ -2,8 +2,9 @@
 //! transaction; and the keyed drains over 1, 4 and 100 partition keys, each against an unkeyed
 //! drain of the same backlog.
 
-use super::cases::{drain_once, progress_figures, Shape};
+use super::drain::{drain_once, Shape};
 use super::error::Result;
+use super::report::progress_figures;
 use super::resources::Usage;
 use super::{summarize, BenchOptions, CaseResult, Env};
 use crate::error::Context;

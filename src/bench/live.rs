@@ -12,9 +12,10 @@ use lapin::types::AMQPValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::cases::{progress_figures, relay_settings, start_ready_relay, start_relay};
+use super::drain::{relay_settings, start_ready_relay, start_relay};
 use super::error::{BenchError, Result};
 use super::keys::ROWS_PER_TRANSACTION;
+use super::report::progress_figures;
 use super::{quantile, resources, BenchOptions, CaseResult, Env};
 use crate::config::Settings;
 use crate::contract::{HEADER_PARTITION_KEY, HEADER_SEQ};

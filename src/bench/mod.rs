@@ -5,10 +5,13 @@
 //! the ceiling measured in the same run, because absolute numbers move from machine to machine.
 
 mod cases;
+mod ceiling;
 mod claim;
+mod drain;
 mod error;
 mod inbox;
 mod keys;
+mod latency;
 mod live;
 mod producers;
 mod report;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use sqlx::{Acquire, PgPool};
 use tokio::sync::Barrier;
 
-use super::cases::progress_figures;
 use super::error::{BenchError, Result};
+use super::report::progress_figures;
 use super::{summarize, BenchOptions, CaseResult, Env};
 use crate::error::Context;
 use crate::outbox::Message;

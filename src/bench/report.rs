@@ -148,3 +148,18 @@ impl Report {
         out
     }
 }
+
+pub(super) fn progress(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "bench: {line}");
+}
+
+/// A progress line with what a case measured (`what: figures`); in a smoke run only that
+/// `what` ran, since its figures measure nothing.
+pub(super) fn progress_figures(options: &super::BenchOptions, what: &str, figures: &str) {
+    if options.smoke {
+        progress(&format!("{what}: ran (smoke run, not measured)"));
+    } else {
+        progress(&format!("{what}: {figures}"));
+    }
+}

@@ -83,7 +83,7 @@ pub enum Command {
     /// postbox.inbox_versions); each keeps its own history, so `--part inbox` prepares a
     /// subscriber's database on its own.
     Migrate(migrate::MigrateArgs),
-    /// Measure the relay against RabbitMQ's own ceiling on this machine, in one run.
+    /// Measure the relay against RabbitMQ's own ceiling, on the machine it runs on, in one run.
     ///
     /// Creates (and afterwards drops) a database `postbox_bench_*` on the configured Postgres
     /// server and `postbox-bench-*` queues on the broker. Prints a markdown table.

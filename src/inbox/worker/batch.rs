@@ -8,21 +8,12 @@ use std::panic::AssertUnwindSafe;
 use futures_util::FutureExt;
 
 use super::disposition::panicked;
-use super::{Counter, Job, Worker};
+use super::events::{BatchCounts, Event};
+use super::{Job, Worker};
 use crate::error::Context;
 use crate::inbox::receive::{hold, Status};
 use crate::inbox::{ConsumerError, Handler, HandlerError, Incoming};
 use crate::store::inbox::Receipt;
-
-/// What a batch transaction decided, message by message.
-#[derive(Debug, Default)]
-struct BatchCounts {
-    applied: usize,
-    duplicates: usize,
-    stale: usize,
-    waiting: usize,
-    skipped: usize,
-}
 
 /// Why a batch transaction was rolled back; its messages then go one by one, where each gets
 /// the retries, counting and dead-lettering of its own.
@@ -104,11 +95,7 @@ impl<H: Handler> Worker<H> {
         };
         match batch {
             Some(Ok(counts)) => {
-                self.count_many(Counter::Applied, counts.applied as u64);
-                self.count_many(Counter::Duplicates, counts.duplicates as u64);
-                self.count_many(Counter::Stale, counts.stale as u64);
-                self.count_many(Counter::Waiting, counts.waiting as u64);
-                self.count_many(Counter::Skipped, counts.skipped as u64);
+                self.emit(Event::Batch(&counts));
                 if ack_multiple && all_done {
                     self.ack(last, true).await;
                 } else {

@@ -5,7 +5,11 @@
 
 mod batch;
 mod disposition;
+mod events;
 mod single;
+
+pub(crate) use events::Counter;
+use events::Event;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -102,32 +106,9 @@ impl<H: Handler> Worker<H> {
         receipt.seq.and(super::receive::stream_of(&receipt))
     }
 
-    /// Counts in the consumer's stats and in the metrics (`postbox_consumer_messages_total`).
-    fn count(&self, counter: Counter) {
-        self.count_many(counter, 1);
-    }
-
-    fn count_many(&self, counter: Counter, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.shared.stats.record(counter, n);
-        let outcome = match counter {
-            Counter::Applied => "applied",
-            Counter::Duplicates => "duplicate",
-            Counter::Stale => "stale",
-            Counter::DeadLettered => "dead_lettered",
-            Counter::Discarded => "discarded",
-            Counter::Failures => "failure",
-            Counter::Waiting => "waiting",
-            Counter::Skipped => "skipped",
-        };
-        metrics::counter!(
-            "postbox_consumer_messages_total",
-            "consumer" => self.shared.name.clone(),
-            "outcome" => outcome
-        )
-        .increment(n);
+    /// Counts and logs `event` (see [`events`]).
+    fn emit(&self, event: Event<'_>) {
+        event.emit(&self.shared);
     }
 
     async fn ack(&self, acker: &Acker, multiple: bool) {
@@ -261,11 +242,9 @@ impl<H: Handler> Worker<H> {
         let shared = &self.shared;
         match shared.options.on_malformed {
             MalformedPolicy::DeadLetter => {
-                tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; dead-lettering it");
                 self.dead_letter(incoming, receipt, reason, attempts).await
             }
             MalformedPolicy::Discard => {
-                tracing::warn!(queue = %shared.queue, consumer = %shared.name, reason, "consumer: malformed message; discarding it");
                 if let Some(receipt) = receipt {
                     if !self
                         .record(receipt, Outcome::Discarded, reason, attempts)
@@ -274,7 +253,10 @@ impl<H: Handler> Worker<H> {
                         return false;
                     }
                 }
-                self.count(Counter::Discarded);
+                self.emit(Event::Discarded {
+                    message_id: incoming.message_id,
+                    reason,
+                });
                 true
             }
         }
@@ -307,7 +289,6 @@ impl<H: Handler> Worker<H> {
         if published.is_none() {
             return false;
         }
-        tracing::warn!(message_id = %incoming.message_id, queue = %shared.queue, consumer = %shared.name, attempts, error, "consumer: message dead-lettered");
         if let Some(receipt) = receipt {
             if !self
                 .record(receipt, Outcome::DeadLettered, error, attempts)
@@ -316,7 +297,11 @@ impl<H: Handler> Worker<H> {
                 return false;
             }
         }
-        self.count(Counter::DeadLettered);
+        self.emit(Event::DeadLettered {
+            message_id: incoming.message_id,
+            attempts,
+            error,
+        });
         true
     }
 
@@ -352,17 +337,4 @@ impl<H: Handler> Worker<H> {
             _ = tokio::time::sleep(delay) => true,
         }
     }
-}
-
-/// The consumer's counters, by name.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Counter {
-    Applied,
-    Duplicates,
-    Stale,
-    DeadLettered,
-    Discarded,
-    Failures,
-    Waiting,
-    Skipped,
 }

@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use tracing::Instrument;
 
 use super::disposition::{self, panicked, AfterRecorded, Disposition, Failed};
-use super::{Counter, Worker};
+use super::{Event, Worker};
 use crate::error::Context;
 use crate::inbox::receive::{hold, receive_turn, Status};
 use crate::inbox::{Handler, HandlerError, Incoming};
@@ -76,16 +76,15 @@ impl<H: Handler> Worker<H> {
                 // A held message another instance applied a moment before: no delivery.
                 Ok(Decision::Duplicate) if incoming.its_turn => return true,
                 Ok(Decision::Duplicate) => {
-                    self.count(Counter::Duplicates);
-                    tracing::debug!(message_id = %incoming.message_id, "consumer: duplicate acked");
+                    self.emit(Event::Duplicate {
+                        message_id: incoming.message_id,
+                    });
                     return true;
                 }
                 Ok(Decision::Decided(outcome)) => {
-                    self.count(match outcome {
-                        Outcome::Stale => Counter::Stale,
-                        Outcome::Waiting => Counter::Waiting,
-                        Outcome::Skipped => Counter::Skipped,
-                        _ => Counter::Applied,
+                    self.emit(Event::Settled {
+                        receipt: &receipt,
+                        outcome,
                     });
                     return true;
                 }
@@ -133,10 +132,7 @@ impl<H: Handler> Worker<H> {
             }
             .map(|failures| failures.map(|n| u32::try_from(n).unwrap_or(0)));
             let failures = match recorded {
-                Ok(Some(failures)) => {
-                    self.count(Counter::Failures);
-                    failures
-                }
+                Ok(Some(failures)) => failures,
                 // Decided meanwhile by another consumer instance: the next run sees it.
                 Ok(None) => continue,
                 // Postgres refuses this message's receipt: no run can ever be counted.
@@ -153,19 +149,21 @@ impl<H: Handler> Worker<H> {
                     continue;
                 }
             };
-            let delay = match disposition::after_recorded(failures, &shared.retry) {
-                AfterRecorded::RetryAfter(delay) => delay,
-                AfterRecorded::DeadLetter => {
-                    return self
-                        .dead_letter(&incoming, Some(&receipt), &error, failures)
-                        .await;
-                }
+            let next = disposition::after_recorded(failures, &shared.retry);
+            self.emit(Event::Failed {
+                message_id: incoming.message_id,
+                attempt: failures,
+                retry_in: match next {
+                    AfterRecorded::RetryAfter(delay) => Some(delay),
+                    AfterRecorded::DeadLetter => None,
+                },
+                error: &error,
+            });
+            let AfterRecorded::RetryAfter(delay) = next else {
+                return self
+                    .dead_letter(&incoming, Some(&receipt), &error, failures)
+                    .await;
             };
-            tracing::warn!(
-                message_id = %incoming.message_id, queue = %shared.queue, attempt = failures,
-                max_attempts = shared.options.max_attempts, retry_in = ?delay, %error,
-                "consumer: handler failed; retrying"
-            );
             self.load.retrying.store(true, Ordering::Relaxed);
             self.pause(delay).await;
             self.load.retrying.store(false, Ordering::Relaxed);
@@ -179,7 +177,10 @@ impl<H: Handler> Worker<H> {
         error: &(dyn std::fmt::Display + Sync),
     ) {
         let delay = outages.next().unwrap_or(Duration::from_secs(10));
-        tracing::warn!(%error, retry_in = ?delay, "consumer: postgres unavailable; not counted as an attempt");
+        self.emit(Event::Outage {
+            retry_in: delay,
+            error,
+        });
         self.pause(delay).await;
     }
 
@@ -208,17 +209,10 @@ impl<H: Handler> Worker<H> {
                 hold(&mut tx, receipt, &incoming.properties, &incoming.payload)
                     .await
                     .map_err(Failed::inbox)?;
-                tracing::debug!(message_id = %receipt.message_id, partition_key = receipt.partition_key, seq = receipt.seq, "consumer: message ahead of its stream held until its turn");
                 Some(Outcome::Waiting)
             }
-            Status::Skipped => {
-                tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, seq = receipt.seq, "consumer: a released row's number skipped");
-                Some(Outcome::Skipped)
-            }
-            Status::Stale => {
-                tracing::info!(message_id = %receipt.message_id, partition_key = receipt.partition_key, version = receipt.version, "consumer: stale message skipped; a newer version was applied");
-                Some(Outcome::Stale)
-            }
+            Status::Skipped => Some(Outcome::Skipped),
+            Status::Stale => Some(Outcome::Stale),
             Status::New { failed_attempts } => {
                 let failed_before = failed_attempts.saturating_sub(u32::from(counted_ahead));
                 // The dead-letter path records the outcome, with the runs there were.
