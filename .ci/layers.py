@@ -10,12 +10,19 @@ import re
 import sys
 from collections import defaultdict
 
-ROOT_REEXPORTS = {
-    "Settings": "config", "Vacuum": "vacuum", "Error": "error", "Result": "error",
-    "Message": "outbox", "Payload": "outbox", "Enqueued": "outbox", "enqueue": "outbox",
-    "enqueue_many": "outbox", "deterministic_id": "outbox", "Relay": "relay",
-    "RelayOptions": "relay", "migrate": "store", "migrate_parts": "store", "Part": "store",
-}
+def root_reexports():
+    """The crate root's `pub use module::{names}` lines, as name -> module."""
+    lib = open("src/lib.rs").read()
+    found = {}
+    for module, names in re.findall(r"pub use (\w+)::\{([^}]*)\};", lib):
+        for name in re.findall(r"\w+", names):
+            found[name] = module
+    for module, name in re.findall(r"pub use (\w+)::(\w+);", lib):
+        found[name] = module
+    return found
+
+
+ROOT_REEXPORTS = root_reexports()
 
 
 def module_of(path):
@@ -34,7 +41,7 @@ for path in glob.glob("src/**/*.rs", recursive=True):
     code = re.sub(r"//.*", "", code)
     for name in re.findall(r"crate::([A-Za-z_]+)", code):
         target = ROOT_REEXPORTS.get(name, name)
-        if target != module and target[0].islower():
+        if target != module and target[0].islower() and target != "self":
             edges[module].add(target)
 
 cycles = set()

@@ -11,7 +11,8 @@ use crate::redact::{redact_url, without_password};
 use crate::relay::options::{invalid, LONGEST};
 use crate::relay::RelayOptions;
 
-/// All of postbox's settings. See README "Configuration" for each one's meaning and default.
+/// All of postbox's settings. The manual's configuration reference (`docs/configuration.md`,
+/// generated from these definitions) lists each with its default and environment variable.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]

@@ -99,6 +99,35 @@ async fn a_subscriber_database_gets_the_inbox_alone() {
             "inbox_waiting"
         ]
     );
+    // The operator's commands work on a database with the inbox alone.
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["cleanup", "--inbox-older-than", "30d"],
+    ] {
+        let output = postbox_command()
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .expect("run postbox");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        match args[0] {
+            "status" if args.len() == 1 => {
+                assert!(stdout.contains("none in this database"), "{stdout}")
+            }
+            "status" => assert!(stdout.contains("\"inbox\": []"), "{stdout}"),
+            _ => assert!(
+                stdout.contains("outbox: none in this database")
+                    && stdout.contains("inbox: 0 decided row(s)"),
+                "{stdout}"
+            ),
+        }
+    }
     // The outbox added later does not disturb the inbox's history.
     migrate("outbox");
     migrate("inbox");

@@ -382,7 +382,7 @@ async fn parked_streams_are_counted_and_the_lag_covers_every_pending_row() {
         .await
         .expect("backlog");
     assert_eq!(not_parking.parked, 0);
-    let streams = postbox::testing::store::operations::streams(&db.pool)
+    let streams = postbox::testing::store::operations::streams(&db.pool, true)
         .await
         .expect("streams");
     assert_eq!(
@@ -394,6 +394,26 @@ async fn parked_streams_are_counted_and_the_lag_covers_every_pending_row() {
         ),
         (1, 1, 1, 1)
     );
+    // A second dead row of the same stream parks no second stream; one of another does.
+    execute(
+        &db,
+        "insert into postbox.outbox (routing_key, payload, partition_key, dead_at, attempts, \
+         last_error, seq) values ('orders', '{}', 'k', now(), 1, 'x', 2), \
+         ('orders', '{}', 'other', now(), 1, 'x', 1)",
+    )
+    .await;
+    let pool = &db.pool;
+    let parked = |park_keys| async move {
+        let backlog = postbox::testing::store::operations::backlog(pool, park_keys)
+            .await
+            .expect("backlog");
+        let streams = postbox::testing::store::operations::streams(pool, park_keys)
+            .await
+            .expect("streams");
+        (backlog.parked, streams.parked_streams)
+    };
+    assert_eq!(parked(true).await, (2, 2));
+    assert_eq!(parked(false).await, (0, 0));
 }
 
 /// While Postgres is unreachable at start the relay waits for it, and meanwhile answers

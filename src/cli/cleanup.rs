@@ -26,7 +26,9 @@ pub(super) async fn run(settings: Settings, args: CleanupArgs) -> Result<()> {
     let pool = store::connect_for_command(settings.database()).await?;
     let older_than = args.older_than.unwrap_or(settings.relay.retention);
     let mut report = Vec::new();
-    if older_than.is_zero() {
+    if !crate::store::operations::has_relation(&pool, "postbox.outbox").await? {
+        report.push("outbox: none in this database; nothing deleted".to_string());
+    } else if older_than.is_zero() {
         report.push("outbox: retention is 0s (keep forever); nothing deleted".to_string());
     } else {
         let deleted = crate::relay::cleanup(&pool, older_than).await?;

@@ -20,19 +20,33 @@ pub struct StatusArgs {
 
 #[derive(Serialize)]
 struct Status {
+    /// `None` in a database that has the inbox alone.
     #[serde(flatten)]
-    outbox: operations::OutboxStatus,
+    outbox: Option<Outbox>,
+    inbox: Vec<operations::InboxSummary>,
+}
+
+#[derive(Serialize)]
+struct Outbox {
+    #[serde(flatten)]
+    status: operations::OutboxStatus,
     streams: operations::Streams,
     relays_alive: i64,
-    inbox: Vec<operations::InboxSummary>,
 }
 
 pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
     let pool = store::connect_for_command(settings.database()).await?;
+    let outbox = if operations::has_relation(&pool, "postbox.outbox").await? {
+        Some(Outbox {
+            status: operations::status(&pool).await?,
+            streams: operations::streams(&pool, settings.relay.dead_rows_park_keys).await?,
+            relays_alive: store::relays::alive(&pool).await?,
+        })
+    } else {
+        None
+    };
     let status = Status {
-        outbox: operations::status(&pool).await?,
-        streams: operations::streams(&pool).await?,
-        relays_alive: store::relays::alive(&pool).await?,
+        outbox,
         inbox: operations::inbox_summary(&pool).await?,
     };
     pool.close().await;
@@ -48,7 +62,16 @@ pub(super) async fn run(settings: Settings, args: StatusArgs) -> Result<()> {
 }
 
 fn render(status: &Status) -> String {
-    let o = &status.outbox;
+    let mut out = match &status.outbox {
+        Some(outbox) => render_outbox(outbox),
+        None => "outbox\n  none in this database (it has the inbox alone)\n".to_string(),
+    };
+    render_inbox(&status.inbox, &mut out);
+    out.trim_end().to_string()
+}
+
+fn render_outbox(outbox: &Outbox) -> String {
+    let o = &outbox.status;
     let last = o
         .last_published_at
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -60,10 +83,10 @@ fn render(status: &Status) -> String {
         o.oldest_pending_age_seconds
     );
     {
-        let streams = &status.streams;
+        let streams = &outbox.streams;
         out.push_str(&format!(
             "  keyed      {:>10}  (pending in {} streams; {} not numbered yet)\n  parked     {:>10}  \
-             (dead rows whose number consumers wait for; see postbox dead list)\n",
+             (streams whose consumers wait for a dead row's number; see postbox dead list)\n",
             streams.keyed_rows_pending,
             streams.keyed_streams_pending,
             streams.keyed_rows_unnumbered,
@@ -72,9 +95,13 @@ fn render(status: &Status) -> String {
     }
     out.push_str(&format!(
         "  relays     {:>10}  (alive)\n",
-        status.relays_alive
+        outbox.relays_alive
     ));
-    if !status.inbox.is_empty() {
+    out
+}
+
+fn render_inbox(inbox: &[operations::InboxSummary], out: &mut String) {
+    if !inbox.is_empty() {
         out.push_str(&format!(
             "inbox\n  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11} {:>8} {:>8}\n",
             "consumer",
@@ -87,7 +114,7 @@ fn render(status: &Status) -> String {
             "waiting",
             "skipped"
         ));
-        for c in &status.inbox {
+        for c in inbox {
             out.push_str(&format!(
                 "  {:<24} {:>10} {:>8} {:>14} {:>10} {:>8} {:>11} {:>8} {:>8}\n",
                 c.consumer,
@@ -109,5 +136,4 @@ fn render(status: &Status) -> String {
             }
         }
     }
-    out.trim_end().to_string()
 }

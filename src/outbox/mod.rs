@@ -1,6 +1,6 @@
 //! The producer side: put messages into `postbox.outbox` inside the caller's transaction.
 //!
-//! Plain SQL works just as well (see README "The SQL contract"); this API adds typed payloads,
+//! Plain SQL works just as well (the manual's "The SQL contract"); this API adds typed payloads,
 //! deterministic ids and one round trip for many messages.
 
 mod error;

@@ -409,9 +409,6 @@ pub async fn claim_batch(
         .collect())
 }
 
-// Keys seen before: locked (in one order for every batch), read as they were before this
-// statement after waiting for any transaction that holds them, and moved forward where the
-// batch has something newer. Returns every key found, with its version before.
 const DECIDE_MANY: &str = r#"
 update postbox.inbox
 set outcome = $3, processed_at = case when $3 = 'waiting' then null else now() end

@@ -41,6 +41,9 @@ pub async fn advance_version(
     Ok(advanced.is_some())
 }
 
+// Keys seen before: locked (in one order for every batch), read as they were before this
+// statement after waiting for any transaction that holds them, and moved forward where the
+// batch has something newer. Returns every key found, with its version before.
 const ADVANCE_VERSIONS: &str = r#"
 with old as (
     select consumer, source, partition_key, version from postbox.inbox_versions
@@ -79,12 +82,6 @@ struct Newest {
     message_id: Uuid,
 }
 
-/// Checks the versions of a batch's messages against the newest applied for their keys, in the
-/// order given, as one message after another would be: a message is fresh if its version is
-/// newer than the key's stored one and than every earlier fresh message of the key in the batch.
-/// Records each key's newest version (inside the caller's transaction): one statement when every
-/// key was seen before, two otherwise. Returns one flag per receipt: false for a stale one.
-/// Receipts without a key or a version are fresh.
 /// Why a batch's versions could not be checked.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AdvanceError {
@@ -96,6 +93,12 @@ pub(crate) enum AdvanceError {
     Conflict(String),
 }
 
+/// Checks the versions of a batch's messages against the newest applied for their keys, in the
+/// order given, as one message after another would be: a message is fresh if its version is
+/// newer than the key's stored one and than every earlier fresh message of the key in the batch.
+/// Records each key's newest version (inside the caller's transaction): one statement when every
+/// key was seen before, two otherwise. Returns one flag per receipt: false for a stale one.
+/// Receipts without a key or a version are fresh.
 pub async fn advance_versions(
     conn: &mut PgConnection,
     receipts: &[Receipt<'_>],

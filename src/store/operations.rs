@@ -69,15 +69,27 @@ pub struct Backlog {
 // $1: whether dead rows park their streams (relay.dead_rows_park_keys). Probes run this every
 // scrape: the pending part reads the partial pending index, the dead part the partial dead
 // index, never the published history.
-const BACKLOG: &str = r#"
+/// Streams (partition key, exchange, routing key) held back by a dead row of theirs: however
+/// many dead rows a stream has, it counts once.
+macro_rules! parked_streams {
+    () => {
+        "(select count(*) from (select distinct o.partition_key, o.exchange, o.routing_key           from postbox.parking_rows d join postbox.outbox o on o.id = d.id) parked)"
+    };
+}
+
+const BACKLOG: &str = concat!(
+    r#"
 select count(*),
        (select count(*) from postbox.outbox where dead_at is not null),
-       case when $1 then (select count(*) from postbox.parking_rows) else 0 end,
+       case when $1 then "#,
+    parked_streams!(),
+    r#" else 0 end,
        coalesce(extract(epoch from now() - min(available_at) filter (where available_at <= now())),
                 0)::float8
 from postbox.outbox
 where published_at is null and dead_at is null
-"#;
+"#
+);
 
 /// Reads the backlog figures; `park_keys` says whether dead rows park their streams.
 pub async fn backlog(pool: &PgPool, park_keys: bool) -> Result<Backlog> {
@@ -103,20 +115,25 @@ pub struct Streams {
     pub keyed_rows_pending: i64,
     /// Pending keyed rows without their number yet.
     pub keyed_rows_unnumbered: i64,
-    /// Dead keyed rows whose number consumers wait for (parked streams).
+    /// Streams whose consumers wait for the number of a dead row (`relay.dead_rows_park_keys`;
+    /// 0 when dead rows do not park).
     pub parked_streams: i64,
 }
 
-/// Reads the keyed backlog (`postbox.outbox_keyed_backlog`) and the parked streams.
-pub async fn streams(pool: &PgPool) -> Result<Streams> {
-    let row = sqlx::query(
-        "select count(*), coalesce(sum(pending), 0)::bigint, coalesce(sum(unnumbered), 0)::bigint, \
-                (select count(*) from postbox.parking_rows) \
-         from postbox.outbox_keyed_backlog",
-    )
-    .fetch_one(pool)
-    .await
-    .context("reading postbox.outbox_keyed_backlog")?;
+/// Reads the keyed backlog (`postbox.outbox_keyed_backlog`) and the parked streams;
+/// `park_keys` says whether dead rows park their streams.
+pub async fn streams(pool: &PgPool, park_keys: bool) -> Result<Streams> {
+    const STREAMS: &str = concat!(
+        "select count(*), coalesce(sum(pending), 0)::bigint, \
+                coalesce(sum(unnumbered), 0)::bigint, case when $1 then ",
+        parked_streams!(),
+        " else 0 end from postbox.outbox_keyed_backlog"
+    );
+    let row = sqlx::query(STREAMS)
+        .bind(park_keys)
+        .fetch_one(pool)
+        .await
+        .context("reading postbox.outbox_keyed_backlog")?;
     Ok(Streams {
         keyed_streams_pending: row.get(0),
         keyed_rows_pending: row.get(1),
@@ -152,14 +169,19 @@ pub struct InboxSummary {
     pub longest_wait_seconds: f64,
 }
 
+/// Whether this database holds `relation` (`postbox.outbox`, say): a database may carry one
+/// part of the schema alone (a subscriber's, the inbox).
+pub async fn has_relation(pool: &PgPool, relation: &str) -> Result<bool> {
+    sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(relation)
+        .fetch_one(pool)
+        .await
+        .context(format!("looking for {relation}"))
+}
+
 /// Reads `postbox.inbox_summary`, or nothing if this database has no inbox.
 pub async fn inbox_summary(pool: &PgPool) -> Result<Vec<InboxSummary>> {
-    let exists: bool =
-        sqlx::query_scalar("select to_regclass('postbox.inbox_summary') is not null")
-            .fetch_one(pool)
-            .await
-            .context("looking for postbox.inbox_summary")?;
-    if !exists {
+    if !has_relation(pool, "postbox.inbox_summary").await? {
         return Ok(Vec::new());
     }
     let rows = sqlx::query(

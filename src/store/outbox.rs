@@ -175,7 +175,7 @@ pub struct ClaimedRow {
 
 impl ClaimedRow {
     /// Whether the row is a skip message standing for a released row (header
-    /// `x-postbox-skip`, written by [`release`]).
+    /// `x-postbox-skip`, written by the trigger that replaces a released dead row).
     pub fn is_skip(&self) -> bool {
         matches!(&self.headers, Ok(serde_json::Value::Object(headers)) if headers.contains_key(crate::contract::HEADER_SKIP))
     }
@@ -483,8 +483,8 @@ pub async fn release<'e, E: PgExecutor<'e>>(
 
 const NEXT_DUE: &str = r#"
 -- null when nothing is pending; rows already due count as due now. Rows scheduled at
--- ±infinity (from before the constraint against them) would make the subtraction fail:
--- '-infinity' is due now (claims take it), 'infinity' never.
+-- ±infinity (the SQL contract refuses them, the table does not) would make the subtraction
+-- fail: '-infinity' is due now (claims take it, and mark it dead), 'infinity' never.
 select extract(epoch from min(greatest(available_at, clock_timestamp())) - clock_timestamp())::float8
 from postbox.outbox
 where published_at is null and dead_at is null and available_at < 'infinity'

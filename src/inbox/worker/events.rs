@@ -103,7 +103,9 @@ impl Event<'_> {
                         count(Counter::Stale, 1);
                         tracing::info!(%message_id, partition_key = key, version = receipt.version, "consumer: stale message skipped; a newer version was applied");
                     }
-                    _ => count(Counter::Applied, 1),
+                    Outcome::Applied => count(Counter::Applied, 1),
+                    Outcome::DeadLettered => count(Counter::DeadLettered, 1),
+                    Outcome::Discarded => count(Counter::Discarded, 1),
                 }
             }
             Event::Duplicate { message_id } => {
