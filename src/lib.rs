@@ -31,6 +31,8 @@
 //! from files and the environment. Without it, the library leaves out clap, axum, the
 //! Prometheus exporter, the configuration loader and tracing-subscriber.
 
+#![warn(missing_docs)]
+
 /// Builder-style setters for an options struct's public fields: `options.field(value)` returns
 /// the options with `field` set, so non-exhaustive options build from `Default` in one
 /// expression.

@@ -467,6 +467,7 @@ pub enum HotTable {
 }
 
 impl HotTable {
+    /// The table's qualified name, for logs and statements.
     pub fn name(self) -> &'static str {
         match self {
             HotTable::Outbox => "postbox.outbox",
