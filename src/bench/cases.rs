@@ -1,7 +1,7 @@
 //! The order the cases run in, and how each is compared with the ceiling or its pair.
 
 use super::ceiling::ceiling_once;
-use super::drain::{drain_once, history_case, Shape};
+use super::drain::{drain_once, history_case, plain_drain, Shape};
 use super::error::Result;
 use super::latency::latency_case;
 use super::report::progress_figures;
@@ -40,20 +40,8 @@ pub(super) async fn run_all(
                 &format!("{c:.0} msgs/s; {}", usage.describe()),
             );
             ceiling.push(c);
-            let (d, usage) = drain_once(
-                env,
-                settings,
-                queue_type,
-                options,
-                Shape::PLAIN,
-                options.messages,
-            )
-            .await?;
-            progress_figures(
-                options,
-                &format!("drain {queue_type} #{}", rep + 1),
-                &format!("{d:.0} rows/s; {}", usage.describe()),
-            );
+            let what = format!("drain {queue_type} #{}", rep + 1);
+            let (d, usage) = plain_drain(env, settings, queue_type, options, &what).await?;
             drain_rates.push(d);
             drain_usage = usage;
         }

@@ -125,6 +125,31 @@ pub(super) async fn drain_once(
     Ok((rate, usage))
 }
 
+/// [`drain_once`] of `options.messages` unkeyed rows by one relay, reported as `what`.
+pub(super) async fn plain_drain(
+    env: &Env,
+    settings: &Settings,
+    queue_type: &str,
+    options: &BenchOptions,
+    what: &str,
+) -> Result<(f64, Usage)> {
+    let (rate, usage) = drain_once(
+        env,
+        settings,
+        queue_type,
+        options,
+        Shape::PLAIN,
+        options.messages,
+    )
+    .await?;
+    progress_figures(
+        options,
+        what,
+        &format!("{rate:.0} rows/s; {}", usage.describe()),
+    );
+    Ok((rate, usage))
+}
+
 /// Retained rows are inserted this many per statement, with a progress line after each.
 const HISTORY_CHUNK: u64 = 1_000_000;
 
@@ -158,20 +183,8 @@ pub(super) async fn history_case(
     }
     let mut rates = Vec::new();
     for rep in 0..options.repetitions {
-        let (rate, usage) = drain_once(
-            env,
-            settings,
-            queue_type,
-            options,
-            Shape::PLAIN,
-            options.messages,
-        )
-        .await?;
-        progress_figures(
-            options,
-            &format!("drain with history {queue_type} #{}", rep + 1),
-            &format!("{rate:.0} rows/s; {}", usage.describe()),
-        );
+        let what = format!("drain with history {queue_type} #{}", rep + 1);
+        let (rate, _) = plain_drain(env, settings, queue_type, options, &what).await?;
         rates.push(rate);
     }
     let mut result = CaseResult::from_samples(
