@@ -410,6 +410,42 @@ async fn one_numbering_pass_at_a_time() {
     );
 }
 
+/// A claim stops at the first due keyed row not numbered yet, but only at one it could take: a
+/// claim from the tail is not held back by an unnumbered row below its start (one that
+/// committed late while another relay's numbering pass held the lock), which the next full
+/// scan finds once it is numbered.
+#[tokio::test]
+async fn a_claim_from_the_tail_stops_only_at_unnumbered_rows_past_its_start() {
+    let db = TestDb::migrated().await;
+    let keyed = commit_keyed(&db, &["k"]).await[0];
+    let unkeyed = enqueue_unkeyed(&db, "after the keyed row").await;
+    let beyond = commit_keyed(&db, &["k2"]).await[0];
+    let after_beyond = enqueue_unkeyed(&db, "after the second keyed row").await;
+    let claim_from = |from: i64| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let rows = postbox::testing::store::outbox::claim(&mut tx, 100, from)
+                .await
+                .expect("claim");
+            tx.rollback().await.expect("rollback");
+            rows.iter().map(|row| row.id).collect::<Vec<_>>()
+        }
+    };
+    // Nothing numbered: a full scan stops at the first keyed row.
+    assert_eq!(claim_from(0).await, Vec::<i64>::new());
+    // From the tail, the unnumbered row below the start holds nothing back; the one past it
+    // still bounds the claim.
+    assert_eq!(claim_from(unkeyed).await, vec![unkeyed]);
+    postbox::testing::store::outbox::number(&db.pool, 100)
+        .await
+        .expect("number");
+    assert_eq!(
+        claim_from(0).await,
+        vec![keyed, unkeyed, beyond, after_beyond]
+    );
+}
+
 /// Commits one unkeyed row; returns its id.
 async fn enqueue_unkeyed(db: &TestDb, text: &str) -> i64 {
     enqueue(&db.pool, &Message::text("q", text))
