@@ -1,7 +1,7 @@
 //! The failures every area of postbox shares: a Postgres operation, a RabbitMQ operation, an
 //! option with a value postbox cannot use. Each area has its own error enum built from these
-//! (`outbox::EnqueueError`, `relay::RelayError`, `inbox::ConsumerError`,
-//! `migrate::MigrateError`); every I/O error carries what postbox was doing when it failed.
+//! (`EnqueueError`, `RelayError`, `inbox::ConsumerError`, `MigrateError`); every I/O error
+//! carries what postbox was doing when it failed.
 
 /// A Postgres operation failed: what postbox was doing, and the driver's error.
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +43,7 @@ impl DatabaseError {
     /// integrity constraint violation, 54 program limit exceeded): sending the same values again
     /// fails alike, whatever an operator does to the database.
     pub(crate) fn refuses_values(&self) -> bool {
-        let Some(database) = self.source.as_database_error() else {
-            return false;
-        };
-        let code = database.code().unwrap_or_default();
-        ["22", "23", "54"]
-            .iter()
-            .any(|class| code.starts_with(class))
+        sqlstate_in(&self.source, &["22", "23", "54"])
     }
 
     /// The driver's error.
@@ -61,13 +55,7 @@ impl DatabaseError {
 /// See [`DatabaseError::is_transient`].
 pub(crate) fn transient(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(database) => {
-            let code = database.code().unwrap_or_default();
-            ["08", "40", "53", "57", "58"]
-                .iter()
-                .any(|class| code.starts_with(class))
-                || code == "55P03"
-        }
+        sqlx::Error::Database(_) => sqlstate_in(error, &["08", "40", "53", "57", "58", "55P03"]),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -76,6 +64,16 @@ pub(crate) fn transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         _ => false,
     }
+}
+
+/// Whether Postgres answered `error` with a SQLSTATE that starts with one of `prefixes` (a
+/// class such as "23", or a whole code).
+fn sqlstate_in(error: &sqlx::Error, prefixes: &[&str]) -> bool {
+    let code = error
+        .as_database_error()
+        .and_then(|database| database.code())
+        .unwrap_or_default();
+    !code.is_empty() && prefixes.iter().any(|prefix| code.starts_with(prefix))
 }
 
 /// A RabbitMQ operation failed: what postbox was doing, and the client's error. The broker

@@ -8,8 +8,8 @@ use sqlx::PgPool;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MigrateError {
-    /// Postgres could not be reached, a migration failed, or the database holds a migration this build does not know (a newer
-    /// postbox migrated it) or one whose checksum differs.
+    /// Postgres could not be reached, a migration failed, or the database holds a migration
+    /// this build does not know (a newer postbox migrated it) or one whose checksum differs.
     #[error("postgres: applying postbox migrations: {0}")]
     Migrations(#[from] sqlx::migrate::MigrateError),
 }

@@ -39,6 +39,18 @@ impl Broker {
         }
     }
 
+    /// Refuses a broker without a node: it would retry connecting to nothing for good.
+    pub(crate) fn check(&self) -> Result<(), crate::error::InvalidSetting> {
+        if self.urls.is_empty() {
+            return Err(crate::error::InvalidSetting::new(
+                "amqp_url",
+                "",
+                "expected at least one amqp:// or amqps:// URL (Broker::new was given none)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The nodes' URLs without passwords, for logs.
     pub fn describe(&self) -> String {
         self.urls

@@ -1,7 +1,7 @@
 //! The `postbox` command's errors, and the exit code each one means.
 
 use super::{EXIT_FAILURE, EXIT_USAGE};
-use crate::error::{BrokerError, DatabaseError, InvalidSetting};
+use crate::error::{DatabaseError, InvalidSetting};
 
 /// Why a `postbox` command failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +24,6 @@ pub enum Error {
     /// A Postgres operation failed.
     #[error(transparent)]
     Database(#[from] DatabaseError),
-    /// A RabbitMQ operation failed.
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
     /// Applying the migrations failed.
     #[error(transparent)]
     Migrate(#[from] crate::MigrateError),
@@ -59,7 +56,8 @@ impl Error {
         match self {
             Error::Setting(_) | Error::ConfigLoad(_) | Error::ConfigFile { .. } => EXIT_USAGE,
             Error::Relay(crate::RelayError::Options(_))
-            | Error::Consumer(crate::inbox::ConsumerError::Options(_)) => EXIT_USAGE,
+            | Error::Consumer(crate::inbox::ConsumerError::Options(_))
+            | Error::Bench(crate::bench::BenchError::Setting(_)) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }

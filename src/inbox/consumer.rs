@@ -192,6 +192,7 @@ impl ConsumerBuilder {
             .name
             .ok_or_else(|| missing("consumer.name", "the consumer's name"))?;
         self.options.validate(&queue, &name)?;
+        self.broker.check()?;
         Ok(Consumer {
             pool: self.pool,
             broker: self.broker,
@@ -565,6 +566,11 @@ mod tests {
         let invalid = ConsumerOptions::default().concurrency(0);
         let builder_with = builder().queue("orders").name("billing").options(invalid);
         assert_eq!(refused(builder_with), "consumer.concurrency");
+        // A broker without a node would retry connecting to nothing for good.
+        let nowhere = Consumer::builder(pool(), Broker::new(Vec::<String>::new()))
+            .queue("orders")
+            .name("billing");
+        assert_eq!(refused(nowhere), "amqp_url");
         assert!(builder()
             .queue("orders")
             .name("billing")

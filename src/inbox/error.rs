@@ -42,9 +42,7 @@ impl ConsumerError {
             | ConsumerError::DeadLetterRefused(_) => true,
         }
     }
-}
 
-impl ConsumerError {
     /// Whether the failure is the message's own (Postgres refuses its values, or it cannot be
     /// stored), so no later run can record it. Everything else, a missing table or permission
     /// included, is waited out: an operator can fix those, and dead-lettering every message

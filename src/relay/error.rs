@@ -1,6 +1,6 @@
 //! What can go wrong building or starting a relay.
 
-use crate::error::{BrokerError, DatabaseError, InvalidSetting};
+use crate::error::{DatabaseError, InvalidSetting};
 
 /// Building or connecting a relay failed. Once running, a relay does not fail: it waits out
 /// Postgres and RabbitMQ outages, logging them, until it is stopped.
@@ -13,18 +13,15 @@ pub enum RelayError {
     /// Postgres could not be reached.
     #[error(transparent)]
     Database(#[from] DatabaseError),
-    /// RabbitMQ could not be reached.
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
 }
 
 impl RelayError {
-    /// Whether trying again later may succeed unchanged: a service unreachable or restarting.
+    /// Whether trying again later may succeed unchanged: Postgres unreachable or restarting.
+    /// (RabbitMQ is connected once the relay runs, which waits out its outages.)
     pub fn is_transient(&self) -> bool {
         match self {
             RelayError::Options(_) => false,
             RelayError::Database(error) => error.is_transient(),
-            RelayError::Broker(_) => true,
         }
     }
 }

@@ -193,6 +193,7 @@ impl Relay {
     /// the setting, when an option is invalid.
     pub fn new(pool: PgPool, broker: Broker, options: RelayOptions) -> Result<Self, RelayError> {
         options.validate()?;
+        broker.check()?;
         Ok(Self {
             pool,
             broker,
@@ -365,5 +366,27 @@ impl Relay {
             }
         }
         tracing::info!("relay: stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_relay_without_a_broker_node_is_refused_naming_the_setting() {
+        // Lazy: nothing connects until the relay runs.
+        let pool = || PgPool::connect_lazy("postgres://postgres@127.0.0.1:1/none").expect("URL");
+        match Relay::new(
+            pool(),
+            Broker::new(Vec::<String>::new()),
+            RelayOptions::default(),
+        ) {
+            Err(RelayError::Options(invalid)) => assert_eq!(invalid.setting, "amqp_url"),
+            Err(other) => panic!("expected a setting error, got {other}"),
+            Ok(_) => panic!("expected the relay to be refused"),
+        }
+        let broker = Broker::new(["amqp://guest:guest@127.0.0.1:1/%2f"]);
+        assert!(Relay::new(pool(), broker, RelayOptions::default()).is_ok());
     }
 }

@@ -200,6 +200,19 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_that_pass_by_themselves_are_transient() {
+        // serialization_failure, deadlock, admin_shutdown, too_many_connections, lock timeout
+        for code in ["40001", "40P01", "57P01", "53300", "55P03", "08006"] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        // undefined_table, insufficient_privilege, unique_violation, object_in_use
+        for code in ["42P01", "42501", "23505", "55006"] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(database(refused_connection()).is_transient());
+    }
+
+    #[test]
     fn handler_failures_follow_their_kind() {
         let cases = [
             (HandlerError::transient("busy"), Disposition::Record),
